@@ -1,0 +1,421 @@
+"""The wire schema: every header field and JSON message that crosses MQTT is defined here, once.
+
+Binary frames (global models, device updates, partial aggregates) carry a :class:`FrameHeader`; the
+byte layout around it is ``fedmqtt.codecs.frame``'s business. Every JSON message (plan, status, events,
+round summaries, device status, privacy ledger) is a pydantic model with ``schema_version`` so that
+``mosquitto_sub -v -t 'fedmqtt/JOB/#'`` is a readable, versioned view of a run.
+
+All models are frozen and forbid extra fields: a message that does not match is refused, not guessed at.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import StrEnum
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedmqtt.errors import FedmqttError
+
+SCHEMA_VERSION = 1
+
+# Identifier rule shared with fedmqtt.topics (kept as a pattern so pydantic can enforce it).
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class MessageError(FedmqttError):
+    """A JSON message from the network does not match its schema."""
+
+    def __init__(self, model: str, detail: str) -> None:
+        super().__init__(f"invalid {model} message: {detail}")
+        self.model = model
+        self.detail = detail
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Codec specification (announced in the plan, recorded in every frame header)
+# ---------------------------------------------------------------------------------------------------
+
+
+class ValueEncoding(StrEnum):
+    """How the (kept) values of a tensor are stored in the body."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    INT8 = "int8"
+
+
+_CODEC_TOKEN = re.compile(r"^(float32|float16|int8|int8c|int8s|int8cs|topk:[0-9.eE-]+|zstd:-?[0-9]+|ef)$")
+
+
+class CodecSpec(_Strict):
+    """An uplink/downlink codec chain: optional top-k, then a value encoding, then zstd.
+
+    String form (CLI flags, logs, frame headers): tokens joined by ``+``, e.g. ``int8``,
+    ``topk:0.01+int8c+ef``, ``float16+zstd:3``. ``int8c`` = per-output-channel scales, ``int8s`` =
+    stochastic rounding, ``int8cs`` = both; ``ef`` = error feedback on the sender.
+    """
+
+    values: ValueEncoding = ValueEncoding.FLOAT32
+    per_channel: bool = False
+    stochastic: bool = False
+    topk: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    error_feedback: bool = False
+    zstd_level: Annotated[int, Field(ge=-7, le=22)] = 1
+
+    @model_validator(mode="after")
+    def _int8_options(self) -> CodecSpec:
+        if (self.per_channel or self.stochastic) and self.values is not ValueEncoding.INT8:
+            raise ValueError("per_channel and stochastic apply to int8 values only")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> CodecSpec:
+        """Parse the ``+``-joined string form; raise :class:`MessageError` naming the bad token."""
+        fields: dict[str, object] = {}
+        for token in (t.strip() for t in text.split("+")):
+            if not _CODEC_TOKEN.match(token):
+                raise MessageError(
+                    "codec",
+                    f"unknown token {token!r} in {text!r}; use float32|float16|int8|int8c|int8s|int8cs, "
+                    "topk:FRACTION, zstd:LEVEL, ef",
+                )
+            if token.startswith("topk:"):
+                fields["topk"] = float(token[5:])
+            elif token.startswith("zstd:"):
+                fields["zstd_level"] = int(token[5:])
+            elif token == "ef":
+                fields["error_feedback"] = True
+            elif token.startswith("int8"):
+                fields["values"] = ValueEncoding.INT8
+                fields["per_channel"] = "c" in token[4:]
+                fields["stochastic"] = "s" in token[4:]
+            else:
+                fields["values"] = ValueEncoding(token)
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as exc:
+            raise MessageError("codec", f"{text!r}: {exc.errors()[0]['msg']}") from None
+
+    def __str__(self) -> str:
+        parts: list[str] = []
+        if self.topk is not None:
+            parts.append(f"topk:{self.topk:g}")
+        if self.values is ValueEncoding.INT8:
+            suffix = ("c" if self.per_channel else "") + ("s" if self.stochastic else "")
+            parts.append("int8" + suffix)
+        else:
+            parts.append(self.values.value)
+        parts.append(f"zstd:{self.zstd_level}")
+        if self.error_feedback:
+            parts.append("ef")
+        return "+".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Binary frame header
+# ---------------------------------------------------------------------------------------------------
+
+
+class FrameKind(StrEnum):
+    GLOBAL_MODEL = "global_model"
+    UPDATE = "update"
+    PARTIAL_AGGREGATE = "partial_aggregate"
+
+
+class TensorEncoding(_Strict):
+    """How one tensor is laid out in the (uncompressed) body."""
+
+    values: ValueEncoding
+    # int8: scale layout. None = one scale for the tensor; 0 = one scale per output channel (axis 0).
+    scale_axis: Literal[0] | None = None
+    stochastic: bool = False
+    # top-k: number of kept entries; their indices are delta-coded (uint32 gaps) before the values.
+    nnz: NonNegInt | None = None
+
+
+class ManifestEntry(_Strict):
+    """Name, shape and dtype of one model tensor: what a model *is*, independent of encoding."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    shape: tuple[NonNegInt, ...]
+    dtype: Literal["float32"] = "float32"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class TensorSpec(ManifestEntry):
+    """A manifest entry plus how it is encoded and where its bytes lie in the body."""
+
+    encoding: TensorEncoding
+    offset: NonNegInt
+    nbytes: NonNegInt
+
+
+class DPAnnouncement(_Strict):
+    """The differential-privacy step that was applied to the tensors of this frame."""
+
+    mode: Literal["device", "local", "central"]
+    clip: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+    noise_std: NonNegFloat
+
+
+class FrameHeader(_Strict):
+    """The validated header of a binary frame."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: FrameKind
+    job: Identifier
+    round: NonNegInt
+    sender: Identifier
+    num_samples: NonNegInt = 0
+    # For partial aggregates: how many device updates were summed into this frame, and their weight.
+    num_updates: NonNegInt = 1
+    weight: NonNegFloat = 0.0
+    codec: Annotated[str, Field(max_length=200)]
+    tensors: Annotated[tuple[TensorSpec, ...], Field(max_length=4096)]
+    body_size: NonNegInt
+    body_blake2b: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    # The content hash of the global model an update was computed against (hex sha256 of that frame).
+    base_model_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    model_name: Annotated[str, Field(max_length=64)] | None = None
+    dp: DPAnnouncement | None = None
+
+    @field_validator("tensors")
+    @classmethod
+    def _unique_names(cls, tensors: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+        names = [t.name for t in tensors]
+        if len(set(names)) != len(names):
+            raise ValueError("tensor names must be unique")
+        return tensors
+
+    def manifest(self) -> tuple[ManifestEntry, ...]:
+        return tuple(ManifestEntry(name=t.name, shape=t.shape, dtype=t.dtype) for t in self.tensors)
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON messages
+# ---------------------------------------------------------------------------------------------------
+
+
+class DPMode(StrEnum):
+    OFF = "off"
+    DEVICE = "device"
+    LOCAL = "local"
+    CENTRAL = "central"
+
+
+class DPPlan(_Strict):
+    """The DP step a selected device must apply this round (announced in the plan)."""
+
+    mode: DPMode
+    clip: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+    noise_multiplier: NonNegFloat
+    # Standard deviation each device adds to its clipped update (0 in central mode).
+    device_noise_std: NonNegFloat
+    # m: the number of updates the round needs (the fixed denominator of the DP average).
+    expected_updates: PositiveInt
+    sample_rate: Annotated[float, Field(gt=0.0, le=1.0)]
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class Plan(_Strict):
+    """``PREFIX/JOB/plan``: the open round."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job: Identifier
+    round: NonNegInt
+    attempt: NonNegInt = 0
+    selected: tuple[Identifier, ...]
+    deadline: FiniteFloat
+    issued_at: FiniteFloat
+    local_epochs: PositiveInt
+    batch_size: PositiveInt
+    learning_rate: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+    prox_mu: NonNegFloat | None = None
+    uplink: CodecSpec
+    model_name: Annotated[str, Field(min_length=1, max_length=64)]
+    model_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    dp: DPPlan | None = None
+    # Freeze every tensor not named here (transfer learning: train only a head). None = train all.
+    trainable: tuple[str, ...] | None = None
+
+
+DeviceState = Literal["online", "training", "offline"]
+
+
+class DeviceStatus(_Strict):
+    """``PREFIX/JOB/devices/DEVICE/status`` (retained; ``offline`` is the last will)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    device: Identifier
+    state: DeviceState
+    ts: FiniteFloat | None = None
+    round: NonNegInt | None = None
+    num_samples: NonNegInt | None = None
+    detail: Annotated[str, Field(max_length=500)] | None = None
+
+
+class Phase(StrEnum):
+    WAITING = "waiting"  # for enough devices online
+    TRAINING = "training"  # a round is open
+    AGGREGATING = "aggregating"
+    FINISHED = "finished"
+    STOPPED = "stopped"  # a stop condition (e.g. privacy budget) ended the job early
+
+
+class Metrics(_Strict):
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    loss: NonNegFloat | None = None
+
+
+class PrivacySpent(_Strict):
+    epsilon: NonNegFloat
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class Status(_Strict):
+    """``PREFIX/JOB/status``: the coordinator's live snapshot (retained)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job: Identifier
+    round: NonNegInt
+    rounds_total: NonNegInt
+    attempt: NonNegInt = 0
+    phase: Phase
+    received: NonNegInt = 0
+    needed: NonNegInt = 0
+    deadline: FiniteFloat | None = None
+    devices_online: NonNegInt = 0
+    selected: tuple[Identifier, ...] = ()
+    last_metrics: Metrics | None = None
+    privacy: PrivacySpent | None = None
+    refused_total: NonNegInt = 0
+    updated_at: FiniteFloat
+
+
+class RefusalReason(StrEnum):
+    """Why the coordinator refused an update. Every refusal is counted and reported."""
+
+    MALFORMED = "malformed"
+    WRONG_JOB = "wrong_job"
+    STALE_ROUND = "stale_round"
+    FUTURE_ROUND = "future_round"
+    NO_OPEN_ROUND = "no_open_round"
+    DUPLICATE = "duplicate"
+    NOT_SELECTED = "not_selected"
+    SENDER_MISMATCH = "sender_mismatch"
+    MANIFEST_MISMATCH = "manifest_mismatch"
+    NON_FINITE = "non_finite"
+    NORM_EXCEEDS_CLIP = "norm_exceeds_clip"
+    WRONG_KIND = "wrong_kind"
+
+
+class EventType(StrEnum):
+    UPDATE_ACCEPTED = "update_accepted"
+    UPDATE_REFUSED = "update_refused"
+    ROUND_OPENED = "round_opened"
+    ROUND_CLOSED = "round_closed"
+    ROUND_FAILED = "round_failed"
+    MODEL_PUBLISHED = "model_published"
+    DEVICE_ONLINE = "device_online"
+    DEVICE_OFFLINE = "device_offline"
+    JOB_FINISHED = "job_finished"
+    JOB_STOPPED = "job_stopped"
+
+
+class Event(_Strict):
+    """``PREFIX/JOB/events``: one message per event (not retained)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job: Identifier
+    type: EventType
+    ts: FiniteFloat
+    round: NonNegInt | None = None
+    attempt: NonNegInt | None = None
+    device: Identifier | None = None
+    reason: RefusalReason | None = None
+    detail: Annotated[str, Field(max_length=2000)] = ""
+
+
+class RoundSummary(_Strict):
+    """``PREFIX/JOB/rounds/ROUND``: a closed round (retained)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job: Identifier
+    round: NonNegInt
+    attempts: PositiveInt = 1
+    closed_by: Literal["quorum", "deadline"]
+    participants: tuple[Identifier, ...]
+    num_samples: NonNegInt
+    refused: dict[RefusalReason, NonNegInt] = Field(default_factory=dict)
+    bytes_up: NonNegInt
+    bytes_down: NonNegInt
+    opened_at: FiniteFloat
+    closed_at: FiniteFloat
+    seconds: NonNegFloat
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    loss: NonNegFloat | None = None
+    epsilon: NonNegFloat | None = None
+
+
+class PrivacyLedger(_Strict):
+    """``PREFIX/JOB/privacy``: what the job has spent so far (retained)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job: Identifier
+    mode: DPMode
+    mechanism: str = "subsampled_gaussian"
+    clip: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+    noise_multiplier: NonNegFloat
+    sample_rate: Annotated[float, Field(gt=0.0, le=1.0)]
+    rounds: NonNegInt
+    epsilon: NonNegFloat
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)]
+    target_epsilon: NonNegFloat | None = None
+    accountant: str  # library and method, e.g. "opacus.accountants.RDPAccountant (rdp)"
+    updated_at: FiniteFloat
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON encoding helpers
+# ---------------------------------------------------------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+
+MAX_JSON_BYTES = 1 << 20
+
+
+def to_json(message: BaseModel) -> bytes:
+    """Serialise a message for MQTT (compact UTF-8 JSON)."""
+    return message.model_dump_json(exclude_none=False).encode("utf-8")
+
+
+def from_json(model: type[M], payload: bytes | str) -> M:
+    """Parse and validate a JSON message; raise :class:`MessageError` with the first problem found."""
+    if isinstance(payload, bytes | bytearray) and len(payload) > MAX_JSON_BYTES:
+        raise MessageError(model.__name__, f"payload of {len(payload)} bytes exceeds {MAX_JSON_BYTES}")
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "message"
+        raise MessageError(model.__name__, f"{where}: {first['msg']}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MessageError(model.__name__, str(exc)) from None

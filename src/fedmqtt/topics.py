@@ -1,0 +1,184 @@
+"""The topic map: fedmqtt's public MQTT contract. No other module spells a topic string.
+
+    PREFIX/JOB/plan                    retained JSON, QoS 1: the open round's plan
+    PREFIX/JOB/model                   retained, QoS 1: the current global-model frame
+    PREFIX/JOB/updates/DEVICE          QoS 1: a device's update frame
+    PREFIX/JOB/status                  retained JSON: the coordinator's live snapshot
+    PREFIX/JOB/events                  JSON, not retained: one message per event
+    PREFIX/JOB/rounds/ROUND            retained JSON summary of a closed round
+    PREFIX/JOB/devices/DEVICE/status   retained JSON online/training/offline (offline is the last will)
+    PREFIX/JOB/privacy                 retained JSON privacy ledger
+
+Identifiers (prefix, job, device) must be safe inside a topic level: no ``/``, ``+``, ``#``, no spaces.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fedmqtt.errors import InvalidIdentifier
+
+DEFAULT_PREFIX = "fedmqtt"
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID_RULE = "use 1-64 characters from A-Z a-z 0-9 _ . - starting with a letter or digit"
+
+# Relative topic names (below PREFIX/JOB/). Only this module uses them.
+_PLAN = "plan"
+_MODEL = "model"
+_UPDATES = "updates"
+_STATUS = "status"
+_EVENTS = "events"
+_ROUNDS = "rounds"
+_DEVICES = "devices"
+_PRIVACY = "privacy"
+
+
+def validate_id(kind: str, value: str) -> str:
+    """Return ``value`` if it can be used as one topic level, else raise :class:`InvalidIdentifier`."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise InvalidIdentifier(kind, str(value), _ID_RULE)
+    return value
+
+
+def validate_prefix(prefix: str) -> str:
+    """A prefix may hold several levels (``acme/fl``); each level follows the identifier rule."""
+    if not prefix:
+        raise InvalidIdentifier("topic prefix", prefix, "must not be empty")
+    for level in prefix.split("/"):
+        validate_id("topic prefix level", level)
+    return prefix
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names of one job. ``Topics(job="mnist").plan`` -> ``"fedmqtt/mnist/plan"``."""
+
+    job: str
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        validate_prefix(self.prefix)
+        validate_id("job id", self.job)
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.job}"
+
+    @property
+    def plan(self) -> str:
+        return f"{self.base}/{_PLAN}"
+
+    @property
+    def model(self) -> str:
+        return f"{self.base}/{_MODEL}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/{_STATUS}"
+
+    @property
+    def events(self) -> str:
+        return f"{self.base}/{_EVENTS}"
+
+    @property
+    def privacy(self) -> str:
+        return f"{self.base}/{_PRIVACY}"
+
+    def update(self, device: str) -> str:
+        return f"{self.base}/{_UPDATES}/{validate_id('device id', device)}"
+
+    @property
+    def updates_filter(self) -> str:
+        """Subscription filter matching every device's update topic."""
+        return f"{self.base}/{_UPDATES}/+"
+
+    def round_summary(self, round_number: int) -> str:
+        if round_number < 0:
+            raise ValueError("round number must be >= 0")
+        return f"{self.base}/{_ROUNDS}/{round_number}"
+
+    @property
+    def rounds_filter(self) -> str:
+        return f"{self.base}/{_ROUNDS}/+"
+
+    def device_status(self, device: str) -> str:
+        return f"{self.base}/{_DEVICES}/{validate_id('device id', device)}/{_STATUS}"
+
+    @property
+    def device_status_filter(self) -> str:
+        return f"{self.base}/{_DEVICES}/+/{_STATUS}"
+
+    @property
+    def everything_filter(self) -> str:
+        """``PREFIX/JOB/#``: a readable view of a whole run with ``mosquitto_sub -v``."""
+        return f"{self.base}/#"
+
+    # --- parsing incoming topics: strict, so a client ignores what it did not ask for -------------
+
+    def _levels_below_base(self, topic: str) -> list[str] | None:
+        head = self.base + "/"
+        if not topic.startswith(head):
+            return None
+        return topic[len(head) :].split("/")
+
+    def device_of_update(self, topic: str) -> str | None:
+        """The DEVICE of ``PREFIX/JOB/updates/DEVICE``, or None if ``topic`` is not such a topic."""
+        levels = self._levels_below_base(topic)
+        if levels is None or len(levels) != 2 or levels[0] != _UPDATES:
+            return None
+        return levels[1] if _ID_RE.match(levels[1]) else None
+
+    def device_of_status(self, topic: str) -> str | None:
+        """The DEVICE of ``PREFIX/JOB/devices/DEVICE/status``, or None."""
+        levels = self._levels_below_base(topic)
+        if levels is None or len(levels) != 3 or levels[0] != _DEVICES or levels[2] != _STATUS:
+            return None
+        return levels[1] if _ID_RE.match(levels[1]) else None
+
+    def round_of_summary(self, topic: str) -> int | None:
+        levels = self._levels_below_base(topic)
+        if levels is None or len(levels) != 2 or levels[0] != _ROUNDS or not levels[1].isdigit():
+            return None
+        return int(levels[1])
+
+
+@dataclass(frozen=True)
+class AclRule:
+    """One Mosquitto ACL line: ``pattern ACCESS TOPIC`` (``%u`` = the client's username)."""
+
+    access: str  # "read", "write" or "readwrite"
+    pattern: str
+
+
+def device_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
+    """What a device account (username == device id) may do, for every job under ``prefix``.
+
+    A device writes only its own update and status topics and reads the plan, model, status, events,
+    round summaries and privacy ledger. It can never write the model or another device's topics.
+    """
+    validate_prefix(prefix)
+    p = prefix
+    return (
+        AclRule("write", f"{p}/+/{_UPDATES}/%u"),
+        AclRule("readwrite", f"{p}/+/{_DEVICES}/%u/{_STATUS}"),
+        AclRule("read", f"{p}/+/{_PLAN}"),
+        AclRule("read", f"{p}/+/{_MODEL}"),
+        AclRule("read", f"{p}/+/{_STATUS}"),
+        AclRule("read", f"{p}/+/{_EVENTS}"),
+        AclRule("read", f"{p}/+/{_ROUNDS}/+"),
+        AclRule("read", f"{p}/+/{_PRIVACY}"),
+    )
+
+
+def coordinator_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
+    """The coordinator reads and writes everything under the prefix."""
+    validate_prefix(prefix)
+    return (AclRule("readwrite", f"{prefix}/#"),)
+
+
+def watcher_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
+    """A read-only observer (``fedmqtt watch``): reads everything, writes nothing."""
+    validate_prefix(prefix)
+    return (AclRule("read", f"{prefix}/#"),)
