@@ -141,7 +141,8 @@ class TensorEncoding(_Strict):
     # int8: scale layout. None = one scale for the tensor; 0 = one scale per output channel (axis 0).
     scale_axis: Literal[0] | None = None
     stochastic: bool = False
-    # top-k: number of kept entries; their indices are delta-coded (uint32 gaps) before the values.
+    # top-k: number of kept entries; their flat indices are delta-coded (LEB128 varint gaps) before the
+    # scales and values. None = dense.
     nnz: NonNegInt | None = None
 
 
@@ -149,7 +150,8 @@ class ManifestEntry(_Strict):
     """Name, shape and dtype of one model tensor: what a model *is*, independent of encoding."""
 
     name: Annotated[str, Field(min_length=1, max_length=256)]
-    shape: tuple[NonNegInt, ...]
+    # At most 32 dimensions (numpy allows 64): bounds the work of validating an untrusted header.
+    shape: Annotated[tuple[NonNegInt, ...], Field(max_length=32)]
     dtype: Literal["float32"] = "float32"
 
     @property

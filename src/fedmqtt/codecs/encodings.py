@@ -1,0 +1,346 @@
+"""Per-tensor encodings: float32, float16, int8 (per-tensor or per-channel scales, optionally stochastic
+rounding), each optionally after top-k sparsification.
+
+Byte layout of one tensor inside the uncompressed body (all little-endian, no padding):
+
+- dense:  ``[scales float32 x S][values x N]``
+- top-k:  ``[gaps LEB128 varint x nnz][scales float32 x S][values x nnz]``
+
+``values`` are float32, float16 or int8; ``S`` is 0 (float), 1 (int8 per tensor) or ``shape[0]``
+(int8 per output channel). Sparse indices are the flat C-order positions of the kept entries, strictly
+increasing, stored as gaps (first index, then differences) in unsigned LEB128 varints: most gaps fit
+one byte, and zstd compresses the varint stream better than uint32 gaps, byte-shuffled uint32 gaps or a
+bitmap on a real MNIST-CNN update (see docs/codecs.md).
+
+Encoder and decoder share :func:`dequantize`, so what the sender believes it sent (used for error
+feedback) is bit-for-bit what the receiver decodes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from fedmqtt.codecs.errors import (
+    BodyLayoutError,
+    EncodeError,
+    IndexOutOfRange,
+    IndicesNotIncreasing,
+    NonFiniteValues,
+)
+from fedmqtt.schema import CodecSpec, TensorEncoding, TensorSpec, ValueEncoding
+
+F32 = np.dtype("<f4")
+F16 = np.dtype("<f2")
+I8 = np.dtype("i1")
+INT8_MAX = 127
+_SMALLEST_SCALE = np.float32(np.finfo(np.float32).smallest_subnormal)
+
+_ITEMSIZE = {ValueEncoding.FLOAT32: 4, ValueEncoding.FLOAT16: 2, ValueEncoding.INT8: 1}
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """One encoded tensor: its encoding, its body bytes (in order) and what the receiver will decode."""
+
+    encoding: TensorEncoding
+    parts: tuple[bytes | memoryview, ...]
+    nbytes: int
+    # The dense float32 tensor the receiver will decode (None unless asked for: error feedback).
+    decoded: FloatArray | None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers shared by encoder and decoder
+# ---------------------------------------------------------------------------------------------------
+
+
+def kept_count(numel: int, fraction: float) -> int:
+    """Top-k keeps ``ceil(fraction * numel)`` entries, at least one (unless the tensor is empty)."""
+    if numel == 0:
+        return 0
+    # The small epsilon stops 0.01 * 1_600_000 = 16000.000000000002 from keeping one extra entry.
+    return min(numel, max(1, math.ceil(fraction * numel - 1e-9)))
+
+
+def uses_channel_scales(shape: Sequence[int], per_channel: bool) -> bool:
+    """Per-output-channel scales only make sense for weights (>= 2-D); biases and scalars use one scale."""
+    return per_channel and len(shape) >= 2
+
+
+def scale_count(shape: Sequence[int], encoding: TensorEncoding) -> int:
+    if encoding.values is not ValueEncoding.INT8:
+        return 0
+    return int(shape[0]) if encoding.scale_axis == 0 else 1
+
+
+def max_varint_len(numel: int) -> int:
+    """The longest varint a gap inside a tensor of ``numel`` entries needs (gaps are < numel)."""
+    return max(1, math.ceil((numel - 1).bit_length() / 7)) if numel > 1 else 1
+
+
+def dequantize(
+    q: npt.NDArray[np.int8], scales: FloatArray, channel: npt.NDArray[np.intp] | None, rows: int
+) -> FloatArray:
+    """int8 codes times their scale, as float32.
+
+    ``scales`` has one entry (per tensor) or one per output channel; for per-channel scales either
+    ``channel`` gives each (sparse) entry's channel, or the codes are dense and ``rows`` channels long.
+    """
+    if q.size == 0:
+        return np.zeros(0, dtype=np.float32)
+    if scales.size == 1:
+        return q.astype(np.float32) * scales[0]
+    if channel is not None:
+        return q.astype(np.float32) * scales[channel]
+    return (q.reshape(rows, -1).astype(np.float32) * scales[:, None]).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------------------
+
+
+def _varint_encode(gaps: npt.NDArray[np.uint64]) -> bytes:
+    """Unsigned LEB128 of every gap, vectorised: byte ``b`` of each value is written in one pass."""
+    lengths = np.ones(gaps.size, dtype=np.int64)
+    shift = 7
+    while gaps.size and shift < 64 and (gaps >> np.uint64(shift)).any():
+        lengths += (gaps >> np.uint64(shift)) > 0
+        shift += 7
+    out = np.empty(int(lengths.sum()), dtype=np.uint8)
+    starts = np.cumsum(lengths) - lengths
+    for b in range(int(lengths.max()) if gaps.size else 0):
+        has = lengths > b
+        seven = ((gaps[has] >> np.uint64(7 * b)) & np.uint64(0x7F)).astype(np.uint8)
+        more = (lengths[has] > b + 1).astype(np.uint8) << 7
+        out[starts[has] + b] = seven | more
+    return out.tobytes()
+
+
+def _top_k(flat: FloatArray, k: int) -> npt.NDArray[np.intp]:
+    """Sorted flat positions of the ``k`` largest magnitudes."""
+    if k >= flat.size:
+        return np.arange(flat.size, dtype=np.intp)
+    part = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]
+    part.sort()
+    return part
+
+
+def _channel_amax(magnitude: FloatArray, channel: npt.NDArray[np.intp], rows: int) -> FloatArray:
+    """Per-channel max of sparse magnitudes; ``channel`` is sorted (indices are). Empty channels get 0."""
+    amax = np.zeros(rows, dtype=np.float32)
+    if magnitude.size:
+        starts = np.flatnonzero(np.diff(channel, prepend=-1))
+        amax[channel[starts]] = np.maximum.reduceat(magnitude, starts)
+    return amax
+
+
+def _quantize(
+    values: FloatArray,
+    amax: FloatArray,
+    channel: npt.NDArray[np.intp] | None,
+    rows: int,
+    stochastic: bool,
+    rng: np.random.Generator,
+) -> tuple[npt.NDArray[np.int8], FloatArray]:
+    scales = (amax / np.float32(INT8_MAX)).astype(np.float32)
+    # A tiny non-zero max whose scale underflows to 0 still needs a usable (subnormal) scale.
+    scales = np.where((amax > 0) & (scales == 0), _SMALLEST_SCALE, scales).astype(np.float32)
+    divisor = np.where(scales > 0, scales, np.float32(1))
+    if values.size == 0:
+        return np.zeros(0, dtype=np.int8), scales
+    if scales.size == 1:
+        ratio = values / divisor[0]
+    elif channel is not None:
+        ratio = values / divisor[channel]
+    else:
+        ratio = (values.reshape(rows, -1) / divisor[:, None]).reshape(-1)
+    if stochastic:
+        # floor(r + u), u ~ U[0, 1): E[q] = r exactly, so the decoded value is unbiased.
+        ratio += rng.random(ratio.size, dtype=np.float32)
+        np.floor(ratio, out=ratio)
+    else:
+        np.rint(ratio, out=ratio)
+    np.clip(ratio, -INT8_MAX, INT8_MAX, out=ratio)
+    return ratio.astype(np.int8), scales
+
+
+def encode_tensor(
+    name: str,
+    array: FloatArray,
+    codec: CodecSpec,
+    rng: np.random.Generator,
+    *,
+    want_decoded: bool,
+) -> EncodedTensor:
+    """Encode one finite float32 tensor according to ``codec``."""
+    shape = array.shape
+    flat = array.reshape(-1)
+    numel = flat.size
+    rows = int(shape[0]) if shape else 1
+    per_channel = codec.values is ValueEncoding.INT8 and uses_channel_scales(shape, codec.per_channel)
+
+    parts: list[bytes | memoryview] = []
+    index: npt.NDArray[np.intp] | None = None
+    nnz: int | None = None
+    if codec.topk is not None:
+        index = _top_k(flat, kept_count(numel, codec.topk))
+        nnz = int(index.size)
+        gaps = np.diff(index, prepend=0).astype(np.uint64)
+        parts.append(_varint_encode(gaps))
+        values = flat[index]
+    else:
+        values = flat
+    channel = index // (numel // rows) if (per_channel and index is not None and numel) else None
+
+    encoding = TensorEncoding(
+        values=codec.values,
+        scale_axis=0 if per_channel else None,
+        stochastic=codec.stochastic and codec.values is ValueEncoding.INT8,
+        nnz=nnz,
+    )
+    kept: FloatArray
+    if codec.values is ValueEncoding.FLOAT32:
+        stored32 = np.ascontiguousarray(values, dtype=F32)
+        parts.append(memoryview(stored32).cast("B"))
+        kept = values
+    elif codec.values is ValueEncoding.FLOAT16:
+        with np.errstate(over="ignore"):
+            stored16 = np.ascontiguousarray(values, dtype=F16)
+        if not np.isfinite(stored16).all():
+            biggest = float(np.abs(values).max())
+            raise EncodeError(
+                f"tensor {name!r} has a value of magnitude {biggest:g}, beyond float16's range (65504); "
+                "encode it with float32 or int8 instead"
+            )
+        parts.append(memoryview(stored16).cast("B"))
+        kept = stored16.astype(np.float32)
+    else:
+        magnitude = np.abs(values)
+        if per_channel:
+            if channel is not None:
+                amax = _channel_amax(magnitude, channel, rows)
+            elif numel:
+                amax = magnitude.reshape(rows, -1).max(axis=1, initial=0.0).astype(np.float32)
+            else:
+                amax = np.zeros(rows, dtype=np.float32)
+        else:
+            amax = np.array([magnitude.max(initial=0.0)], dtype=np.float32)
+        q, scales = _quantize(values, amax, channel, rows, codec.stochastic, rng)
+        parts.append(memoryview(np.ascontiguousarray(scales, dtype=F32)).cast("B"))
+        parts.append(memoryview(q).cast("B"))
+        kept = dequantize(q, scales, channel, rows) if want_decoded else values
+
+    decoded: FloatArray | None = None
+    if want_decoded:
+        if index is None:
+            decoded = np.ascontiguousarray(kept, dtype=np.float32).reshape(shape)
+        else:
+            dense = np.zeros(numel, dtype=np.float32)
+            dense[index] = kept
+            decoded = dense.reshape(shape)
+    nbytes = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    return EncodedTensor(encoding=encoding, parts=tuple(parts), nbytes=nbytes, decoded=decoded)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding (the header's specs have already passed :func:`fedmqtt.codecs.frame` layout checks)
+# ---------------------------------------------------------------------------------------------------
+
+
+def value_bytes(spec: TensorSpec, numel: int) -> int:
+    """Bytes of the scales and values of a tensor (everything but sparse indices)."""
+    count = numel if spec.encoding.nnz is None else spec.encoding.nnz
+    return 4 * scale_count(spec.shape, spec.encoding) + count * _ITEMSIZE[spec.encoding.values]
+
+
+def _varint_decode(block: npt.NDArray[np.uint8], nnz: int, numel: int, name: str) -> tuple[int, npt.NDArray[np.int64]]:
+    """Decode ``nnz`` gaps from the start of ``block``; return (bytes used, strictly increasing indices)."""
+    longest = max_varint_len(numel)
+    window = block[: nnz * longest]
+    ends = np.flatnonzero(window < 0x80)[:nnz]
+    if ends.size < nnz:
+        raise BodyLayoutError(
+            f"tensor {name!r}: the index block holds fewer than the {nnz} varint gaps its nnz declares, "
+            f"or one is longer than {longest} bytes"
+        )
+    lengths = np.diff(ends, prepend=-1)
+    if int(lengths.max()) > longest:
+        raise IndexOutOfRange(
+            f"tensor {name!r}: a varint gap is {int(lengths.max())} bytes long; gaps inside a tensor of "
+            f"{numel} entries need at most {longest}"
+        )
+    starts = ends - lengths + 1
+    gaps = np.zeros(nnz, dtype=np.int64)
+    for b in range(int(lengths.max())):
+        has = lengths > b
+        gaps[has] |= (block[starts[has] + b].astype(np.int64) & 0x7F) << (7 * b)
+    if nnz > 1 and int(gaps[1:].min()) < 1:
+        at = int(np.flatnonzero(gaps[1:] < 1)[0]) + 1
+        raise IndicesNotIncreasing(
+            f"tensor {name!r}: sparse index #{at} repeats the one before it; indices must be strictly increasing"
+        )
+    # numel is bounded by the output-size limit, so these sums cannot overflow int64.
+    indices = np.cumsum(gaps)
+    if int(indices[-1]) >= numel:
+        at = int(np.flatnonzero(indices >= numel)[0])
+        raise IndexOutOfRange(
+            f"tensor {name!r}: sparse index #{at} is {int(indices[at])}, outside a tensor of {numel} entries"
+        )
+    return int(ends[-1]) + 1, indices
+
+
+def decode_tensor(spec: TensorSpec, region: npt.NDArray[np.uint8], numel: int) -> FloatArray:
+    """Decode the ``spec.nbytes`` bytes of one tensor into a dense float32 array of ``spec.shape``."""
+    enc = spec.encoding
+    rows = int(spec.shape[0]) if spec.shape else 1
+    pos = 0
+    index: npt.NDArray[np.int64] | None = None
+    count = numel
+    if enc.nnz is not None:
+        count = enc.nnz
+        if count:
+            pos, index = _varint_decode(region, count, numel, spec.name)
+        else:
+            index = np.zeros(0, dtype=np.int64)
+        if region.size - pos != value_bytes(spec, numel):
+            raise BodyLayoutError(
+                f"tensor {spec.name!r}: after {pos} bytes of indices, {region.size - pos} bytes remain but "
+                f"{count} {enc.values.value} values need {value_bytes(spec, numel)}"
+            )
+
+    if enc.values is ValueEncoding.INT8:
+        n_scales = scale_count(spec.shape, enc)
+        scales = region[pos : pos + 4 * n_scales].view(F32).astype(np.float32)
+        pos += 4 * n_scales
+        if not np.isfinite(scales).all():
+            raise NonFiniteValues(f"tensor {spec.name!r}: a quantisation scale is NaN or infinite")
+        if (scales < 0).any():
+            raise BodyLayoutError(f"tensor {spec.name!r}: a quantisation scale is negative")
+        q = region[pos : pos + count].view(I8)
+        channel = None
+        if index is not None and n_scales > 1:
+            channel = index // (numel // rows)
+        with np.errstate(over="ignore"):
+            kept = dequantize(q, scales, channel, rows)
+    else:
+        dtype = F32 if enc.values is ValueEncoding.FLOAT32 else F16
+        kept = region[pos : pos + count * dtype.itemsize].view(dtype).astype(np.float32)
+
+    if not np.isfinite(kept).all():
+        bad = int(np.count_nonzero(~np.isfinite(kept)))
+        raise NonFiniteValues(
+            f"tensor {spec.name!r}: {bad} value(s) are NaN or infinite (or overflow float32 once scaled)"
+        )
+    if index is None:
+        return kept.reshape(spec.shape)
+    dense = np.zeros(numel, dtype=np.float32)
+    dense[index] = kept
+    return dense.reshape(spec.shape)

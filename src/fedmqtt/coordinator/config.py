@@ -1,0 +1,133 @@
+"""The coordinator's job configuration: one pydantic model, filled from a TOML file and/or CLI flags.
+
+Flags override the file. Everything is validated before the coordinator connects to a broker, and a bad value
+is refused with :class:`fedmqtt.errors.ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedmqtt.errors import ConfigError
+from fedmqtt.schema import ID_PATTERN, CodecSpec, DPMode, MessageError
+from fedmqtt.topics import DEFAULT_PREFIX
+
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmed-mean", "krum")
+ROBUST_STRATEGIES = ("median", "trimmed-mean", "krum")
+
+
+class CoordinatorConfig(BaseModel):
+    """Everything a coordinator needs to run one federated job."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    job: Annotated[str, Field(pattern=ID_PATTERN)]
+    prefix: str = DEFAULT_PREFIX
+    mqtt_version: Literal["5", "3.1.1"] = "5"
+    username: str | None = None
+    password: str | None = None
+    tls_ca: Path | None = None
+    client_id: str | None = None
+
+    rounds: Annotated[int, Field(gt=0)]
+    min_updates: Annotated[int, Field(gt=0)]
+    round_timeout: Annotated[float, Field(gt=0)] = 120.0
+    devices_per_round: Annotated[int, Field(gt=0)] | None = None
+    min_devices: Annotated[int, Field(gt=0)] | None = None
+    min_updates_at_deadline: Annotated[int, Field(gt=0)] | None = None
+    max_attempts: Annotated[int, Field(gt=0)] = 3
+    seed: int = 0
+
+    strategy: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmed-mean", "krum"] = "fedavg"
+    strategy_params: dict[str, float] = Field(default_factory=dict)
+    model: str = "cnn"
+    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    eval_data: Path | None = None
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+
+    local_epochs: Annotated[int, Field(gt=0)] = 1
+    batch_size: Annotated[int, Field(gt=0)] = 50
+    lr: Annotated[float, Field(gt=0)] = 0.05
+    prox_mu: Annotated[float, Field(ge=0)] | None = None
+    uplink: str = "int8"
+    trainable: tuple[str, ...] | None = None
+    max_update_mb: Annotated[float, Field(gt=0)] = 64.0
+
+    dp_mode: DPMode = DPMode.OFF
+    dp_clip: Annotated[float, Field(gt=0)] | None = None
+    dp_noise_multiplier: Annotated[float, Field(ge=0)] | None = None
+    dp_delta: Annotated[float, Field(gt=0, lt=1)] | None = None
+    target_epsilon: Annotated[float, Field(gt=0)] | None = None
+    dp_sample_rate: Annotated[float, Field(gt=0, le=1)] | None = None
+    dp_population: Annotated[int, Field(gt=0)] | None = None
+    dp_adaptive_clip: Annotated[float, Field(gt=0, lt=1)] | None = None
+
+    quiet: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CoordinatorConfig:
+        try:
+            codec = CodecSpec.parse(self.uplink)
+        except MessageError as exc:
+            raise ValueError(f"uplink: {exc.detail}") from None
+        if self.min_devices is not None and self.min_devices < self.min_updates:
+            raise ValueError("min_devices must be >= min_updates (a round could never close)")
+        if self.devices_per_round is not None and self.devices_per_round < self.min_updates:
+            raise ValueError("devices_per_round must be >= min_updates (a round could never reach its quorum)")
+        if self.min_updates_at_deadline is not None and self.min_updates_at_deadline > self.min_updates:
+            raise ValueError("min_updates_at_deadline must be <= min_updates")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume needs checkpoint_dir")
+        if self.dp_mode is not DPMode.OFF:
+            if self.dp_clip is None or self.dp_noise_multiplier is None:
+                raise ValueError("dp_mode needs dp_clip and dp_noise_multiplier")
+            if self.dp_sample_rate is None:
+                raise ValueError(
+                    "dp_mode needs dp_sample_rate: DP rounds select devices by Poisson sampling with rate q"
+                )
+            if self.strategy in ROBUST_STRATEGIES:
+                raise ValueError(f"strategy {self.strategy} is not compatible with DP (unbounded sensitivity)")
+            if codec.error_feedback:
+                raise ValueError("uplink error feedback ('ef') cannot be combined with DP: the residual would "
+                                 "escape the clipping bound")
+        elif self.target_epsilon is not None or self.dp_adaptive_clip is not None:
+            raise ValueError("target_epsilon / dp_adaptive_clip need dp_mode device, local or central")
+        return self
+
+    @property
+    def uplink_codec(self) -> CodecSpec:
+        return CodecSpec.parse(self.uplink)
+
+    @property
+    def effective_min_devices(self) -> int:
+        return self.min_devices or self.min_updates
+
+
+def load_config(toml_path: Path | None, overrides: dict[str, Any]) -> CoordinatorConfig:
+    """Merge a TOML file (optional) with CLI overrides (None values are 'not given') and validate."""
+    data: dict[str, Any] = {}
+    if toml_path is not None:
+        try:
+            with open(toml_path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("config", f"file {toml_path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{toml_path} is not valid TOML: {exc}") from None
+        # Accept either top-level keys or a [coordinator] table; dashes or underscores.
+        table = raw.get("coordinator", raw)
+        data.update({k.replace("-", "_"): v for k, v in table.items()})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return CoordinatorConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ())) or "config"
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(field, msg) from None

@@ -1,0 +1,668 @@
+"""The coordinator's MQTT adapter: decodes what arrives, feeds the round machine, carries out its actions.
+
+Threads: paho's network thread only decodes the topic and enqueues; one driver thread (the caller of
+:meth:`CoordinatorService.run`) owns the machine, the strategy and every publish. Updates are acknowledged
+(MQTT manual ack) only after they are spooled to disk, so an update the broker handed over is never lost: it is
+either in the spool (replayed on ``--resume``) or still queued for our persistent session at the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmqtt import arrays as A
+from fedmqtt.checkpoint import load_state, save_state, write_atomic
+from fedmqtt.codecs import decode_frame, encode_frame, model_hash, peek_header
+from fedmqtt.codecs import errors as codec_errors
+from fedmqtt.coordinator import machine as M
+from fedmqtt.coordinator.aggregation import Strategy, build_strategy
+from fedmqtt.coordinator.config import CoordinatorConfig
+from fedmqtt.errors import FedmqttError
+from fedmqtt.mqtt import ClientSettings, MqttConnection, parse_broker_url
+from fedmqtt.schema import (
+    CodecSpec,
+    DeviceStatus,
+    DPMode,
+    DPPlan,
+    Event,
+    EventType,
+    FrameHeader,
+    FrameKind,
+    Metrics,
+    MessageError,
+    Phase,
+    Plan,
+    PrivacyLedger,
+    PrivacySpent,
+    RefusalReason,
+    RoundSummary,
+    Status,
+    from_json,
+    to_json,
+)
+from fedmqtt.topics import Topics
+
+log = logging.getLogger("fedmqtt.coordinator")
+
+COORDINATOR_ID = "coordinator"
+CHECKPOINT_FILE = "coordinator.npz"
+SPOOL_DIR = "spool"
+
+# Map decode failures to the refusal reasons the events topic reports.
+_FRAME_ERROR_REASONS: dict[type[Exception], RefusalReason] = {
+    codec_errors.ManifestMismatch: RefusalReason.MANIFEST_MISMATCH,
+    codec_errors.NonFiniteValues: RefusalReason.NON_FINITE,
+}
+
+
+def _refusal_reason(exc: Exception) -> RefusalReason:
+    for cls, reason in _FRAME_ERROR_REASONS.items():
+        if isinstance(exc, cls):
+            return reason
+    return RefusalReason.MALFORMED
+
+
+@dataclass
+class _Inbound:
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+
+
+@dataclass
+class _RoundBook:
+    """Per-attempt bookkeeping the machine does not need: bytes, the accepted frames' sizes."""
+
+    round: int
+    attempt: int
+    opened_at: float
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class CoordinatorService:
+    """Runs one federated job on a broker until it finishes, stops, or fails fatally."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        progress: Callable[[Status], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.progress = progress
+        self.topics = Topics(job=config.job, prefix=config.prefix)
+        self.codec: CodecSpec = config.uplink_codec
+        self._inbox: queue.Queue[_Inbound] = queue.Queue()
+        self._conn: MqttConnection | None = None
+
+        # Heavy imports (torch) only when a coordinator is actually built.
+        from fedmqtt.models import build_model, get_arrays, model_manifest
+
+        self._model = build_model(config.model, seed=config.seed)
+        self.global_arrays: A.ModelArrays = get_arrays(self._model)
+        self.manifest = model_manifest(config.model)
+        self.numel = A.numel(self.global_arrays)
+        self.strategy: Strategy = build_strategy(config.strategy, **config.strategy_params)
+        self.machine = M.RoundMachine(self._round_config())
+        self.accountant = self._build_accountant()
+        self._eval_set = self._load_eval_set()
+
+        self.model_frame: bytes = b""
+        self.model_hash: str = ""
+        self.model_round = 0  # the round the current global model opens
+        self.metrics: Metrics | None = None
+        self.history: list[dict[str, Any]] = []
+        self.book: _RoundBook | None = None
+        self.plan: Plan | None = None
+        self.exit_code: int | None = None
+        self.refused_total = 0
+        self._last_status_at = 0.0
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def _round_config(self) -> M.RoundConfig:
+        c = self.config
+        return M.RoundConfig(
+            job=c.job,
+            rounds=c.rounds,
+            min_updates=c.min_updates,
+            round_timeout=c.round_timeout,
+            min_devices=c.effective_min_devices,
+            devices_per_round=c.devices_per_round,
+            min_updates_at_deadline=c.min_updates_at_deadline or 1,
+            max_attempts=c.max_attempts,
+            seed=c.seed,
+            sample_rate=c.dp_sample_rate if c.dp_mode is not DPMode.OFF else None,
+        )
+
+    def _build_accountant(self) -> Any:
+        c = self.config
+        if c.dp_mode is DPMode.OFF:
+            return None
+        from fedmqtt.privacy import JobAccountant, default_delta
+
+        assert c.dp_noise_multiplier is not None and c.dp_sample_rate is not None
+        population = c.dp_population or max(c.effective_min_devices, round(c.min_updates / c.dp_sample_rate))
+        delta = c.dp_delta or default_delta(population)
+        return JobAccountant(
+            noise_multiplier=c.dp_noise_multiplier,
+            sample_rate=c.dp_sample_rate,
+            delta=delta,
+            target_epsilon=c.target_epsilon,
+        )
+
+    def _load_eval_set(self) -> Any:
+        if self.config.eval_data is None:
+            return None
+        from fedmqtt.device.data import load_dataset
+
+        return load_dataset(self.config.dataset, self.config.eval_data, train=False)
+
+    def _settings(self) -> ClientSettings:
+        c = self.config
+        url = parse_broker_url(c.broker)
+        if c.username is not None:
+            url = url.with_credentials(c.username, c.password)
+        return ClientSettings(
+            url=url,
+            client_id=c.client_id or f"fedmqtt-coordinator-{c.job}",
+            protocol=c.mqtt_version,
+            clean_start=False,
+            tls_ca=str(c.tls_ca) if c.tls_ca else None,
+        )
+
+    # ------------------------------------------------------------------------------------ run
+
+    def run(self, *, connect_timeout: float = 30.0) -> int:
+        """Connect, run the job, return the process exit code (0 = finished or stopped by a rule)."""
+        conn = MqttConnection(
+            self._settings(),
+            on_message=self._on_message,
+            subscriptions=[(self.topics.updates_filter, 1), (self.topics.device_status_filter, 1)],
+            manual_ack=True,
+        )
+        self._conn = conn
+        conn.connect(timeout=connect_timeout)
+        try:
+            self._startup()
+            while self.exit_code is None:
+                try:
+                    item = self._inbox.get(timeout=0.2)
+                except queue.Empty:
+                    item = None
+                if item is not None:
+                    self._handle(item)
+                self._execute(self.machine.tick(self.clock()))
+                self._maybe_publish_status(force=False)
+            return self.exit_code
+        finally:
+            conn.close()
+            self._conn = None
+
+    def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+        # Network thread: enqueue only.
+        self._inbox.put(_Inbound(topic, payload, qos, mid))
+
+    def _startup(self) -> None:
+        now = self.clock()
+        if self.config.resume and self._checkpoint_path().exists():
+            self._restore()
+            self._publish_global_model()
+            if self.plan is not None:
+                self._publish(self.topics.plan, to_json(self.plan), retain=True)
+            self._replay_spool()
+            self._event(EventType.MODEL_PUBLISHED, detail=f"resumed from checkpoint at round {self.machine.round}")
+        else:
+            if self.config.checkpoint_dir is not None:
+                shutil.rmtree(self._spool_root(), ignore_errors=True)
+            self.model_round = 1
+            self._publish_global_model()
+            self._execute(self.machine.start(now))
+        self._publish_privacy()
+        self._maybe_publish_status(force=True)
+
+    # ------------------------------------------------------------------------------------ inbound
+
+    def _ack(self, item: _Inbound) -> None:
+        if self._conn is not None and item.qos > 0:
+            self._conn.ack(item.mid, item.qos)
+
+    def _handle(self, item: _Inbound) -> None:
+        try:
+            device = self.topics.device_of_status(item.topic)
+            if device is not None:
+                self._handle_device_status(device, item.payload)
+                return
+            device = self.topics.device_of_update(item.topic)
+            if device is not None:
+                self._handle_update(device, item.payload)
+        finally:
+            self._ack(item)
+
+    def _handle_device_status(self, device: str, payload: bytes) -> None:
+        if not payload:  # a cleared retained status
+            self._execute(self.machine.device_status(device, "offline", self.clock()))
+            return
+        try:
+            status = from_json(DeviceStatus, payload)
+        except MessageError as exc:
+            log.warning("ignored malformed status of %s: %s", device, exc)
+            return
+        if status.device != device:
+            log.warning("ignored status on %s's topic claiming to be %s", device, status.device)
+            return
+        self._execute(self.machine.device_status(device, status.state, self.clock()))
+
+    def _refuse(self, device: str, round_number: int | None, reason: RefusalReason, detail: str) -> None:
+        self._execute(self.machine.refuse_update(device, round_number, reason, detail, self.clock()))
+
+    def _handle_update(self, device: str, payload: bytes, *, from_spool: bool = False) -> None:
+        now = self.clock()
+        if len(payload) > self.config.max_update_mb * 1e6:
+            self._refuse(device, None, RefusalReason.MALFORMED, f"frame of {len(payload)} bytes exceeds the limit")
+            return
+        try:
+            header = peek_header(payload)
+        except codec_errors.FrameError as exc:
+            self._refuse(device, None, RefusalReason.MALFORMED, str(exc))
+            return
+        screening = self.machine.screen_update(device, header)
+        if screening is M.Screening.REDELIVERY:
+            log.debug("ignored QoS 1 redelivery from %s", device)
+            return
+        if screening is not M.Screening.ACCEPTABLE:
+            reason, detail = screening  # type: ignore[misc]
+            self._refuse(device, header.round, reason, detail)
+            return
+        try:
+            frame = decode_frame(
+                payload,
+                max_body_bytes=int(self.config.max_update_mb * 4e6),
+                expected_manifest=self.manifest,
+            )
+        except codec_errors.FrameError as exc:
+            self._refuse(device, header.round, _refusal_reason(exc), str(exc))
+            return
+        refusal = self._check_dp_bound(frame.header, frame.arrays)
+        if refusal is not None:
+            self._refuse(device, header.round, RefusalReason.NORM_EXCEEDS_CLIP, refusal)
+            return
+        if not from_spool:
+            self._spool(header, device, payload)
+        weight = 1.0 if self.config.dp_mode is not DPMode.OFF else float(max(header.num_samples, 1))
+        self.strategy.add(frame.arrays, weight)
+        if self.book is not None:
+            self.book.bytes_up += len(payload)
+        self._execute(self.machine.accept_update(device, header, now))
+
+    def _check_dp_bound(self, header: FrameHeader, update: A.ModelArrays) -> str | None:
+        if self.config.dp_mode is DPMode.OFF or self.plan is None or self.plan.dp is None:
+            return None
+        from fedmqtt.privacy import max_accepted_norm
+
+        dp = self.plan.dp
+        bound = max_accepted_norm(dp.clip, dp.device_noise_std, self.numel)
+        bound += _quantisation_margin(update, self.codec)
+        norm = A.l2_norm(update)
+        if norm > bound:
+            return f"update norm {norm:.4g} exceeds the clip bound {dp.clip:g} (+ noise margin: {bound:.4g})"
+        return None
+
+    # ------------------------------------------------------------------------------------ actions
+
+    def _execute(self, actions: list[Any]) -> None:
+        for action in actions:
+            handler = getattr(self, f"_on_{type(action).__name__}", None)
+            if handler is None:
+                raise FedmqttError(f"coordinator has no handler for machine action {type(action).__name__}")
+            handler(action)
+
+    def _on_OpenRound(self, a: Any) -> None:  # noqa: N802 - named after the action class
+        self.strategy.begin_round(self.global_arrays)
+        self.book = _RoundBook(a.round, a.attempt, a.opened_at)
+        if self.model_round != a.round:
+            self.model_round = a.round
+            self._publish_global_model()
+        self.book.bytes_down = len(self.model_frame) * len(a.selected)
+        self.plan = self._make_plan(a)
+        self._publish(self.topics.plan, to_json(self.plan), retain=True)
+        self._event(
+            EventType.ROUND_OPENED,
+            round=a.round,
+            attempt=a.attempt,
+            detail=f"selected {len(a.selected)}: {', '.join(a.selected[:20])}"
+            + (" ..." if len(a.selected) > 20 else ""),
+        )
+        self._checkpoint()
+        self._maybe_publish_status(force=True)
+
+    def _make_plan(self, a: Any) -> Plan:
+        c = self.config
+        dp: DPPlan | None = None
+        if c.dp_mode is not DPMode.OFF:
+            from fedmqtt.privacy import device_noise_std
+
+            assert c.dp_clip is not None and c.dp_noise_multiplier is not None and c.dp_sample_rate is not None
+            clip = self._current_clip()
+            dp = DPPlan(
+                mode=c.dp_mode,
+                clip=clip,
+                noise_multiplier=c.dp_noise_multiplier,
+                device_noise_std=device_noise_std(c.dp_mode, c.dp_noise_multiplier, clip, c.min_updates),
+                expected_updates=c.min_updates,
+                sample_rate=c.dp_sample_rate,
+                delta=self.accountant.delta,
+            )
+        return Plan(
+            job=c.job,
+            round=a.round,
+            attempt=a.attempt,
+            selected=tuple(a.selected),
+            deadline=a.deadline,
+            issued_at=self.clock(),
+            local_epochs=c.local_epochs,
+            batch_size=c.batch_size,
+            learning_rate=c.lr,
+            prox_mu=c.prox_mu,
+            uplink=self.codec,
+            model_name=c.model,
+            model_hash=self.model_hash,
+            dp=dp,
+            trainable=c.trainable,
+        )
+
+    def _current_clip(self) -> float:
+        assert self.config.dp_clip is not None
+        return float(self.config.dp_clip)
+
+    def _on_UpdateAccepted(self, a: Any) -> None:  # noqa: N802
+        self._event(EventType.UPDATE_ACCEPTED, round=a.round, device=a.device, detail=f"{a.num_samples} samples")
+        self._maybe_publish_status(force=True)
+
+    def _on_UpdateRefused(self, a: Any) -> None:  # noqa: N802
+        self.refused_total += 1
+        log.info("refused update from %s: %s (%s)", a.device, a.reason, a.detail)
+        self._event(EventType.UPDATE_REFUSED, round=a.round, device=a.device, reason=a.reason, detail=a.detail)
+
+    def _on_DeviceOnline(self, a: Any) -> None:  # noqa: N802
+        self._event(EventType.DEVICE_ONLINE, device=a.device)
+
+    def _on_DeviceOffline(self, a: Any) -> None:  # noqa: N802
+        self._event(EventType.DEVICE_OFFLINE, device=a.device)
+
+    def _on_StatusChanged(self, a: Any) -> None:  # noqa: N802
+        self._maybe_publish_status(force=True)
+
+    def _on_RoundFailed(self, a: Any) -> None:  # noqa: N802
+        self._event(EventType.ROUND_FAILED, round=a.round, attempt=a.attempt, detail=a.reason)
+        self.strategy.begin_round(self.global_arrays)
+        self._clear_spool()
+
+    def _on_JobFinished(self, a: Any) -> None:  # noqa: N802
+        self._event(EventType.JOB_FINISHED, detail=a.reason)
+        self._finish(0)
+
+    def _on_JobStopped(self, a: Any) -> None:  # noqa: N802
+        self._event(EventType.JOB_STOPPED, detail=a.reason)
+        self._finish(0 if self._stopped_by_rule(a.reason) else 3)
+
+    def _stopped_by_rule(self, reason: str) -> bool:
+        return "privacy budget" in reason
+
+    def _finish(self, code: int) -> None:
+        self._maybe_publish_status(force=True)
+        self._checkpoint()
+        self.exit_code = code
+
+    def _on_CloseRound(self, a: Any) -> None:  # noqa: N802
+        self._maybe_publish_status(force=True, phase=Phase.AGGREGATING)
+        started = self.clock()
+        count = self.strategy.count
+        denominator: float | None = None
+        noise: A.ModelArrays | None = None
+        c = self.config
+        if c.dp_mode is not DPMode.OFF:
+            # DP average: uniform weights and a fixed denominator m (sensitivity C/m), never sample weighting.
+            denominator = float(c.min_updates)
+            noise = self._central_noise()
+        self.global_arrays = self.strategy.aggregate(denominator=denominator, noise=noise)
+        epsilon = self._account(count)
+        accuracy, loss = self._evaluate()
+        self.metrics = Metrics(accuracy=accuracy, loss=loss) if accuracy is not None else self.metrics
+        self.model_round = a.round + 1
+        self._publish_global_model()
+        closed = self.clock()
+        book = self.book or _RoundBook(a.round, a.attempt, a.opened_at)
+        summary = RoundSummary(
+            job=c.job,
+            round=a.round,
+            attempts=a.attempt + 1,
+            closed_by=a.closed_by,
+            participants=tuple(a.participants),
+            num_samples=a.num_samples,
+            refused={RefusalReason(k): v for k, v in a.refused.items()},
+            bytes_up=book.bytes_up,
+            bytes_down=book.bytes_down,
+            opened_at=a.opened_at,
+            closed_at=closed,
+            seconds=max(0.0, closed - a.opened_at),
+            accuracy=accuracy,
+            loss=loss,
+            epsilon=epsilon,
+        )
+        self.history.append(summary.model_dump(mode="json"))
+        self._publish(self.topics.round_summary(a.round), to_json(summary), retain=True)
+        self._event(
+            EventType.ROUND_CLOSED,
+            round=a.round,
+            attempt=a.attempt,
+            detail=f"closed by {a.closed_by} with {len(a.participants)} updates"
+            + (f"; accuracy {accuracy:.4f}" if accuracy is not None else "")
+            + f"; aggregation {closed - started:.2f}s",
+        )
+        self._event(EventType.MODEL_PUBLISHED, round=a.round + 1, detail=f"model {self.model_hash[:12]}")
+        self._publish_privacy()
+        self._clear_spool()
+        if self._budget_exhausted():
+            self._execute(self.machine.stop(self._budget_reason(), self.clock()))
+            if self.exit_code is not None:
+                return
+        self._execute(self.machine.aggregation_done(a.round, self.clock()))
+        self._checkpoint()
+
+    # ------------------------------------------------------------------------------------ privacy
+
+    def _central_noise(self) -> A.ModelArrays | None:
+        c = self.config
+        from fedmqtt.privacy import add_gaussian_noise, central_noise_std, secure_generator
+
+        assert c.dp_noise_multiplier is not None
+        std = central_noise_std(c.dp_mode, c.dp_noise_multiplier, self._current_clip())
+        if std <= 0:
+            return None
+        return add_gaussian_noise(A.zeros_like(self.global_arrays), std, secure_generator())
+
+    def _account(self, received: int) -> float | None:
+        if self.accountant is None:
+            return None
+        from fedmqtt.privacy import effective_noise_multiplier
+
+        c = self.config
+        assert c.dp_noise_multiplier is not None
+        z = effective_noise_multiplier(c.dp_mode, c.dp_noise_multiplier, c.min_updates, received)
+        self.accountant.step(noise_multiplier=z)
+        return float(self.accountant.epsilon)
+
+    def _budget_exhausted(self) -> bool:
+        if self.accountant is None or self.config.target_epsilon is None:
+            return False
+        if self.machine.round >= self.config.rounds:
+            return False
+        return bool(self.accountant.would_exceed())
+
+    def _budget_reason(self) -> str:
+        return (
+            f"privacy budget: one more round would exceed target epsilon {self.config.target_epsilon:g} "
+            f"(spent {self.accountant.epsilon:.3f} at delta {self.accountant.delta:.2e})"
+        )
+
+    def _publish_privacy(self) -> None:
+        if self.accountant is None:
+            return
+        c = self.config
+        ledger: PrivacyLedger = self.accountant.ledger(
+            job=c.job, mode=c.dp_mode, clip=self._current_clip(), now=self.clock()
+        )
+        self._publish(self.topics.privacy, to_json(ledger), retain=True)
+
+    # ------------------------------------------------------------------------------------ publishing
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+        assert self._conn is not None
+        self._conn.publish(topic, payload, qos=qos, retain=retain)
+
+    def _event(self, type_: EventType, **fields: Any) -> None:
+        event = Event(job=self.config.job, type=type_, ts=self.clock(), **fields)
+        self._publish(self.topics.events, to_json(event), qos=0)
+
+    def _publish_global_model(self) -> None:
+        self.model_frame = encode_frame(
+            self.global_arrays,
+            kind=FrameKind.GLOBAL_MODEL,
+            job=self.config.job,
+            round=self.model_round,
+            sender=COORDINATOR_ID,
+            codec=CodecSpec(),
+            model_name=self.config.model,
+        )
+        self.model_hash = model_hash(self.model_frame)
+        self._publish(self.topics.model, self.model_frame, retain=True)
+
+    def status(self, phase: Phase | None = None) -> Status:
+        snap = self.machine.snapshot(self.clock())
+        privacy = None
+        if self.accountant is not None and self.accountant.rounds > 0:
+            privacy = PrivacySpent(epsilon=float(self.accountant.epsilon), delta=self.accountant.delta)
+        update: dict[str, Any] = {"last_metrics": self.metrics, "privacy": privacy, "refused_total": self.refused_total}
+        if phase is not None:
+            update["phase"] = phase
+        return snap.model_copy(update=update)
+
+    def _maybe_publish_status(self, *, force: bool, phase: Phase | None = None) -> None:
+        now = self.clock()
+        if not force and now - self._last_status_at < 1.0:
+            return
+        self._last_status_at = now
+        status = self.status(phase)
+        self._publish(self.topics.status, to_json(status), retain=True)
+        if self.progress is not None:
+            self.progress(status)
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    def _evaluate(self) -> tuple[float | None, float | None]:
+        if self._eval_set is None:
+            return None, None
+        from fedmqtt.models import set_arrays
+        from fedmqtt.training import evaluate
+
+        set_arrays(self._model, self.global_arrays)
+        accuracy, loss = evaluate(self._model, self._eval_set)
+        return float(accuracy), float(loss)
+
+    # ------------------------------------------------------------------------------------ durability
+
+    def _checkpoint_path(self) -> Path:
+        assert self.config.checkpoint_dir is not None
+        return self.config.checkpoint_dir / CHECKPOINT_FILE
+
+    def _spool_root(self) -> Path:
+        assert self.config.checkpoint_dir is not None
+        return self.config.checkpoint_dir / SPOOL_DIR
+
+    def _spool(self, header: FrameHeader, device: str, payload: bytes) -> None:
+        if self.config.checkpoint_dir is None:
+            return
+        write_atomic(self._spool_root() / f"{header.round}-{self.machine.attempt}" / f"{device}.frame", payload)
+
+    def _clear_spool(self) -> None:
+        if self.config.checkpoint_dir is not None:
+            shutil.rmtree(self._spool_root(), ignore_errors=True)
+
+    def _replay_spool(self) -> None:
+        folder = self._spool_root() / f"{self.machine.round}-{self.machine.attempt}"
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("*.frame")):
+            log.info("replaying spooled update %s", path.name)
+            self._handle_update(path.stem, path.read_bytes(), from_spool=True)
+
+    def _checkpoint(self) -> None:
+        if self.config.checkpoint_dir is None:
+            return
+        state = {
+            "job": self.config.job,
+            "model": self.config.model,
+            "model_round": self.model_round,
+            "global": dict(self.global_arrays),
+            "strategy": self.strategy.state_dict(),
+            "machine": self.machine.state_dict(),
+            "accountant": self.accountant.state_dict() if self.accountant is not None else None,
+            "history": self.history,
+            "metrics": self.metrics.model_dump(mode="json") if self.metrics else None,
+            "plan": self.plan.model_dump(mode="json") if self.plan else None,
+            "refused_total": self.refused_total,
+            "book": vars(self.book) if self.book else None,
+        }
+        save_state(self._checkpoint_path(), state)
+
+    def _restore(self) -> None:
+        state = load_state(self._checkpoint_path())
+        if state.get("job") != self.config.job or state.get("model") != self.config.model:
+            raise FedmqttError(
+                f"checkpoint {self._checkpoint_path()} belongs to job {state.get('job')!r} "
+                f"(model {state.get('model')!r}); resume with the same --job and --model or use another "
+                "--checkpoint-dir"
+            )
+        self.global_arrays = {k: np.asarray(v, dtype=np.float32) for k, v in state["global"].items()}
+        self.model_round = int(state["model_round"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.machine = M.RoundMachine.from_state_dict(self._round_config(), state["machine"])
+        if self.accountant is not None and state.get("accountant") is not None:
+            self.accountant.load_state_dict(state["accountant"])
+        self.history = list(state.get("history") or [])
+        self.metrics = Metrics.model_validate(state["metrics"]) if state.get("metrics") else None
+        self.plan = Plan.model_validate(state["plan"]) if state.get("plan") else None
+        self.refused_total = int(state.get("refused_total") or 0)
+        self.book = _RoundBook(**state["book"]) if state.get("book") else None
+        # Accepted updates of the open round are replayed from the spool into a fresh accumulator.
+        self.strategy.begin_round(self.global_arrays)
+
+
+def _quantisation_margin(update: A.ModelArrays, codec: CodecSpec) -> float:
+    """An upper bound on how much lossy value encoding can have grown an update's L2 norm."""
+    from fedmqtt.schema import ValueEncoding
+
+    if codec.values is ValueEncoding.FLOAT32:
+        return 0.0
+    total = 0.0
+    for v in update.values():
+        if v.size == 0:
+            continue
+        peak = float(np.max(np.abs(v)))
+        step = peak / 127.0 if codec.values is ValueEncoding.INT8 else peak * 2.0**-10
+        total += v.size * (step / 2.0) ** 2
+    return float(np.sqrt(total))

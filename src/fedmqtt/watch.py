@@ -1,0 +1,580 @@
+"""``fedmqtt watch``: a live, read-only view of a job, built from its MQTT topics.
+
+Three layers, so that the interesting part is testable without a broker:
+
+* :class:`WatchState` is a pure reducer: ``state.apply(topic, payload) -> new state``. It never does I/O
+  and never raises on bad input: a message that does not match its schema is counted as malformed.
+* :func:`render` turns a state into a rich renderable; :func:`describe_changes` turns two states into
+  plain log lines (for logs and non-terminal output).
+* :func:`run_watch` / :func:`collect_snapshot` are the thin MQTT part.
+
+A watcher that joins late still sees the job: the status, round summaries, device statuses and privacy
+ledger are retained; only the (non-retained) events that happened before it joined are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console, Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from fedmqtt.errors import FedmqttError
+from fedmqtt.schema import (
+    DeviceStatus,
+    Event,
+    EventType,
+    MessageError,
+    PrivacyLedger,
+    RefusalReason,
+    RoundSummary,
+    Status,
+    from_json,
+)
+from fedmqtt.topics import DEFAULT_PREFIX, Topics
+
+if TYPE_CHECKING:
+    from fedmqtt.mqtt import ClientSettings
+
+RECENT_EVENTS = 8
+_MB = 1_000_000.0
+_EMPTY: Mapping[Any, Any] = MappingProxyType({})
+
+
+class WatchError(FedmqttError):
+    """``fedmqtt watch`` could not show the job (no broker, nothing published for it, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pure reducer
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WatchState:
+    """Everything a watcher knows about one job. Immutable: :meth:`apply` returns a new state."""
+
+    topics: Topics
+    status: Status | None = None
+    rounds: Mapping[int, RoundSummary] = field(default_factory=lambda: _EMPTY)
+    devices: Mapping[str, DeviceStatus] = field(default_factory=lambda: _EMPTY)
+    privacy: PrivacyLedger | None = None
+    recent_events: tuple[Event, ...] = ()
+    # Refusals seen as events, by (round, reason): they cover the open round, before its summary exists.
+    event_refusals: Mapping[tuple[int, RefusalReason], int] = field(default_factory=lambda: _EMPTY)
+    messages: int = 0
+    malformed: int = 0
+    last_malformed: str | None = None
+    # Messages on topics the watcher did not ask for (a broker that routes loosely); counted, not used.
+    ignored: int = 0
+
+    @classmethod
+    def empty(cls, job: str, prefix: str = DEFAULT_PREFIX) -> WatchState:
+        return cls(topics=Topics(job=job, prefix=prefix))
+
+    # --- the reducer ---------------------------------------------------------------------------
+
+    def apply(self, topic: str, payload: bytes | str) -> WatchState:
+        """The state after receiving ``payload`` on ``topic``. Never raises for a bad message."""
+        counted = replace(self, messages=self.messages + 1)
+        try:
+            return counted._apply(topic, payload)
+        except MessageError as exc:
+            return replace(counted, malformed=counted.malformed + 1, last_malformed=f"{topic}: {exc}")
+
+    def _apply(self, topic: str, payload: bytes | str) -> WatchState:
+        t = self.topics
+        # An empty retained payload clears that topic's retained message: forget what it said.
+        cleared = len(payload) == 0
+        if topic == t.status:
+            return replace(self, status=None) if cleared else self._with_status(from_json(Status, payload))
+        if topic == t.events:
+            if cleared:
+                raise MessageError("Event", "empty payload")
+            return self._with_event(from_json(Event, payload))
+        if topic == t.privacy:
+            if cleared:
+                return replace(self, privacy=None)
+            ledger = from_json(PrivacyLedger, payload)
+            self._check_job("PrivacyLedger", ledger.job)
+            return replace(self, privacy=ledger)
+        round_number = t.round_of_summary(topic)
+        if round_number is not None:
+            if cleared:
+                return replace(self, rounds=_without(self.rounds, round_number))
+            summary = from_json(RoundSummary, payload)
+            self._check_job("RoundSummary", summary.job)
+            if summary.round != round_number:
+                raise MessageError("RoundSummary", f"round {summary.round} published on {topic}")
+            return replace(self, rounds=_with(self.rounds, round_number, summary))
+        device = t.device_of_status(topic)
+        if device is not None:
+            if cleared:
+                return replace(self, devices=_without(self.devices, device))
+            device_status = from_json(DeviceStatus, payload)
+            if device_status.device != device:
+                raise MessageError("DeviceStatus", f"device {device_status.device!r} published on {topic}")
+            return replace(self, devices=_with(self.devices, device, device_status))
+        return replace(self, ignored=self.ignored + 1)
+
+    def _check_job(self, model: str, job: str) -> None:
+        if job != self.topics.job:
+            raise MessageError(model, f"job {job!r} published under job {self.topics.job!r}")
+
+    def _with_status(self, status: Status) -> WatchState:
+        self._check_job("Status", status.job)
+        return replace(self, status=status)
+
+    def _with_event(self, event: Event) -> WatchState:
+        self._check_job("Event", event.job)
+        refusals = self.event_refusals
+        if event.type is EventType.UPDATE_REFUSED and event.reason is not None and event.round is not None:
+            key = (event.round, event.reason)
+            refusals = _with(refusals, key, refusals.get(key, 0) + 1)
+        recent = (*self.recent_events, event)[-RECENT_EVENTS:]
+        return replace(self, recent_events=recent, event_refusals=refusals)
+
+    # --- derived views -------------------------------------------------------------------------
+
+    @property
+    def rounds_done(self) -> int:
+        return len(self.rounds)
+
+    @property
+    def rounds_total(self) -> int | None:
+        return self.status.rounds_total if self.status else None
+
+    def ordered_rounds(self) -> list[RoundSummary]:
+        return [self.rounds[n] for n in sorted(self.rounds)]
+
+    def device_counts(self) -> Counter[str]:
+        return Counter(d.state for d in self.devices.values())
+
+    def devices_in(self, state: str) -> list[str]:
+        return sorted(name for name, d in self.devices.items() if d.state == state)
+
+    def refusals_by_reason(self) -> Counter[str]:
+        """Closed rounds' refusals (from their summaries) plus open rounds' (from events)."""
+        totals: Counter[str] = Counter()
+        for summary in self.rounds.values():
+            for reason, count in summary.refused.items():
+                totals[reason.value] += count
+        for (round_number, reason), count in self.event_refusals.items():
+            if round_number not in self.rounds:
+                totals[reason.value] += count
+        return totals
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(s.bytes_up for s in self.rounds.values())
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(s.bytes_down for s in self.rounds.values())
+
+    def last_metrics(self) -> tuple[float | None, float | None]:
+        """(accuracy, loss) of the latest evaluated round, else of the status snapshot."""
+        for summary in reversed(self.ordered_rounds()):
+            if summary.accuracy is not None or summary.loss is not None:
+                return summary.accuracy, summary.loss
+        if self.status and self.status.last_metrics:
+            return self.status.last_metrics.accuracy, self.status.last_metrics.loss
+        return None, None
+
+    def epsilon(self) -> float | None:
+        if self.privacy is not None:
+            return self.privacy.epsilon
+        if self.status and self.status.privacy:
+            return self.status.privacy.epsilon
+        return None
+
+    def delta(self) -> float | None:
+        if self.privacy is not None:
+            return self.privacy.delta
+        if self.status and self.status.privacy:
+            return self.status.privacy.delta
+        return None
+
+    @property
+    def finished(self) -> bool:
+        return self.status is not None and self.status.phase.value in ("finished", "stopped")
+
+
+def _with(mapping: Mapping[Any, Any], key: Any, value: Any) -> Mapping[Any, Any]:
+    new = dict(mapping)
+    new[key] = value
+    return MappingProxyType(new)
+
+
+def _without(mapping: Mapping[Any, Any], key: Any) -> Mapping[Any, Any]:
+    if key not in mapping:
+        return mapping
+    new = dict(mapping)
+    del new[key]
+    return MappingProxyType(new)
+
+
+def apply_all(state: WatchState, messages: Iterable[tuple[str, bytes | str]]) -> WatchState:
+    for topic, payload in messages:
+        state = state.apply(topic, payload)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------------
+
+
+def _fmt_opt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _mb(n: int) -> str:
+    return f"{n / _MB:.2f}"
+
+
+def _names(names: list[str], limit: int = 12) -> str:
+    if len(names) <= limit:
+        return " ".join(names) or "-"
+    return " ".join(names[:limit]) + f" (+{len(names) - limit} more)"
+
+
+def headline(state: WatchState, now: float) -> str:
+    """One line: where the job is. Used as the panel title and as a log line."""
+    s = state.status
+    if s is None:
+        return f"job {state.topics.job}: no status yet"
+    total = s.rounds_total
+    parts = [f"job {s.job}", f"phase {s.phase.value}", f"rounds done {state.rounds_done}/{total}"]
+    if s.phase.value in ("training", "aggregating"):
+        attempt = f" (attempt {s.attempt})" if s.attempt else ""
+        parts.append(f"round {s.round}{attempt}: received {s.received}/{s.needed}")
+        if s.deadline is not None:
+            parts.append(f"deadline in {max(0.0, s.deadline - now):.0f} s")
+    parts.append(f"{s.devices_online} online")
+    return " | ".join(parts)
+
+
+def render(state: WatchState, now: float | None = None, max_rounds: int = 12) -> RenderableType:
+    """A rich renderable of ``state``; ``now`` (epoch seconds) drives the deadline countdown."""
+    now = time.time() if now is None else now
+    parts: list[RenderableType] = []
+
+    accuracy, loss = state.last_metrics()
+    epsilon = state.epsilon()
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("last accuracy / loss", f"{_fmt_opt(accuracy, '.4f')} / {_fmt_opt(loss, '.4f')}")
+    summary.add_row(
+        "bytes up / down (total)",
+        f"{_mb(state.bytes_up)} MB / {_mb(state.bytes_down)} MB over {state.rounds_done} rounds",
+    )
+    if epsilon is not None:
+        target = state.privacy.target_epsilon if state.privacy else None
+        delta = state.delta()
+        budget = f" of {target:g}" if target is not None else ""
+        summary.add_row("privacy spent", f"ε = {epsilon:.3f}{budget} (δ = {_fmt_opt(delta, 'g')})")
+    counts = state.device_counts()
+    for device_state in ("training", "online", "offline"):
+        names = state.devices_in(device_state)
+        summary.add_row(f"{device_state} ({counts.get(device_state, 0)})", _names(names))
+    refusals = state.refusals_by_reason()
+    if refusals:
+        summary.add_row("refused", ", ".join(f"{reason} {n}" for reason, n in sorted(refusals.items())))
+    if state.malformed:
+        summary.add_row(
+            Text("malformed messages", style="red"), f"{state.malformed} (last: {state.last_malformed})"
+        )
+    parts.append(summary)
+
+    if state.rounds:
+        table = Table(title="closed rounds", title_justify="left", expand=False)
+        for name in (
+            "round",
+            "closed by",
+            "devices",
+            "refused",
+            "accuracy",
+            "loss",
+            "up MB",
+            "down MB",
+            "seconds",
+        ):
+            table.add_column(name, justify="right")
+        if epsilon is not None:
+            table.add_column("ε", justify="right")
+        rounds = state.ordered_rounds()
+        shown = rounds[-max_rounds:]
+        if len(rounds) > len(shown):
+            table.add_row(f"… {len(rounds) - len(shown)} earlier", *[""] * (len(table.columns) - 1))
+        for r in shown:
+            row = [
+                str(r.round),
+                r.closed_by,
+                str(len(r.participants)),
+                str(sum(r.refused.values())),
+                _fmt_opt(r.accuracy, ".4f"),
+                _fmt_opt(r.loss, ".4f"),
+                _mb(r.bytes_up),
+                _mb(r.bytes_down),
+                f"{r.seconds:.1f}",
+            ]
+            if epsilon is not None:
+                row.append(_fmt_opt(r.epsilon, ".3f"))
+            table.add_row(*row)
+        parts.append(table)
+
+    if state.recent_events:
+        events = Table(title="recent events", title_justify="left", show_header=False, box=None)
+        events.add_column()
+        for event in state.recent_events:
+            events.add_row(describe_event(event))
+        parts.append(events)
+
+    return Panel(Group(*parts), title=headline(state, now), title_align="left")
+
+
+def describe_event(event: Event) -> str:
+    bits = [event.type.value]
+    if event.round is not None:
+        bits.append(f"round {event.round}")
+    if event.device:
+        bits.append(f"device {event.device}")
+    if event.reason:
+        bits.append(f"reason {event.reason.value}")
+    if event.detail:
+        bits.append(event.detail)
+    return " ".join(bits)
+
+
+def describe_round(summary: RoundSummary) -> str:
+    refused = sum(summary.refused.values())
+    text = (
+        f"round {summary.round} closed by {summary.closed_by}: {len(summary.participants)} devices, "
+        f"{refused} refused, accuracy {_fmt_opt(summary.accuracy, '.4f')}, "
+        f"loss {_fmt_opt(summary.loss, '.4f')}, "
+        f"up {_mb(summary.bytes_up)} MB, down {_mb(summary.bytes_down)} MB, {summary.seconds:.1f} s"
+    )
+    if summary.epsilon is not None:
+        text += f", ε {summary.epsilon:.3f}"
+    return text
+
+
+def describe_changes(old: WatchState, new: WatchState) -> list[str]:
+    """Plain log lines for what changed between two states (for logs and non-terminal output)."""
+    lines: list[str] = []
+    o, n = old.status, new.status
+    if n is not None and (o is None or (o.phase, o.round, o.attempt) != (n.phase, n.round, n.attempt)):
+        if n.phase.value == "training":
+            attempt = f" (attempt {n.attempt})" if n.attempt else ""
+            lines.append(f"round {n.round}{attempt} open: {len(n.selected)} selected, needs {n.needed}")
+        else:
+            lines.append(f"phase {n.phase.value} (round {n.round}, {n.devices_online} devices online)")
+    for number in sorted(set(new.rounds) - set(old.rounds)):
+        lines.append(describe_round(new.rounds[number]))
+    old_counts, new_counts = old.device_counts(), new.device_counts()
+    if old_counts != new_counts:
+        lines.append(
+            "devices: " + ", ".join(f"{k} {new_counts.get(k, 0)}" for k in ("online", "training", "offline"))
+        )
+    if new.malformed > old.malformed:
+        lines.append(f"malformed messages: {new.malformed} (last: {new.last_malformed})")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# The thin MQTT part
+# ---------------------------------------------------------------------------------------------------
+
+
+def watch_subscriptions(topics: Topics) -> list[tuple[str, int]]:
+    return [
+        (topics.status, 1),
+        (topics.events, 1),
+        (topics.rounds_filter, 1),
+        (topics.device_status_filter, 1),
+        (topics.privacy, 1),
+    ]
+
+
+class StateHolder:
+    """The current state behind a lock: the MQTT network thread writes, the display thread reads."""
+
+    def __init__(self, state: WatchState) -> None:
+        self._state = state
+        self._lock = threading.Lock()
+        self.last_message_at: float | None = None
+
+    def on_message(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+        with self._lock:
+            self._state = self._state.apply(topic, payload)
+            self.last_message_at = time.monotonic()
+
+    @property
+    def state(self) -> WatchState:
+        with self._lock:
+            return self._state
+
+
+def client_settings(
+    url: str,
+    *,
+    client_id: str,
+    mqtt_version: str = "5",
+    username: str | None = None,
+    password: str | None = None,
+    tls_ca: str | None = None,
+) -> ClientSettings:
+    """Settings for a read-only client, passing only the options that were given."""
+    from fedmqtt.mqtt import ClientSettings
+
+    extra: dict[str, Any] = {}
+    if username is not None:
+        extra["username"] = username
+    if password is not None:
+        extra["password"] = password
+    if tls_ca is not None:
+        extra["tls_ca"] = tls_ca
+    return ClientSettings(url, client_id, protocol=mqtt_version, **extra)
+
+
+def random_client_id(kind: str) -> str:
+    # Short: MQTT 3.1.1 only guarantees client ids of up to 23 characters.
+    return f"{kind}-{secrets.token_hex(5)}"
+
+
+def open_watch(settings: ClientSettings, holder: StateHolder, connect_timeout: float = 10.0) -> Any:
+    """Connect and subscribe; every message is applied to ``holder``. Returns the connection."""
+    from fedmqtt.mqtt import MqttConnection
+
+    connection = MqttConnection(
+        settings, on_message=holder.on_message, subscriptions=watch_subscriptions(holder.state.topics)
+    )
+    connection.connect(connect_timeout)
+    return connection
+
+
+def collect_snapshot(
+    settings: ClientSettings,
+    topics: Topics,
+    *,
+    wait_s: float = 5.0,
+    quiet_s: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> WatchState:
+    """The state made of the retained messages: wait up to ``wait_s`` for the job's status, then until no
+    message has arrived for ``quiet_s`` (MQTT has no "end of retained messages" marker)."""
+    holder = StateHolder(WatchState(topics=topics))
+    connection = open_watch(settings, holder)
+    try:
+        started = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now - started >= wait_s:
+                break
+            last = holder.last_message_at
+            if holder.state.status is not None and last is not None and now - last >= quiet_s:
+                break
+            sleep(0.05)
+    finally:
+        connection.close()
+    return holder.state
+
+
+def _console_for_stdout() -> Console:
+    # When piped, rich would assume 80 columns and fold the rounds table; use a wider fixed width.
+    return Console() if sys.stdout.isatty() else Console(width=140, no_color=True)
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    topics = Topics(job=args.job, prefix=args.prefix)
+    settings = client_settings(
+        args.broker,
+        client_id=random_client_id("watch"),
+        mqtt_version=args.mqtt_version,
+        username=args.username,
+        password=args.password,
+        tls_ca=args.tls_ca,
+    )
+    console = _console_for_stdout()
+    if args.once:
+        state = collect_snapshot(settings, topics, wait_s=args.wait)
+        console.print(render(state))
+        if state.status is None:
+            raise WatchError(
+                f"no retained status on {topics.status} within {args.wait:g} s: the job has not started, "
+                "or --job/--prefix do not match the coordinator's"
+            )
+        return 0
+    holder = StateHolder(WatchState(topics=topics))
+    connection = open_watch(settings, holder)
+    try:
+        if console.is_terminal:
+            from rich.live import Live
+
+            with Live(render(holder.state), console=console, refresh_per_second=4) as live:
+                while True:
+                    live.update(render(holder.state))
+                    time.sleep(0.25)
+        else:
+            shown = holder.state
+            while True:
+                current = holder.state
+                for line in describe_changes(shown, current):
+                    print(line, flush=True)
+                shown = current
+                time.sleep(0.25)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        connection.close()
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The broker connection flags shared by watch and simulate."""
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
+    parser.add_argument(
+        "--mqtt-version",
+        choices=("5", "3.1.1"),
+        default="5",
+        help="MQTT protocol version (the embedded broker needs 3.1.1)",
+    )
+    parser.add_argument("--username", help="broker user name")
+    parser.add_argument("--password", help="broker password")
+    parser.add_argument("--tls-ca", help="CA certificate file for mqtts:// brokers")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "watch",
+        help="live view of a job: rounds, devices, refusals, bytes, accuracy, privacy spent",
+        description="Subscribe to a job's status, events, round summaries, device statuses and privacy "
+        "ledger and show them live. Works on a run started elsewhere, and when joining late.",
+    )
+    parser.add_argument("--broker", required=True, help="broker URL, e.g. mqtt://127.0.0.1:1883")
+    parser.add_argument("--job", required=True, help="job id")
+    add_connection_arguments(parser)
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="print one snapshot of the retained state and exit (1 if the job has no status)",
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=5.0,
+        help="with --once: seconds to wait for the job's status (default: %(default)s)",
+    )
+    parser.set_defaults(func=run_watch)
