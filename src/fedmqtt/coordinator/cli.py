@@ -42,7 +42,9 @@ def register(subparsers: Any) -> None:
         "(flags override the file).",
     )
     add_connection_flags(p)
-    p.add_argument("--config", type=Path, help="TOML file with any of these settings ([coordinator] table or top level)")
+    p.add_argument(
+        "--config", type=Path, help="TOML file with any of these settings ([coordinator] table or top level)"
+    )
     p.add_argument("--client-id")
     g = p.add_argument_group("rounds")
     g.add_argument("--rounds", type=int, help="rounds to run")

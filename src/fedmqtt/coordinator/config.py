@@ -94,8 +94,10 @@ class CoordinatorConfig(BaseModel):
             if self.strategy in ROBUST_STRATEGIES:
                 raise ValueError(f"strategy {self.strategy} is not compatible with DP (unbounded sensitivity)")
             if codec.error_feedback:
-                raise ValueError("uplink error feedback ('ef') cannot be combined with DP: the residual would "
-                                 "escape the clipping bound")
+                raise ValueError(
+                    "uplink error feedback ('ef') cannot be combined with DP: the residual would "
+                    "escape the clipping bound"
+                )
         elif self.target_epsilon is not None or self.dp_adaptive_clip is not None:
             raise ValueError("target_epsilon / dp_adaptive_clip need dp_mode device, local or central")
         return self

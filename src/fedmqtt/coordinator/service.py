@@ -37,8 +37,8 @@ from fedmqtt.schema import (
     EventType,
     FrameHeader,
     FrameKind,
-    Metrics,
     MessageError,
+    Metrics,
     Phase,
     Plan,
     PrivacyLedger,
@@ -330,7 +330,7 @@ class CoordinatorService:
                 raise FedmqttError(f"coordinator has no handler for machine action {type(action).__name__}")
             handler(action)
 
-    def _on_OpenRound(self, a: Any) -> None:  # noqa: N802 - named after the action class
+    def _on_OpenRound(self, a: Any) -> None:
         self.strategy.begin_round(self.global_arrays)
         self.book = _RoundBook(a.round, a.attempt, a.opened_at)
         if self.model_round != a.round:
@@ -388,34 +388,34 @@ class CoordinatorService:
         assert self.config.dp_clip is not None
         return float(self.config.dp_clip)
 
-    def _on_UpdateAccepted(self, a: Any) -> None:  # noqa: N802
+    def _on_UpdateAccepted(self, a: Any) -> None:
         self._event(EventType.UPDATE_ACCEPTED, round=a.round, device=a.device, detail=f"{a.num_samples} samples")
         self._maybe_publish_status(force=True)
 
-    def _on_UpdateRefused(self, a: Any) -> None:  # noqa: N802
+    def _on_UpdateRefused(self, a: Any) -> None:
         self.refused_total += 1
         log.info("refused update from %s: %s (%s)", a.device, a.reason, a.detail)
         self._event(EventType.UPDATE_REFUSED, round=a.round, device=a.device, reason=a.reason, detail=a.detail)
 
-    def _on_DeviceOnline(self, a: Any) -> None:  # noqa: N802
+    def _on_DeviceOnline(self, a: Any) -> None:
         self._event(EventType.DEVICE_ONLINE, device=a.device)
 
-    def _on_DeviceOffline(self, a: Any) -> None:  # noqa: N802
+    def _on_DeviceOffline(self, a: Any) -> None:
         self._event(EventType.DEVICE_OFFLINE, device=a.device)
 
-    def _on_StatusChanged(self, a: Any) -> None:  # noqa: N802
+    def _on_StatusChanged(self, a: Any) -> None:
         self._maybe_publish_status(force=True)
 
-    def _on_RoundFailed(self, a: Any) -> None:  # noqa: N802
+    def _on_RoundFailed(self, a: Any) -> None:
         self._event(EventType.ROUND_FAILED, round=a.round, attempt=a.attempt, detail=a.reason)
         self.strategy.begin_round(self.global_arrays)
         self._clear_spool()
 
-    def _on_JobFinished(self, a: Any) -> None:  # noqa: N802
+    def _on_JobFinished(self, a: Any) -> None:
         self._event(EventType.JOB_FINISHED, detail=a.reason)
         self._finish(0)
 
-    def _on_JobStopped(self, a: Any) -> None:  # noqa: N802
+    def _on_JobStopped(self, a: Any) -> None:
         self._event(EventType.JOB_STOPPED, detail=a.reason)
         self._finish(0 if self._stopped_by_rule(a.reason) else 3)
 
@@ -427,7 +427,7 @@ class CoordinatorService:
         self._checkpoint()
         self.exit_code = code
 
-    def _on_CloseRound(self, a: Any) -> None:  # noqa: N802
+    def _on_CloseRound(self, a: Any) -> None:
         self._maybe_publish_status(force=True, phase=Phase.AGGREGATING)
         started = self.clock()
         count = self.strategy.count

@@ -1,0 +1,135 @@
+"""``fedmqtt device``: run one device (or several virtual devices) of a federated job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fedmqtt.errors import ConfigError
+from fedmqtt.topics import DEFAULT_PREFIX, validate_id
+
+log = logging.getLogger("fedmqtt.device")
+
+
+def register(subparsers: Any) -> None:
+    from fedmqtt.coordinator.cli import add_connection_flags
+
+    p = subparsers.add_parser(
+        "device",
+        help="run a device agent: train on local data when selected, send compressed updates",
+        description="Run a device agent. With no partition flags the device uses all the data it finds in "
+        "--data-dir, as a real board does; --partition/--num-parts/--part pick one part of a shared data set "
+        "for simulations; --id-prefix/--parts packs several virtual devices into one process.",
+    )
+    add_connection_flags(p)
+    ident = p.add_mutually_exclusive_group()
+    ident.add_argument("--id", help="device id (also its MQTT username when the broker has auth on)")
+    ident.add_argument("--id-prefix", help="virtual devices: ids PREFIX0000, PREFIX0001, ... for --parts A:B")
+    p.add_argument("--parts", help="virtual devices A..B-1 as A:B (with --id-prefix; each takes its own part)")
+    p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
+    p.add_argument("--data-dir", help="directory with the IDX files (default $FEDMQTT_DATA)")
+    p.add_argument("--partition", help="iid | shards:2 | dirichlet:0.5 (simulations)")
+    p.add_argument("--num-parts", type=int)
+    p.add_argument("--part", type=int)
+    p.add_argument("--seed", type=int, default=0, help="partition seed (the same on every device of a run)")
+    p.add_argument("--threads", type=int, help="torch threads for training")
+    p.add_argument("--state-dir", type=Path, help="where the device keeps its privacy ledger and codec state")
+    p.add_argument("--privacy-budget", type=float, help="refuse rounds once this epsilon would be exceeded")
+    p.add_argument("--exit-on-finish", action="store_true", help="exit when the job is finished or stopped")
+    p.add_argument("--connect-timeout", type=float, default=30.0)
+    p.set_defaults(func=run_device)
+
+
+def _parse_parts(text: str) -> range:
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError("parts", f"{text!r} is not A:B (e.g. 0:100)") from None
+    if not 0 <= a < b:
+        raise ConfigError("parts", f"{text!r}: need 0 <= A < B")
+    return range(a, b)
+
+
+def device_ids_and_parts(args: argparse.Namespace) -> list[tuple[str, int | None]]:
+    """Which virtual devices this process runs: (id, part index or None for 'all data')."""
+    if args.id_prefix is not None:
+        if args.parts is None:
+            raise ConfigError("parts", "--id-prefix needs --parts A:B")
+        if args.partition is None or args.num_parts is None:
+            raise ConfigError("partition", "virtual devices need --partition and --num-parts")
+        parts = _parse_parts(args.parts)
+        if parts.stop > args.num_parts:
+            raise ConfigError("parts", f"{args.parts} goes beyond --num-parts {args.num_parts}")
+        return [(validate_id("device id", f"{args.id_prefix}{i:04d}"), i) for i in parts]
+    if args.id is None:
+        raise ConfigError("id", "give --id ID (or --id-prefix PREFIX --parts A:B)")
+    validate_id("device id", args.id)
+    if args.partition is not None:
+        if args.num_parts is None or args.part is None:
+            raise ConfigError("partition", "--partition needs --num-parts N and --part I")
+        if not 0 <= args.part < args.num_parts:
+            raise ConfigError("part", f"must be in 0..{args.num_parts - 1}")
+        return [(args.id, args.part)]
+    return [(args.id, None)]
+
+
+def run_device(args: argparse.Namespace) -> int:
+    if not args.broker or not args.job:
+        raise ConfigError("broker" if not args.broker else "job", "is required")
+    validate_id("job id", args.job)
+    devices = device_ids_and_parts(args)
+    from fedmqtt.mqtt import MAX_CLIENTS_PER_PROCESS
+
+    if len(devices) > MAX_CLIENTS_PER_PROCESS:
+        raise ConfigError(
+            "parts",
+            f"{len(devices)} virtual devices exceed {MAX_CLIENTS_PER_PROCESS} MQTT clients per process "
+            "(paho's select() loop cannot watch more sockets); split them over several processes",
+        )
+
+    from fedmqtt.device.agent import DeviceOptions, DeviceRuntime
+    from fedmqtt.device.data import PartitionSpec, load_dataset, partition, resolve_data_dir
+
+    data_dir = resolve_data_dir(args.data_dir, args.dataset)
+    dataset = load_dataset(args.dataset, data_dir, train=True)
+    parts: list[Any] | None = None
+    if args.partition is not None:
+        parts = partition(dataset.labels.numpy(), PartitionSpec.parse(args.partition), args.num_parts, args.seed)
+
+    options = DeviceOptions(
+        broker=args.broker,
+        job=args.job,
+        prefix=args.prefix or DEFAULT_PREFIX,
+        mqtt_version=args.mqtt_version or "5",
+        username=args.username,
+        password=args.password,
+        tls_ca=str(args.tls_ca) if args.tls_ca else None,
+        state_dir=args.state_dir,
+        privacy_budget=args.privacy_budget,
+        exit_on_finish=args.exit_on_finish,
+    )
+    runtime = DeviceRuntime(options, threads=args.threads)
+    for device_id, part in devices:
+        runtime.add_device(device_id, dataset if part is None or parts is None else dataset.subset(parts[part]))
+    del dataset, parts  # each device keeps only its own part
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        runtime.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        runtime.connect_all(timeout=args.connect_timeout)
+        log.info("%d device(s) connected to %s", len(devices), args.broker)
+        return runtime.run()
+    finally:
+        runtime.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(0)
