@@ -1,0 +1,78 @@
+"""Coordinator configuration (TOML + flags) and atomic checkpoint files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmqtt.checkpoint import CheckpointError, load_state, save_state
+from fedmqtt.coordinator.config import load_config
+from fedmqtt.errors import ConfigError
+
+
+def test_flags_override_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "job.toml"
+    toml.write_text('[coordinator]\njob = "mnist"\nrounds = 5\nmin-updates = 3\nuplink = "float16"\n')
+    cfg = load_config(toml, {"rounds": 7, "strategy": None})
+    assert (cfg.job, cfg.rounds, cfg.min_updates, cfg.uplink) == ("mnist", 7, 3, "float16")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"rounds": 0}, "rounds"),
+        ({"strategy": "fedsgd"}, "strategy"),
+        ({"uplink": "int4"}, "uplink"),
+        ({"job": "a/b"}, "job"),
+        ({"devices_per_round": 1}, "devices_per_round"),
+        ({"dp_mode": "device"}, "dp_clip"),
+        ({"dp_mode": "device", "dp_clip": 1.0, "dp_noise_multiplier": 1.0}, "dp_sample_rate"),
+        ({"dp_mode": "device", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_sample_rate": 0.1,
+          "strategy": "krum"}, "krum"),
+        ({"dp_mode": "device", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_sample_rate": 0.1,
+          "uplink": "topk:0.01+int8+ef"}, "error feedback"),
+        ({"resume": True}, "checkpoint_dir"),
+        ({"target_epsilon": 3.0}, "dp_mode"),
+    ],
+)  # fmt: skip
+def test_bad_configuration_is_refused_naming_the_field(overrides: dict, field: str) -> None:
+    base = {"job": "j", "rounds": 3, "min_updates": 2}
+    base.update(overrides)
+    with pytest.raises(ConfigError, match=field):
+        load_config(None, base)
+
+
+def test_bad_toml_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml", {})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad, {})
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('job = "j"\nrounds = 1\nmin_updates = 1\nfoo = 2\n')
+    with pytest.raises(ConfigError, match="foo"):
+        load_config(unknown, {})
+
+
+def test_checkpoint_round_trip_and_atomicity(tmp_path: Path) -> None:
+    path = tmp_path / "ck" / "state.npz"
+    state = {"round": 3, "global": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, "list": [np.ones(2), "x"]}
+    save_state(path, state)
+    loaded = load_state(path)
+    assert loaded["round"] == 3
+    np.testing.assert_array_equal(loaded["global"]["w"], state["global"]["w"])
+    assert loaded["global"]["w"].dtype == np.float32
+    assert loaded["list"][1] == "x"
+    assert [p.name for p in path.parent.iterdir()] == ["state.npz"]  # no temp file left behind
+
+
+def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_state(tmp_path / "nope.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_state(bad)
