@@ -176,6 +176,8 @@ class DPAnnouncement(_Strict):
     mode: Literal["device", "local", "central"]
     clip: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
     noise_std: NonNegFloat
+    # Adaptive clipping (central mode): whether the update's norm before clipping was <= clip.
+    unclipped: bool | None = None
 
 
 class FrameHeader(_Strict):
@@ -388,7 +390,9 @@ class PrivacyLedger(_Strict):
     noise_multiplier: NonNegFloat
     sample_rate: Annotated[float, Field(gt=0.0, le=1.0)]
     rounds: NonNegInt
-    epsilon: NonNegFloat
+    epsilon: NonNegFloat | None  # None = no finite bound (a round ran without noise)
+    # Epsilon without amplification by sampling: what holds against readers of plans and round summaries.
+    epsilon_participation_known: NonNegFloat | None = None
     delta: Annotated[float, Field(gt=0.0, lt=1.0)]
     target_epsilon: NonNegFloat | None = None
     accountant: str  # library and method, e.g. "opacus.accountants.RDPAccountant (rdp)"

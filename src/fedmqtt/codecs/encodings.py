@@ -107,6 +107,11 @@ def dequantize(
 # ---------------------------------------------------------------------------------------------------
 
 
+def _byte_view(array: np.ndarray) -> memoryview:
+    """The bytes of a contiguous array, without copying."""
+    return array.reshape(-1).view(np.uint8).data
+
+
 def _varint_encode(gaps: npt.NDArray[np.uint64]) -> bytes:
     """Unsigned LEB128 of every gap, vectorised: byte ``b`` of each value is written in one pass."""
     lengths = np.ones(gaps.size, dtype=np.int64)
@@ -153,6 +158,11 @@ def _quantize(
     scales = (amax / np.float32(INT8_MAX)).astype(np.float32)
     # A tiny non-zero max whose scale underflows to 0 still needs a usable (subnormal) scale.
     scales = np.where((amax > 0) & (scales == 0), _SMALLEST_SCALE, scales).astype(np.float32)
+    # Subnormal scales are coarse: round up where 127 * scale falls short of the max, so the largest
+    # value is never clipped by more than half a step.
+    short = scales.astype(np.float64) * INT8_MAX < amax
+    if short.any():
+        scales = np.where(short, np.nextafter(scales, np.float32(np.inf)), scales).astype(np.float32)
     divisor = np.where(scales > 0, scales, np.float32(1))
     if values.size == 0:
         return np.zeros(0, dtype=np.int8), scales
@@ -209,7 +219,7 @@ def encode_tensor(
     kept: FloatArray
     if codec.values is ValueEncoding.FLOAT32:
         stored32 = np.ascontiguousarray(values, dtype=F32)
-        parts.append(memoryview(stored32).cast("B"))
+        parts.append(_byte_view(stored32))
         kept = values
     elif codec.values is ValueEncoding.FLOAT16:
         with np.errstate(over="ignore"):
@@ -220,8 +230,8 @@ def encode_tensor(
                 f"tensor {name!r} has a value of magnitude {biggest:g}, beyond float16's range (65504); "
                 "encode it with float32 or int8 instead"
             )
-        parts.append(memoryview(stored16).cast("B"))
-        kept = stored16.astype(np.float32)
+        parts.append(_byte_view(stored16))
+        kept = stored16.astype(np.float32) if want_decoded else values
     else:
         magnitude = np.abs(values)
         if per_channel:
@@ -234,8 +244,8 @@ def encode_tensor(
         else:
             amax = np.array([magnitude.max(initial=0.0)], dtype=np.float32)
         q, scales = _quantize(values, amax, channel, rows, codec.stochastic, rng)
-        parts.append(memoryview(np.ascontiguousarray(scales, dtype=F32)).cast("B"))
-        parts.append(memoryview(q).cast("B"))
+        parts.append(_byte_view(np.ascontiguousarray(scales, dtype=F32)))
+        parts.append(_byte_view(q))
         kept = dequantize(q, scales, channel, rows) if want_decoded else values
 
     decoded: FloatArray | None = None

@@ -45,14 +45,15 @@ class ErrorFeedback:
                 f"{_describe(self._residual)} but this update has {_describe(update)}; call reset() "
                 "when the model changes"
             )
-        return {k: (np.asarray(v, dtype=np.float32) + self._residual[k]) for k, v in update.items()}
+        # np.asarray again: arithmetic on 0-d arrays returns numpy scalars.
+        return {k: np.asarray(np.asarray(v, dtype=np.float32) + self._residual[k]) for k, v in update.items()}
 
     def record(self, corrected: Mapping[str, np.ndarray], transmitted: Mapping[str, np.ndarray]) -> None:
         """Keep ``corrected - transmitted``: what the receiver did not get this time."""
         if manifest_of(corrected) != manifest_of(transmitted):
             raise FeedbackError("corrected and transmitted updates have different tensors")
         self._residual = {
-            k: (np.asarray(v, dtype=np.float32) - np.asarray(transmitted[k], dtype=np.float32))
+            k: np.asarray(np.asarray(v, dtype=np.float32) - np.asarray(transmitted[k], dtype=np.float32))
             for k, v in corrected.items()
         }
 

@@ -87,6 +87,12 @@ class CoordinatorConfig(BaseModel):
         if self.dp_mode is not DPMode.OFF:
             if self.dp_clip is None or self.dp_noise_multiplier is None:
                 raise ValueError("dp_mode needs dp_clip and dp_noise_multiplier")
+            if self.dp_noise_multiplier <= 0:
+                raise ValueError("dp_noise_multiplier must be > 0 with DP on (sigma = 0 gives no finite epsilon)")
+            if self.dp_adaptive_clip is not None and self.dp_mode is not DPMode.CENTRAL:
+                raise ValueError(
+                    "dp_adaptive_clip needs dp_mode central (the clip bit reaches the coordinator unnoised)"
+                )
             if self.dp_sample_rate is None:
                 raise ValueError(
                     "dp_mode needs dp_sample_rate: DP rounds select devices by Poisson sampling with rate q"

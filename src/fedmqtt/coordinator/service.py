@@ -437,7 +437,7 @@ class CoordinatorService:
         if c.dp_mode is not DPMode.OFF:
             # DP average: uniform weights and a fixed denominator m (sensitivity C/m), never sample weighting.
             denominator = float(c.min_updates)
-            noise = self._central_noise()
+            noise = self._server_noise(count)
         self.global_arrays = self.strategy.aggregate(denominator=denominator, noise=noise)
         epsilon = self._account(count)
         accuracy, loss = self._evaluate()
@@ -485,26 +485,34 @@ class CoordinatorService:
 
     # ------------------------------------------------------------------------------------ privacy
 
-    def _central_noise(self) -> A.ModelArrays | None:
+    def _server_noise(self, received: int) -> A.ModelArrays | None:
+        """Noise the coordinator adds to the sum: sigma*C in central mode; in device mode the top-up that
+        restores sigma*C when only k < m updates arrived (so a short round keeps its planned privacy)."""
         c = self.config
-        from fedmqtt.privacy import add_gaussian_noise, central_noise_std, secure_generator
+        from fedmqtt.privacy import add_gaussian_noise, central_noise_std, secure_generator, topup_noise_std
 
         assert c.dp_noise_multiplier is not None
-        std = central_noise_std(c.dp_mode, c.dp_noise_multiplier, self._current_clip())
+        clip = self._current_clip()
+        central = central_noise_std(c.dp_mode, c.dp_noise_multiplier, clip)
+        topup = topup_noise_std(c.dp_mode, c.dp_noise_multiplier, clip, c.min_updates, received)
+        std = float(np.hypot(central, topup))
         if std <= 0:
             return None
         return add_gaussian_noise(A.zeros_like(self.global_arrays), std, secure_generator())
 
     def _account(self, received: int) -> float | None:
-        if self.accountant is None:
+        if self.accountant is None or received == 0:
             return None
         from fedmqtt.privacy import effective_noise_multiplier
 
         c = self.config
         assert c.dp_noise_multiplier is not None
-        z = effective_noise_multiplier(c.dp_mode, c.dp_noise_multiplier, c.min_updates, received)
+        z = effective_noise_multiplier(
+            c.dp_mode, c.dp_noise_multiplier, c.min_updates, received, topped_up=c.dp_mode is DPMode.DEVICE
+        )
         self.accountant.step(noise_multiplier=z)
-        return float(self.accountant.epsilon)
+        epsilon = self.accountant.epsilon
+        return None if np.isinf(epsilon) else float(epsilon)
 
     def _budget_exhausted(self) -> bool:
         if self.accountant is None or self.config.target_epsilon is None:
@@ -554,7 +562,7 @@ class CoordinatorService:
     def status(self, phase: Phase | None = None) -> Status:
         snap = self.machine.snapshot(self.clock())
         privacy = None
-        if self.accountant is not None and self.accountant.rounds > 0:
+        if self.accountant is not None and self.accountant.rounds > 0 and not np.isinf(self.accountant.epsilon):
             privacy = PrivacySpent(epsilon=float(self.accountant.epsilon), delta=self.accountant.delta)
         update: dict[str, Any] = {"last_metrics": self.metrics, "privacy": privacy, "refused_total": self.refused_total}
         if phase is not None:

@@ -378,9 +378,9 @@ class DeviceRuntime:
             dp=announcement,
             feedback=feedback,
         )
-        self._publish_update(device, plan, frame)
         if dp is not None and device.ledger is not None:
-            device.ledger.record(dp)
+            device.ledger.record(dp)  # before sending: a crash after the send must not under-count
+        self._publish_update(device, plan, frame)
         device.answered.add((plan.round, plan.attempt))
         device.save_state()
         device.publish_status("online", round_number=plan.round)

@@ -1,0 +1,441 @@
+"""The binary frame: one global model, device update or partial aggregate per MQTT message.
+
+Layout (all integers little-endian)::
+
+    offset  size  field
+    0       4     magic b"FMQT"
+    4       1     format version (1)
+    5       4     header length H (uint32)
+    9       8     compressed body length B (uint64)
+    17      H     header: UTF-8 JSON of fedmqtt.schema.FrameHeader
+    17+H    B     body: one zstd frame (content size set) of the uncompressed body
+
+The uncompressed body is the tensors' bytes back to back, in manifest order, as laid out by
+:mod:`fedmqtt.codecs.encodings`; the header's ``tensors`` give each one's shape, encoding, offset and
+size, ``body_size`` the total and ``body_blake2b`` its BLAKE2b-128 checksum. Tensor data never passes
+through pickle or JSON.
+
+:func:`decode_frame` trusts nothing: every length, size and index is checked before anything is
+allocated from it, and any problem raises a :class:`~fedmqtt.codecs.errors.FrameError` subclass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+from pydantic import ValidationError
+
+from fedmqtt.arrays import ModelArrays
+from fedmqtt.codecs.encodings import (
+    EncodedTensor,
+    decode_tensor,
+    encode_tensor,
+    max_varint_len,
+    value_bytes,
+)
+from fedmqtt.codecs.errors import (
+    BadMagic,
+    BodyLayoutError,
+    ChecksumMismatch,
+    CorruptBody,
+    EncodeError,
+    FrameTooLarge,
+    InvalidHeader,
+    ManifestMismatch,
+    NonFiniteInput,
+    TrailingBytes,
+    TruncatedFrame,
+    UnsupportedVersion,
+)
+from fedmqtt.codecs.feedback import ErrorFeedback
+from fedmqtt.schema import (
+    CodecSpec,
+    DPAnnouncement,
+    FrameHeader,
+    FrameKind,
+    ManifestEntry,
+    MessageError,
+    TensorSpec,
+    ValueEncoding,
+)
+
+MAGIC = b"FMQT"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<4sBIQ")
+PREFIX_SIZE = _PREFIX.size
+
+DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_HEADER_BYTES = 4 * 1024 * 1024
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    """A validated frame: its header and its tensors (dense float32, original shapes, header order)."""
+
+    header: FrameHeader
+    arrays: ModelArrays
+
+
+def model_hash(frame: Buffer) -> str:
+    """Hex SHA-256 of a whole frame: the content address used as ``Plan.model_hash``."""
+    return hashlib.sha256(frame).hexdigest()
+
+
+def body_checksum(body: Buffer) -> str:
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------------------
+
+
+def _as_float32(name: object, value: object) -> np.ndarray:
+    if not isinstance(name, str):
+        raise EncodeError(f"tensor names must be strings, got {name!r}")
+    if not isinstance(value, np.ndarray):
+        raise EncodeError(f"tensor {name!r} is a {type(value).__name__}, not a numpy array")
+    if value.dtype.kind != "f":
+        raise EncodeError(f"tensor {name!r} has dtype {value.dtype}; only floating-point tensors can be encoded")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
+        array = np.asarray(value, dtype=np.float32, order="C")  # (ascontiguousarray makes 0-d 1-d)
+    if not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise NonFiniteInput(
+            f"tensor {name!r} has {bad} NaN or infinite value(s) (after conversion to float32); "
+            "a diverged update cannot be sent — lower the learning rate or clip the update"
+        )
+    return array
+
+
+def encode_frame(
+    arrays: Mapping[str, np.ndarray],
+    *,
+    kind: FrameKind,
+    job: str,
+    round: int,
+    sender: str,
+    codec: CodecSpec,
+    num_samples: int = 0,
+    num_updates: int = 1,
+    weight: float = 0.0,
+    base_model_hash: str | None = None,
+    model_name: str | None = None,
+    dp: DPAnnouncement | None = None,
+    feedback: ErrorFeedback | None = None,
+    rng: np.random.Generator | None = None,
+) -> bytes:
+    """Encode ``arrays`` (name -> float tensor, in model order) as one frame.
+
+    With ``feedback`` (required exactly when ``codec.error_feedback``), the stored residual is added to
+    ``arrays`` first and the new residual (corrected - what the receiver will decode) is stored after a
+    successful encode. ``rng`` drives stochastic rounding (a fresh generator if None).
+    """
+    if codec.error_feedback and feedback is None:
+        raise EncodeError(f"codec {codec} asks for error feedback ('ef'); pass feedback=ErrorFeedback()")
+    if feedback is not None and not codec.error_feedback:
+        raise EncodeError(f"feedback= was given but codec {codec} has no 'ef'; add '+ef' to the codec")
+    checked = {name: _as_float32(name, value) for name, value in arrays.items()}
+    if feedback is not None:
+        checked = feedback.apply(checked)
+        for name, value in checked.items():
+            if not np.isfinite(value).all():
+                raise NonFiniteInput(f"tensor {name!r} overflows once the error-feedback residual is added")
+    generator = rng if rng is not None else np.random.default_rng()
+
+    encoded: list[EncodedTensor] = []
+    specs: list[TensorSpec] = []
+    offset = 0
+    for name, array in checked.items():
+        enc = encode_tensor(name, array, codec, generator, want_decoded=feedback is not None)
+        encoded.append(enc)
+        try:
+            specs.append(
+                TensorSpec(
+                    name=name,
+                    shape=tuple(int(d) for d in array.shape),
+                    encoding=enc.encoding,
+                    offset=offset,
+                    nbytes=enc.nbytes,
+                )
+            )
+        except ValidationError as exc:
+            raise EncodeError(f"tensor {name!r}: {_first_error(exc)}") from None
+        offset += enc.nbytes
+
+    body = b"".join(part for enc in encoded for part in enc.parts)
+    try:
+        header = FrameHeader(
+            kind=kind,
+            job=job,
+            round=round,
+            sender=sender,
+            num_samples=num_samples,
+            num_updates=num_updates,
+            weight=weight,
+            codec=str(codec),
+            tensors=tuple(specs),
+            body_size=len(body),
+            body_blake2b=body_checksum(body),
+            base_model_hash=base_model_hash,
+            model_name=model_name,
+            dp=dp,
+        )
+    except ValidationError as exc:
+        raise EncodeError(f"cannot build the frame header: {_first_error(exc)}") from None
+    header_bytes = header.model_dump_json().encode("utf-8")
+    compressed = zstandard.ZstdCompressor(level=codec.zstd_level, write_content_size=True).compress(body)
+    frame = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), len(compressed)) + header_bytes + compressed
+
+    if feedback is not None:
+        transmitted: ModelArrays = {}
+        for name, enc in zip(checked, encoded, strict=True):
+            assert enc.decoded is not None  # want_decoded was set
+            transmitted[name] = enc.decoded
+        feedback.record(checked, transmitted)
+    return frame
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "value"
+    return f"{where}: {first['msg']}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------------
+
+
+def _read_prefix(view: memoryview, max_header_bytes: int) -> tuple[int, int]:
+    head = bytes(view[: len(MAGIC)])
+    if head != MAGIC[: len(head)] or not head:
+        raise BadMagic(
+            f"not a fedmqtt frame: it starts with {head!r}, expected {MAGIC!r} "
+            "(was a JSON message or another tool's payload published on a model/update topic?)"
+        )
+    if len(view) < PREFIX_SIZE:
+        raise TruncatedFrame(f"frame is {len(view)} bytes, shorter than the {PREFIX_SIZE}-byte fixed prefix")
+    _, version, header_len, body_len = _PREFIX.unpack_from(view)
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersion(
+            f"frame format version {version} is not supported (this build reads version {FORMAT_VERSION}); "
+            "run the same fedmqtt version on the coordinator and the devices"
+        )
+    if header_len > max_header_bytes:
+        raise FrameTooLarge(f"header declares {header_len} bytes, above the limit of {max_header_bytes}")
+    if len(view) < PREFIX_SIZE + header_len:
+        raise TruncatedFrame(
+            f"frame is {len(view)} bytes but its header alone needs {PREFIX_SIZE + header_len}; "
+            "the message was cut short"
+        )
+    return header_len, body_len
+
+
+def _parse_header(raw: memoryview) -> tuple[FrameHeader, CodecSpec]:
+    try:
+        header = FrameHeader.model_validate_json(bytes(raw))
+    except ValidationError as exc:
+        raise InvalidHeader(f"frame header is invalid: {_first_error(exc)}") from None
+    try:
+        codec = CodecSpec.parse(header.codec)
+    except MessageError as exc:
+        raise InvalidHeader(f"frame header has an unusable codec: {exc.detail}") from None
+    _check_encodings(header, codec)
+    return header, codec
+
+
+def peek_header(data: Buffer, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> FrameHeader:
+    """Validate the magic, version and header of a frame and return the header (the body is not read)."""
+    view = memoryview(data).cast("B")
+    header_len, _ = _read_prefix(view, max_header_bytes)
+    header, _ = _parse_header(view[PREFIX_SIZE : PREFIX_SIZE + header_len])
+    return header
+
+
+def _capped_numel(shape: Sequence[int], cap: int) -> int | None:
+    """Product of ``shape``, or None as soon as it exceeds ``cap`` (huge shapes cost nothing)."""
+    if 0 in shape:
+        return 0
+    n = 1
+    for d in shape:
+        n *= d
+        if n > cap:
+            return None
+    return n
+
+
+def _check_encodings(header: FrameHeader, codec: CodecSpec) -> None:
+    """Every tensor's encoding must be one the frame's codec produces."""
+    for spec in header.tensors:
+        enc = spec.encoding
+        where = f"tensor {spec.name!r}"
+        if enc.values is not codec.values:
+            raise InvalidHeader(f"{where} is encoded as {enc.values.value} but the frame's codec is {codec}")
+        if (enc.nnz is not None) != (codec.topk is not None):
+            raise InvalidHeader(f"{where}: sparse (nnz) tensors must come exactly with a topk codec (codec is {codec})")
+        if enc.values is not ValueEncoding.INT8 and (enc.scale_axis is not None or enc.stochastic):
+            raise InvalidHeader(f"{where}: scale_axis and stochastic apply to int8 tensors only")
+        if enc.scale_axis == 0 and (not codec.per_channel or not spec.shape):
+            raise InvalidHeader(f"{where}: per-channel scales need an int8c codec and a tensor of >= 1 dim")
+
+
+def _describe(spec: TensorSpec) -> str:
+    enc = spec.encoding
+    text = f"shape {spec.shape} as {enc.values.value}"
+    if enc.values is ValueEncoding.INT8:
+        text += " with per-channel scales" if enc.scale_axis == 0 else " with one scale"
+    if enc.nnz is not None:
+        text += f", {enc.nnz} kept"
+    return text
+
+
+def _check_layout(header: FrameHeader, max_body_bytes: int) -> list[int]:
+    """Check every tensor's size and place against the body and the limits; return each one's numel."""
+    if header.body_size > max_body_bytes:
+        raise FrameTooLarge(
+            f"body declares {header.body_size} bytes uncompressed, above the limit of {max_body_bytes} "
+            "(raise max_body_bytes if this model is really that large)"
+        )
+    output_cap = max_body_bytes // 4  # the decoded float32 tensors obey the same limit
+    total = 0
+    offset = 0
+    numels: list[int] = []
+    for spec in header.tensors:
+        enc = spec.encoding
+        where = f"tensor {spec.name!r}"
+        numel = _capped_numel(spec.shape, output_cap - total)
+        if numel is None:
+            raise FrameTooLarge(
+                f"{where} has shape {spec.shape}: the decoded tensors would exceed the limit of {max_body_bytes} bytes"
+            )
+        total += numel
+        numels.append(numel)
+        if enc.nnz is not None and enc.nnz > numel:
+            raise BodyLayoutError(f"{where} keeps {enc.nnz} entries but has only {numel}")
+        if spec.offset != offset:
+            raise BodyLayoutError(
+                f"{where} starts at body offset {spec.offset}, expected {offset} (tensors are back to back)"
+            )
+        fixed = value_bytes(spec, numel)
+        if enc.nnz is None:
+            low = high = fixed
+        else:
+            low, high = fixed + enc.nnz, fixed + enc.nnz * max_varint_len(numel)
+        if not low <= spec.nbytes <= high:
+            expect = str(low) if low == high else f"{low}..{high}"
+            raise BodyLayoutError(f"{where} declares {spec.nbytes} bytes but {_describe(spec)} takes {expect}")
+        offset += spec.nbytes
+    if offset != header.body_size:
+        raise BodyLayoutError(f"tensors cover {offset} bytes but the header declares a body of {header.body_size}")
+    return numels
+
+
+def _check_manifest(header: FrameHeader, expected: Sequence[ManifestEntry]) -> None:
+    got = header.manifest()
+    want = tuple(expected)
+    if got == want:
+        return
+    got_names = [e.name for e in got]
+    want_names = [e.name for e in want]
+    if got_names != want_names:
+        got_set, want_set = set(got_names), set(want_names)
+        missing = [n for n in want_names if n not in got_set]
+        extra = [n for n in got_names if n not in want_set]
+        detail = f"missing {missing[:5]}, unexpected {extra[:5]}" if missing or extra else "in another order"
+        raise ManifestMismatch(f"frame tensors differ from the expected model: {detail}")
+    for g, w in zip(got, want, strict=True):
+        if g != w:
+            raise ManifestMismatch(
+                f"tensor {g.name!r} has shape {g.shape} ({g.dtype}) but the model expects {w.shape} ({w.dtype})"
+            )
+
+
+def _decompress(compressed: memoryview, body_size: int, max_body_bytes: int) -> bytes:
+    """Decompress the body into exactly ``body_size`` bytes, never more (zstd bombs allocate nothing)."""
+    try:
+        declared = zstandard.frame_content_size(compressed)
+    except zstandard.ZstdError as exc:
+        raise CorruptBody(f"the body is not a zstd frame: {exc}") from None
+    if declared == -1:
+        raise CorruptBody("the body's zstd frame does not declare its content size; fedmqtt frames always do")
+    if declared > max_body_bytes:
+        raise FrameTooLarge(f"the body's zstd frame declares {declared} bytes, above the limit of {max_body_bytes}")
+    if declared != body_size:
+        raise BodyLayoutError(f"the body's zstd frame declares {declared} bytes but the header says {body_size}")
+    try:
+        # With the content size declared, zstandard allocates exactly that and fails if the data would
+        # decompress to more.
+        body = zstandard.ZstdDecompressor().decompress(compressed, read_across_frames=False, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        if "too small" in str(exc):
+            raise FrameTooLarge(
+                f"the body decompresses to more than the {body_size} bytes it declares (a zstd bomb?); "
+                "refused without allocating more"
+            ) from None
+        raise CorruptBody(f"the zstd body is corrupt: {exc}") from None
+    if len(body) != body_size:
+        raise BodyLayoutError(f"the body decompresses to {len(body)} bytes, the header declares {body_size}")
+    return body
+
+
+def decode_frame(
+    data: Buffer,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    expected_manifest: Sequence[ManifestEntry] | None = None,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> DecodedFrame:
+    """Validate and decode a frame. Raises only :class:`~fedmqtt.codecs.errors.FrameError` subclasses.
+
+    ``max_body_bytes`` bounds both the decompressed body and the decoded float32 tensors.
+    ``expected_manifest`` (names, shapes, dtypes in order) is checked before the body is touched.
+    """
+    view = memoryview(data).cast("B")
+    header_len, body_len = _read_prefix(view, max_header_bytes)
+    header, _ = _parse_header(view[PREFIX_SIZE : PREFIX_SIZE + header_len])
+    available = len(view) - PREFIX_SIZE - header_len
+    if available < body_len:
+        raise TruncatedFrame(
+            f"frame body is {available} bytes but the prefix declares {body_len}; the message was cut short"
+        )
+    if available > body_len:
+        raise TrailingBytes(
+            f"{available - body_len} unexpected bytes after the end of the frame (were two payloads joined?)"
+        )
+    if expected_manifest is not None:
+        _check_manifest(header, expected_manifest)
+    numels = _check_layout(header, max_body_bytes)
+
+    body = _decompress(view[PREFIX_SIZE + header_len :], header.body_size, max_body_bytes)
+    checksum = body_checksum(body)
+    if checksum != header.body_blake2b:
+        raise ChecksumMismatch(
+            f"body checksum {checksum} differs from the header's {header.body_blake2b}: "
+            "the frame was corrupted or altered"
+        )
+    raw = np.frombuffer(body, dtype=np.uint8)
+    arrays: ModelArrays = {}
+    for spec, numel in zip(header.tensors, numels, strict=True):
+        arrays[spec.name] = decode_tensor(spec, raw[spec.offset : spec.offset + spec.nbytes], numel)
+    return DecodedFrame(header=header, arrays=arrays)
+
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_HEADER_BYTES",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "DecodedFrame",
+    "decode_frame",
+    "encode_frame",
+    "model_hash",
+    "peek_header",
+]
