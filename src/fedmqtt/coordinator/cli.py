@@ -28,7 +28,11 @@ def add_connection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", help="broker URL, e.g. mqtt://127.0.0.1:1883 or mqtts://user:pass@host:8883")
     p.add_argument("--job", help="job id (one topic level)")
     p.add_argument("--prefix", help="topic prefix (default fedmqtt)")
-    p.add_argument("--mqtt-version", choices=["5", "3.1.1"], help="MQTT protocol (the embedded broker needs 3.1.1)")
+    p.add_argument(
+        "--mqtt-version",
+        choices=["5", "3.1.1", "auto"],
+        help="MQTT protocol (default auto: 5, falling back to 3.1.1 as the embedded broker needs)",
+    )
     p.add_argument("--username")
     p.add_argument("--password")
     p.add_argument("--tls-ca", type=Path, help="CA certificate file for mqtts://")

@@ -28,7 +28,7 @@ class CoordinatorConfig(BaseModel):
     broker: str = "mqtt://127.0.0.1:1883"
     job: Annotated[str, Field(pattern=ID_PATTERN)]
     prefix: str = DEFAULT_PREFIX
-    mqtt_version: Literal["5", "3.1.1"] = "5"
+    mqtt_version: Literal["5", "3.1.1", "auto"] = "auto"
     username: str | None = None
     password: str | None = None
     tls_ca: Path | None = None

@@ -177,11 +177,12 @@ class CoordinatorService:
         if c.username is not None:
             url = url.with_credentials(c.username, c.password)
         return ClientSettings(
-            url=url,
+            url=url.to_url(include_password=True),
             client_id=c.client_id or f"fedmqtt-coordinator-{c.job}",
             protocol=c.mqtt_version,
             clean_start=False,
             tls_ca=str(c.tls_ca) if c.tls_ca else None,
+            max_message_bytes=int(c.max_update_mb * 1e6),
         )
 
     # ------------------------------------------------------------------------------------ run
@@ -280,12 +281,12 @@ class CoordinatorService:
             self._refuse(device, None, RefusalReason.MALFORMED, str(exc))
             return
         screening = self.machine.screen_update(device, header)
-        if screening is M.Screening.REDELIVERY:
+        if screening.redelivery:
             log.debug("ignored QoS 1 redelivery from %s", device)
             return
-        if screening is not M.Screening.ACCEPTABLE:
-            reason, detail = screening  # type: ignore[misc]
-            self._refuse(device, header.round, reason, detail)
+        if screening.refused:
+            assert screening.reason is not None
+            self._refuse(device, header.round, screening.reason, screening.detail)
             return
         try:
             frame = decode_frame(

@@ -23,7 +23,7 @@ from fedmqtt.checkpoint import load_state, save_state, write_atomic
 from fedmqtt.codecs import ErrorFeedback, decode_frame, encode_frame, model_hash
 from fedmqtt.codecs import errors as codec_errors
 from fedmqtt.errors import FedmqttError
-from fedmqtt.mqtt import ClientSettings, MqttConnection, MqttError, parse_broker_url
+from fedmqtt.mqtt import ClientSettings, MqttConnection, MqttError, PublishRefused, Will, parse_broker_url
 from fedmqtt.schema import (
     DeviceState,
     DeviceStatus,
@@ -51,7 +51,7 @@ class DeviceOptions:
     broker: str
     job: str
     prefix: str = "fedmqtt"
-    mqtt_version: str = "5"
+    mqtt_version: str = "auto"
     username: str | None = None
     password: str | None = None
     tls_ca: str | None = None
@@ -97,13 +97,13 @@ class VirtualDevice:
             url = url.with_credentials(opts.username, opts.password)
         offline = DeviceStatus(device=self.device_id, state="offline")
         settings = ClientSettings(
-            url=url,
+            url=url.to_url(include_password=True),
             client_id=f"fedmqtt-{opts.job}-{self.device_id}",
             protocol=opts.mqtt_version,
             clean_start=False,
             session_expiry=opts.session_expiry,
             tls_ca=opts.tls_ca,
-            will=(topics.device_status(self.device_id), to_json(offline), 1, True),
+            will=Will(topics.device_status(self.device_id), to_json(offline), qos=1, retain=True),
         )
         self.conn = MqttConnection(
             settings,
@@ -396,6 +396,8 @@ class DeviceRuntime:
             try:
                 device.conn.publish(self.topics.update(device.device_id), frame, qos=1, timeout=30.0)
                 return
+            except PublishRefused:
+                raise  # the broker's ACL said no: retrying cannot help
             except MqttError as exc:
                 if self.clock() > plan.deadline or self._stop.is_set():
                     raise

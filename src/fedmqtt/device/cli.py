@@ -105,7 +105,7 @@ def run_device(args: argparse.Namespace) -> int:
         broker=args.broker,
         job=args.job,
         prefix=args.prefix or DEFAULT_PREFIX,
-        mqtt_version=args.mqtt_version or "5",
+        mqtt_version=args.mqtt_version or "auto",
         username=args.username,
         password=args.password,
         tls_ca=str(args.tls_ca) if args.tls_ca else None,
