@@ -27,7 +27,7 @@ class IllegalEvent(CoordinatorError):
         self.detail = detail
 
 
-class CheckpointError(CoordinatorError):
+class StateDictError(CoordinatorError):
     """A saved machine or strategy state cannot be loaded (corrupt, another job, or another model)."""
 
     def __init__(self, what: str, detail: str) -> None:

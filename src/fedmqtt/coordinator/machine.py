@@ -1,0 +1,900 @@
+"""The coordinator's round state machine: events in, actions out, no I/O, no clock.
+
+Like h11's ``_state.py``, the machine knows nothing about sockets or MQTT. The adapter
+(``coordinator/service.py``) turns network messages and timer ticks into method calls and carries out the
+:class:`Action` values they return (publish a plan, aggregate, publish events and the status snapshot).
+Time is always an argument (``now``: seconds, normally ``time.time()``), so every behaviour is replayable
+in tests and after a restart.
+
+Lifecycle (one job)::
+
+    NEW --start--> WAITING --online >= min_devices--> TRAINING --quorum, deadline, nobody left--> AGGREGATING
+                    ^   ^                              |  |  ^                                         |
+                    |   +--- failed; too few online ---+  |  +-- failed; retry (attempt + 1)           |
+                    |                                     +----- failed max_attempts times --> STOPPED |
+                    +------------------- next round; too few online <------ aggregation_done ----------+
+                                         next round; enough online: TRAINING;  after the last: FINISHED
+    NEW, WAITING, TRAINING, AGGREGATING --stop(reason)--> STOPPED
+
+Which events each phase allows, and which phases each may lead to, is the single table
+:data:`TRANSITIONS`; anything else raises :class:`~fedmqtt.coordinator.errors.IllegalEvent` and leaves
+the state untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedmqtt.coordinator.errors import IllegalEvent, StateDictError
+from fedmqtt.errors import ConfigError
+from fedmqtt.schema import ID_PATTERN, FrameHeader, FrameKind, Phase, RefusalReason, Status
+
+_ID_RE = re.compile(ID_PATTERN)
+STATE_VERSION: Literal[1] = 1
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------
+
+
+def _require_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(name, f"must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """How the coordinator runs rounds. Validated on construction (raises :class:`ConfigError`).
+
+    - ``rounds``: how many rounds the job runs (rounds are numbered from 1).
+    - ``min_updates``: the quorum K; a round closes as soon as K updates are accepted (or every
+      selected device answered, when fewer than K were selected).
+    - ``round_timeout``: seconds from opening a round to its deadline.
+    - ``min_devices``: devices that must be online before a round opens (default ``min_updates``).
+    - ``devices_per_round``: fixed-size selection, uniformly without replacement among online devices
+      (``None`` = every online device). Must be >= ``min_updates``.
+    - ``sample_rate``: Poisson selection instead (each online device independently with probability q),
+      as differential-privacy accounting assumes. Excludes ``devices_per_round``.
+    - ``min_updates_at_deadline``: fewest updates a round may close with at its deadline (default 1).
+    - ``max_attempts``: how many times one round may be opened; after that many failures the job stops.
+    - ``seed``: seeds the selection RNG (numpy PCG64).
+    """
+
+    job: str
+    rounds: int
+    min_updates: int
+    round_timeout: float
+    min_devices: int | None = None
+    devices_per_round: int | None = None
+    min_updates_at_deadline: int = 1
+    max_attempts: int = 3
+    seed: int = 0
+    sample_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.job, str) or not _ID_RE.match(self.job):
+            raise ConfigError("job", f"{self.job!r} is not a valid job id: use 1-64 characters from A-Z a-z 0-9 _ . -")
+        _require_int("rounds", self.rounds, 1)
+        _require_int("min_updates", self.min_updates, 1)
+        timeout = self.round_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout):
+            raise ConfigError("round_timeout", f"must be a finite number of seconds, got {timeout!r}")
+        if timeout <= 0:
+            raise ConfigError("round_timeout", f"must be > 0 seconds, got {timeout}")
+        if self.min_devices is None:
+            object.__setattr__(self, "min_devices", self.min_updates)
+        _require_int("min_devices", self.min_devices, 1)
+        if self.devices_per_round is not None:
+            _require_int("devices_per_round", self.devices_per_round, 1)
+            if self.devices_per_round < self.min_updates:
+                raise ConfigError(
+                    "devices_per_round",
+                    f"{self.devices_per_round} selected devices can never reach the quorum "
+                    f"min_updates={self.min_updates}; raise devices_per_round or lower min_updates",
+                )
+        _require_int("min_updates_at_deadline", self.min_updates_at_deadline, 1)
+        if self.min_updates_at_deadline > self.min_updates:
+            raise ConfigError(
+                "min_updates_at_deadline",
+                f"{self.min_updates_at_deadline} is above the quorum min_updates={self.min_updates}",
+            )
+        _require_int("max_attempts", self.max_attempts, 1)
+        _require_int("seed", self.seed, 0)
+        if self.sample_rate is not None:
+            q = self.sample_rate
+            if isinstance(q, bool) or not isinstance(q, int | float) or not (0.0 < q <= 1.0):
+                raise ConfigError("sample_rate", f"must be a probability in (0, 1], got {q!r}")
+            if self.devices_per_round is not None:
+                raise ConfigError(
+                    "sample_rate",
+                    "Poisson sampling (sample_rate) and fixed-size selection (devices_per_round) "
+                    "exclude each other; set only one",
+                )
+
+    @property
+    def devices_needed(self) -> int:
+        """``min_devices`` after defaulting (always an int)."""
+        assert self.min_devices is not None  # set in __post_init__
+        return self.min_devices
+
+
+# ---------------------------------------------------------------------------------------------------
+# Actions: what the adapter must do
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenRound:
+    """Publish the plan of a new round (or of a new attempt at the same round)."""
+
+    round: int
+    attempt: int  # 0 = first try, 1 = first retry, ...
+    selected: tuple[str, ...]
+    deadline: float
+    opened_at: float
+
+
+@dataclass(frozen=True)
+class UpdateAccepted:
+    """Keep this device's update for the open round (the adapter folds it into the strategy)."""
+
+    device: str
+    round: int
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class UpdateRefused:
+    device: str
+    round: int | None
+    reason: RefusalReason
+    detail: str
+
+
+@dataclass(frozen=True)
+class CloseRound:
+    """The round is closed: aggregate the accepted updates, publish the model, then ``aggregation_done``.
+
+    ``closed_by="quorum"``: enough updates arrived. ``"deadline"``: the round closed below quorum, either
+    at its deadline or earlier because no selected device that has not answered is still online.
+    """
+
+    round: int
+    attempt: int
+    participants: tuple[str, ...]  # in order of acceptance
+    closed_by: Literal["quorum", "deadline"]
+    opened_at: float
+    closed_at: float
+    num_samples: int
+    refused: Mapping[RefusalReason, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundFailed:
+    """The round attempt ended without an aggregate: drop whatever was buffered for it.
+
+    ``skipped=False``: the same round is retried with a new selection (a later ``OpenRound`` with
+    ``attempt + 1``, possibly after waiting for devices) or, after ``max_attempts``, the job stops (a ``JobStopped`` follows).
+    ``skipped=True``: a Poisson draw selected nobody; the round counts as run (the global model stays,
+    the accountant has stepped on its ``OpenRound``) and the next round number follows.
+    """
+
+    round: int
+    attempt: int
+    reason: str
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    reason: str
+
+
+@dataclass(frozen=True)
+class JobStopped:
+    reason: str
+
+
+@dataclass(frozen=True)
+class DeviceOnline:
+    device: str
+
+
+@dataclass(frozen=True)
+class DeviceOffline:
+    device: str
+
+
+@dataclass(frozen=True)
+class StatusChanged:
+    """Something in ``snapshot()`` changed: publish the retained status message."""
+
+
+Action = (
+    OpenRound
+    | UpdateAccepted
+    | UpdateRefused
+    | CloseRound
+    | RoundFailed
+    | JobFinished
+    | JobStopped
+    | DeviceOnline
+    | DeviceOffline
+    | StatusChanged
+)
+
+# ---------------------------------------------------------------------------------------------------
+# Screening of incoming updates
+# ---------------------------------------------------------------------------------------------------
+
+
+class Verdict(StrEnum):
+    ACCEPTABLE = "acceptable"
+    REDELIVERY = "redelivery"  # an MQTT QoS 1 re-delivery of an accepted update: ignore silently
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class Screening:
+    """The answer of :meth:`RoundMachine.screen_update`.
+
+    ``Screening.ACCEPTABLE`` and ``Screening.REDELIVERY`` are singletons (compare with ``is``); a refusal
+    unpacks as ``reason, detail = screening``.
+    """
+
+    ACCEPTABLE: ClassVar[Screening]
+    REDELIVERY: ClassVar[Screening]
+
+    verdict: Verdict
+    reason: RefusalReason | None = None
+    detail: str = ""
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.reason, self.detail))
+
+    @property
+    def acceptable(self) -> bool:
+        return self.verdict is Verdict.ACCEPTABLE
+
+    @property
+    def redelivery(self) -> bool:
+        return self.verdict is Verdict.REDELIVERY
+
+    @property
+    def refused(self) -> bool:
+        return self.verdict is Verdict.REFUSED
+
+    @classmethod
+    def refusal(cls, reason: RefusalReason, detail: str) -> Screening:
+        return cls(Verdict.REFUSED, reason, detail)
+
+
+ACCEPTABLE = Screening.ACCEPTABLE = Screening(Verdict.ACCEPTABLE)
+REDELIVERY = Screening.REDELIVERY = Screening(Verdict.REDELIVERY)
+
+# ---------------------------------------------------------------------------------------------------
+# The transition table
+# ---------------------------------------------------------------------------------------------------
+
+
+class Stage(StrEnum):
+    """The machine's phase; ``NEW`` (before ``start``) is reported as ``Phase.WAITING``."""
+
+    NEW = "new"
+    WAITING = Phase.WAITING.value
+    TRAINING = Phase.TRAINING.value
+    AGGREGATING = Phase.AGGREGATING.value
+    FINISHED = Phase.FINISHED.value
+    STOPPED = Phase.STOPPED.value
+
+
+class EventName(StrEnum):
+    START = "start"
+    DEVICE_STATUS = "device_status"
+    ACCEPT_UPDATE = "accept_update"
+    REFUSE_UPDATE = "refuse_update"
+    TICK = "tick"
+    AGGREGATION_DONE = "aggregation_done"
+    STOP = "stop"
+
+
+_S = Stage
+_E = EventName
+# Opening a round can chain through empty Poisson draws to the end of the job, and a failure can end in
+# a retry (TRAINING), a wait for devices (WAITING) or a stop; hence these result sets.
+_OPEN_RESULTS = frozenset({_S.WAITING, _S.TRAINING, _S.FINISHED})
+_ROUND_RESULTS = frozenset({_S.TRAINING, _S.AGGREGATING, _S.WAITING, _S.STOPPED, _S.FINISHED})
+_QUIET = frozenset({_E.DEVICE_STATUS, _E.TICK, _E.REFUSE_UPDATE})
+
+#: (phase, event) -> the phases the event may leave the machine in. Missing pairs are illegal.
+TRANSITIONS: dict[tuple[Stage, EventName], frozenset[Stage]] = {
+    (_S.NEW, _E.START): _OPEN_RESULTS,
+    (_S.NEW, _E.DEVICE_STATUS): frozenset({_S.NEW}),  # retained statuses arrive before start
+    (_S.NEW, _E.REFUSE_UPDATE): frozenset({_S.NEW}),
+    (_S.NEW, _E.STOP): frozenset({_S.STOPPED}),
+    (_S.WAITING, _E.DEVICE_STATUS): _OPEN_RESULTS,
+    (_S.WAITING, _E.TICK): _OPEN_RESULTS,
+    (_S.WAITING, _E.REFUSE_UPDATE): frozenset({_S.WAITING}),
+    (_S.WAITING, _E.STOP): frozenset({_S.STOPPED}),
+    (_S.TRAINING, _E.DEVICE_STATUS): _ROUND_RESULTS,  # last selected device offline: close or fail
+    (_S.TRAINING, _E.TICK): _ROUND_RESULTS,  # deadline: close or fail
+    (_S.TRAINING, _E.ACCEPT_UPDATE): _ROUND_RESULTS,  # quorum, or nobody left to answer
+    (_S.TRAINING, _E.REFUSE_UPDATE): frozenset({_S.TRAINING}),
+    (_S.TRAINING, _E.STOP): frozenset({_S.STOPPED}),
+    (_S.AGGREGATING, _E.AGGREGATION_DONE): _OPEN_RESULTS,
+    (_S.AGGREGATING, _E.STOP): frozenset({_S.STOPPED}),
+    **{(_S.AGGREGATING, e): frozenset({_S.AGGREGATING}) for e in _QUIET},
+    **{(_S.FINISHED, e): frozenset({_S.FINISHED}) for e in _QUIET},
+    **{(_S.STOPPED, e): frozenset({_S.STOPPED}) for e in _QUIET},
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint format (validated with pydantic on load)
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Accepted(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    body_blake2b: str
+    num_samples: int = Field(ge=0)
+
+
+class _SavedState(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    version: Literal[1]
+    job: str
+    stage: Stage
+    round: int = Field(ge=0)
+    attempts_opened: int = Field(ge=0)
+    online: list[str]
+    selected: list[str]
+    opened_at: float | None
+    deadline: float | None
+    accepted: dict[str, _Accepted]  # insertion order = order of acceptance
+    refused_round: dict[RefusalReason, int]
+    refused_total: dict[RefusalReason, int]
+    end_reason: str | None
+    rng: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The machine
+# ---------------------------------------------------------------------------------------------------
+
+DeviceStateName = Literal["online", "training", "offline"]
+_DEVICE_STATES = ("online", "training", "offline")
+
+
+@dataclass
+class _Accept:
+    body_blake2b: str
+    num_samples: int
+
+
+class RoundMachine:
+    """Runs the rounds of one job. Every public event method returns the actions to carry out, in order.
+
+    The adapter should call :meth:`tick` periodically (e.g. every second): rounds open on ``tick`` or
+    ``device_status`` once enough devices are online, and deadlines are enforced only by ``tick``.
+    """
+
+    def __init__(self, config: RoundConfig) -> None:
+        self.config = config
+        self._stage = Stage.NEW
+        self._round = 0
+        self._attempts = 0  # attempts opened for the current round; the attempt index is this - 1
+        self._online: set[str] = set()
+        self._selected: tuple[str, ...] = ()
+        self._selected_set: frozenset[str] = frozenset()
+        # Selected devices that are online and have not answered: who the round still waits for.
+        # Derived from selection, online set and accepted set; kept up to date so events stay O(1).
+        self._awaiting: set[str] = set()
+        self._opened_at: float | None = None
+        self._deadline: float | None = None
+        self._accepted: dict[str, _Accept] = {}
+        self._refused_round: Counter[RefusalReason] = Counter()
+        self._refused_total: Counter[RefusalReason] = Counter()
+        self._end_reason: str | None = None
+        self._rng = np.random.Generator(np.random.PCG64(config.seed))
+
+    # -- read-only views -------------------------------------------------------------------------
+
+    @property
+    def stage(self) -> Stage:
+        return self._stage
+
+    @property
+    def phase(self) -> Phase:
+        return Phase.WAITING if self._stage is Stage.NEW else Phase(self._stage.value)
+
+    @property
+    def round(self) -> int:
+        """The round being run (0 before ``start``); in WAITING, the round that opens next."""
+        return self._round
+
+    @property
+    def attempt(self) -> int:
+        """Index of the current (or last) attempt at this round: 0 = first try, 1 = first retry, ..."""
+        return max(self._attempts - 1, 0)
+
+    @property
+    def attempts_opened(self) -> int:
+        """How many times the current round has been opened (0 = not yet)."""
+        return self._attempts
+
+    @property
+    def online(self) -> frozenset[str]:
+        return frozenset(self._online)
+
+    @property
+    def selected(self) -> tuple[str, ...]:
+        return self._selected
+
+    @property
+    def deadline(self) -> float | None:
+        return self._deadline
+
+    @property
+    def accepted(self) -> dict[str, int]:
+        """Devices accepted in the current round -> their ``num_samples`` (in order of acceptance)."""
+        return {d: a.num_samples for d, a in self._accepted.items()}
+
+    @property
+    def needed(self) -> int:
+        """Updates that close the open round by quorum: ``min_updates``, or fewer if fewer were selected."""
+        if self._stage in (Stage.TRAINING, Stage.AGGREGATING):
+            return min(self.config.min_updates, len(self._selected))
+        return self.config.min_updates
+
+    @property
+    def refused_total(self) -> dict[RefusalReason, int]:
+        return dict(self._refused_total)
+
+    @property
+    def refused_this_round(self) -> dict[RefusalReason, int]:
+        return dict(self._refused_round)
+
+    @property
+    def done(self) -> bool:
+        return self._stage in (Stage.FINISHED, Stage.STOPPED)
+
+    @property
+    def end_reason(self) -> str | None:
+        return self._end_reason
+
+    def snapshot(self, now: float) -> Status:
+        """The retained status message (without privacy and metrics: the adapter adds those)."""
+        in_round = self._stage in (Stage.TRAINING, Stage.AGGREGATING)
+        return Status(
+            job=self.config.job,
+            round=self._round,
+            rounds_total=self.config.rounds,
+            attempt=self.attempt,
+            phase=self.phase,
+            received=len(self._accepted) if in_round else 0,
+            needed=self.needed,
+            deadline=self._deadline if self._stage is Stage.TRAINING else None,
+            devices_online=len(self._online),
+            selected=self._selected if in_round else (),
+            refused_total=sum(self._refused_total.values()),
+            updated_at=now,
+        )
+
+    def _status_key(self) -> tuple[object, ...]:
+        """What ``snapshot`` shows, cheaply (no message validation): compared before/after each event."""
+        in_round = self._stage in (Stage.TRAINING, Stage.AGGREGATING)
+        return (
+            self._round,
+            self._attempts,
+            self._stage,
+            len(self._accepted) if in_round else 0,
+            self.needed,
+            self._deadline,
+            len(self._online),
+            self._selected if in_round else (),
+            sum(self._refused_total.values()),
+        )
+
+    # -- screening (a pure query) ----------------------------------------------------------------
+
+    def screen_update(self, device: str, header: FrameHeader) -> Screening:
+        """Decide what to do with an update frame that arrived on ``device``'s update topic.
+
+        No state changes. Refusals here are reported with :meth:`refuse_update` by the adapter.
+        """
+        r = self._round
+        if header.kind is not FrameKind.UPDATE:
+            return Screening.refusal(
+                RefusalReason.WRONG_KIND, f"a {header.kind.value} frame on an update topic; expected update"
+            )
+        if header.job != self.config.job:
+            return Screening.refusal(
+                RefusalReason.WRONG_JOB, f"frame is for job {header.job!r}, this is job {self.config.job!r}"
+            )
+        if header.sender != device:
+            return Screening.refusal(
+                RefusalReason.SENDER_MISMATCH,
+                f"header sender {header.sender!r} arrived on the update topic of {device!r}",
+            )
+        if self._stage is Stage.NEW or r == 0:
+            return Screening.refusal(RefusalReason.NO_OPEN_ROUND, "the job has not opened a round yet")
+        if header.round < r:
+            return Screening.refusal(
+                RefusalReason.STALE_ROUND, f"update for round {header.round}, current round is {r}"
+            )
+        if header.round > r:
+            return Screening.refusal(
+                RefusalReason.FUTURE_ROUND, f"update for round {header.round}, current round is {r}"
+            )
+        previous = self._accepted.get(device)
+        if previous is not None:
+            if previous.body_blake2b == header.body_blake2b:
+                return REDELIVERY
+            return Screening.refusal(
+                RefusalReason.DUPLICATE,
+                f"{device} already has an accepted update in round {r}; the first one counts",
+            )
+        if self._stage is Stage.WAITING:
+            return Screening.refusal(
+                RefusalReason.NO_OPEN_ROUND, f"round {r} is not open (waiting for devices to retry it)"
+            )
+        if self._stage is not Stage.TRAINING:
+            return Screening.refusal(RefusalReason.STALE_ROUND, f"round {r} is already closed")
+        if device not in self._selected_set:
+            return Screening.refusal(
+                RefusalReason.NOT_SELECTED, f"{device} is not selected in round {r} (attempt {self.attempt})"
+            )
+        return ACCEPTABLE
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """Begin the job: wait for ``min_devices`` online devices, or open round 1 at once."""
+        return self._run(EventName.START, lambda actions: self._on_start(now, actions))
+
+    def device_status(self, device: str, state: str, now: float) -> list[Action]:
+        """A device's retained status changed (``training`` counts as online; ``offline`` is the last will)."""
+        if state not in _DEVICE_STATES:
+            raise IllegalEvent(
+                self._stage.value, EventName.DEVICE_STATUS, f"state {state!r} is not one of {_DEVICE_STATES}"
+            )
+        if not isinstance(device, str) or not _ID_RE.match(device):
+            raise IllegalEvent(self._stage.value, EventName.DEVICE_STATUS, f"invalid device id {device!r}")
+        return self._run(EventName.DEVICE_STATUS, lambda a: self._on_device_status(device, state, now, a))
+
+    def accept_update(self, device: str, header: FrameHeader, now: float) -> list[Action]:
+        """Record an update that :meth:`screen_update` found acceptable."""
+
+        def handle(actions: list[Action]) -> None:
+            screening = self.screen_update(device, header)
+            if not screening.acceptable:
+                detail = screening.detail or "a re-delivery of an accepted update"
+                raise IllegalEvent(self._stage.value, EventName.ACCEPT_UPDATE, f"not acceptable: {detail}")
+            self._on_accept(device, header, now, actions)
+
+        return self._run(EventName.ACCEPT_UPDATE, handle)
+
+    def refuse_update(
+        self, device: str, round: int | None, reason: RefusalReason, detail: str, now: float
+    ) -> list[Action]:
+        """Count a refused update (found by ``screen_update`` or by the adapter's decoding and checks)."""
+        try:
+            reason = RefusalReason(reason)
+        except ValueError:
+            raise IllegalEvent(
+                self._stage.value, EventName.REFUSE_UPDATE, f"{reason!r} is not a RefusalReason"
+            ) from None
+
+        def handle(actions: list[Action]) -> None:
+            if self._stage is Stage.TRAINING:
+                self._refused_round[reason] += 1
+            self._refused_total[reason] += 1
+            actions.append(UpdateRefused(device, round, reason, detail))
+
+        return self._run(EventName.REFUSE_UPDATE, handle)
+
+    def tick(self, now: float) -> list[Action]:
+        """Let time pass: open a waiting round, or end an open round at its deadline."""
+        return self._run(EventName.TICK, lambda actions: self._on_tick(now, actions))
+
+    def aggregation_done(self, round: int, now: float) -> list[Action]:
+        """The adapter aggregated round ``round`` and published the new model."""
+        if round != self._round:
+            raise IllegalEvent(
+                self._stage.value,
+                EventName.AGGREGATION_DONE,
+                f"round {round} finished aggregating, but round {self._round} is the one closed",
+            )
+        return self._run(EventName.AGGREGATION_DONE, lambda actions: self._next_round(now, actions))
+
+    def stop(self, reason: str, now: float) -> list[Action]:
+        """End the job from outside (e.g. the privacy budget is spent)."""
+        return self._run(EventName.STOP, lambda actions: self._stop(reason, actions))
+
+    # -- the one place that enforces the table -----------------------------------------------------
+
+    def _run(self, event: EventName, handler: Callable[[list[Action]], None]) -> list[Action]:
+        allowed = TRANSITIONS.get((self._stage, event))
+        if allowed is None:
+            raise IllegalEvent(self._stage.value, event.value)
+        before = self._status_key()
+        actions: list[Action] = []
+        handler(actions)
+        # The table is the specification; a handler that leaves it is a bug in this module.
+        assert self._stage in allowed, f"{event} led to {self._stage}, table allows {sorted(allowed)}"
+        if self._status_key() != before:
+            actions.append(StatusChanged())
+        return actions
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    def _on_start(self, now: float, actions: list[Action]) -> None:
+        self._stage = Stage.WAITING
+        self._round = 1
+        self._attempts = 0
+        self._open_or_wait(now, actions)
+
+    def _on_device_status(self, device: str, state: str, now: float, actions: list[Action]) -> None:
+        if state == "offline":
+            if device in self._online:
+                self._online.discard(device)
+                actions.append(DeviceOffline(device))
+                if device in self._awaiting:
+                    self._awaiting.discard(device)
+                    if self._stage is Stage.TRAINING:
+                        self._check_exhausted(now, actions)
+        elif device not in self._online:
+            self._online.add(device)
+            actions.append(DeviceOnline(device))
+            if device in self._selected_set and device not in self._accepted:
+                self._awaiting.add(device)
+            if self._stage is Stage.WAITING:
+                self._open_or_wait(now, actions)
+
+    def _on_accept(self, device: str, header: FrameHeader, now: float, actions: list[Action]) -> None:
+        self._accepted[device] = _Accept(header.body_blake2b, header.num_samples)
+        self._awaiting.discard(device)
+        actions.append(UpdateAccepted(device, self._round, header.num_samples))
+        if len(self._accepted) >= self.needed:
+            self._close(now, "quorum", actions)
+        else:
+            self._check_exhausted(now, actions)
+
+    def _on_tick(self, now: float, actions: list[Action]) -> None:
+        if self._stage is Stage.WAITING:
+            self._open_or_wait(now, actions)
+        elif self._stage is Stage.TRAINING:
+            assert self._deadline is not None
+            if now >= self._deadline:
+                got = len(self._accepted)
+                if got >= self.config.min_updates_at_deadline:
+                    self._close(now, "deadline", actions)
+                else:
+                    self._fail(
+                        now,
+                        f"deadline passed with {got} update(s); at least "
+                        f"{self.config.min_updates_at_deadline} needed to close",
+                        actions,
+                    )
+
+    # -- building blocks -------------------------------------------------------------------------
+
+    def _set_selection(self, selected: tuple[str, ...]) -> None:
+        self._selected = selected
+        self._selected_set = frozenset(selected)
+        self._awaiting = {d for d in selected if d in self._online and d not in self._accepted}
+
+    def _check_exhausted(self, now: float, actions: list[Action]) -> None:
+        # A round never waits for a dead device: once nobody left can answer, decide now.
+        if self._awaiting:
+            return
+        got = len(self._accepted)
+        if got >= self.config.min_updates_at_deadline:
+            self._close(now, "deadline", actions)
+        else:
+            self._fail(
+                now,
+                f"no selected device left online to answer; {got} update(s) received, at least "
+                f"{self.config.min_updates_at_deadline} needed to close",
+                actions,
+            )
+
+    def _draw(self) -> tuple[str, ...]:
+        candidates = sorted(self._online)
+        q = self.config.sample_rate
+        if q is not None:
+            mask = self._rng.random(len(candidates)) < q
+            return tuple(d for d, keep in zip(candidates, mask, strict=True) if keep)
+        k = self.config.devices_per_round
+        if k is None or k >= len(candidates):
+            return tuple(candidates)
+        picked = self._rng.choice(len(candidates), size=k, replace=False)
+        return tuple(sorted(candidates[i] for i in picked))
+
+    def _open_or_wait(self, now: float, actions: list[Action]) -> None:
+        """In WAITING: open the next attempt of ``self._round`` if enough devices are online."""
+        while True:
+            if len(self._online) < self.config.devices_needed:
+                self._stage = Stage.WAITING
+                return
+            self._attempts += 1
+            if self._attempts == 1:
+                self._refused_round.clear()
+            self._accepted = {}
+            self._set_selection(self._draw())
+            self._opened_at = now
+            self._deadline = now + float(self.config.round_timeout)
+            self._stage = Stage.TRAINING
+            actions.append(OpenRound(self._round, self.attempt, self._selected, self._deadline, now))
+            if self._selected:
+                return
+            # Only Poisson sampling can select nobody. Re-drawing would bias the sampling that DP
+            # accounting assumes, so the draw stands: the round counts as run and is recorded as skipped.
+            actions.append(
+                RoundFailed(
+                    self._round,
+                    self.attempt,
+                    f"Poisson sampling (q={self.config.sample_rate}) selected none of "
+                    f"{len(self._online)} online devices",
+                    skipped=True,
+                )
+            )
+            if not self._advance(now, actions):
+                return
+
+    def _close(self, now: float, closed_by: Literal["quorum", "deadline"], actions: list[Action]) -> None:
+        assert self._opened_at is not None
+        self._stage = Stage.AGGREGATING
+        self._deadline = None
+        actions.append(
+            CloseRound(
+                round=self._round,
+                attempt=self.attempt,
+                participants=tuple(self._accepted),
+                closed_by=closed_by,
+                opened_at=self._opened_at,
+                closed_at=now,
+                num_samples=sum(a.num_samples for a in self._accepted.values()),
+                refused=dict(self._refused_round),
+            )
+        )
+
+    def _fail(self, now: float, reason: str, actions: list[Action]) -> None:
+        actions.append(RoundFailed(self._round, self.attempt, reason))
+        self._accepted = {}
+        self._set_selection(())
+        self._deadline = None
+        self._opened_at = None
+        if self._attempts >= self.config.max_attempts:
+            self._stop(
+                f"round {self._round} failed {self._attempts} time(s) (max_attempts={self.config.max_attempts}); "
+                f"last failure: {reason}",
+                actions,
+            )
+            return
+        self._stage = Stage.WAITING
+        self._open_or_wait(now, actions)
+
+    def _advance(self, now: float, actions: list[Action]) -> bool:
+        """Move past the current round. Returns False when the job is finished."""
+        self._accepted = {}
+        self._set_selection(())
+        self._deadline = None
+        self._opened_at = None
+        if self._round >= self.config.rounds:
+            self._stage = Stage.FINISHED
+            self._end_reason = f"completed all {self.config.rounds} rounds"
+            actions.append(JobFinished(self._end_reason))
+            return False
+        self._round += 1
+        self._attempts = 0
+        self._stage = Stage.WAITING
+        return True
+
+    def _next_round(self, now: float, actions: list[Action]) -> None:
+        if self._advance(now, actions):
+            self._open_or_wait(now, actions)
+
+    def _stop(self, reason: str, actions: list[Action]) -> None:
+        self._stage = Stage.STOPPED
+        self._deadline = None
+        self._end_reason = reason
+        actions.append(JobStopped(reason))
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume, as JSON-able values (big RNG integers are stored as strings)."""
+        rng = self._rng.bit_generator.state
+        saved = _SavedState(
+            version=STATE_VERSION,
+            job=self.config.job,
+            stage=self._stage,
+            round=self._round,
+            attempts_opened=self._attempts,
+            online=sorted(self._online),
+            selected=list(self._selected),
+            opened_at=self._opened_at,
+            deadline=self._deadline,
+            accepted={
+                d: _Accepted(body_blake2b=a.body_blake2b, num_samples=a.num_samples) for d, a in self._accepted.items()
+            },
+            refused_round=dict(self._refused_round),
+            refused_total=dict(self._refused_total),
+            end_reason=self._end_reason,
+            rng={
+                "bit_generator": rng["bit_generator"],
+                "state": str(rng["state"]["state"]),
+                "inc": str(rng["state"]["inc"]),
+                "has_uint32": int(rng["has_uint32"]),
+                "uinteger": int(rng["uinteger"]),
+            },
+        )
+        return saved.model_dump(mode="json")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace this machine's state with a saved one; raises :class:`StateDictError`, changing nothing."""
+        try:
+            saved = _SavedState.model_validate(dict(state))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "state"
+            raise StateDictError("round machine", f"{where}: {first['msg']}") from None
+        if saved.job != self.config.job:
+            raise StateDictError(
+                "round machine", f"the checkpoint is of job {saved.job!r}, this machine runs {self.config.job!r}"
+            )
+        if saved.round > self.config.rounds:
+            raise StateDictError(
+                "round machine",
+                f"the checkpoint is at round {saved.round}, beyond rounds={self.config.rounds}; "
+                "raise rounds to continue this job",
+            )
+        stray = [d for d in saved.accepted if d not in saved.selected]
+        if stray:
+            raise StateDictError("round machine", f"accepted devices {stray} are not in the selection")
+        in_round = saved.stage in (Stage.TRAINING, Stage.AGGREGATING)
+        if saved.stage is Stage.TRAINING and (saved.deadline is None or saved.opened_at is None):
+            raise StateDictError("round machine", "an open round needs opened_at and deadline")
+        if in_round and saved.attempts_opened < 1:
+            raise StateDictError("round machine", "a round in progress needs attempts_opened >= 1")
+        rng = np.random.Generator(np.random.PCG64())
+        try:
+            rng.bit_generator.state = {
+                "bit_generator": saved.rng["bit_generator"],
+                "state": {"state": int(saved.rng["state"]), "inc": int(saved.rng["inc"])},
+                "has_uint32": int(saved.rng["has_uint32"]),
+                "uinteger": int(saved.rng["uinteger"]),
+            }
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateDictError("round machine", f"rng: {exc}") from None
+        self._stage = saved.stage
+        self._round = saved.round
+        self._attempts = saved.attempts_opened
+        self._online = set(saved.online)
+        self._opened_at = saved.opened_at
+        self._deadline = saved.deadline
+        self._accepted = {d: _Accept(a.body_blake2b, a.num_samples) for d, a in saved.accepted.items()}
+        self._set_selection(tuple(saved.selected))
+        self._refused_round = Counter(saved.refused_round)
+        self._refused_total = Counter(saved.refused_total)
+        self._end_reason = saved.end_reason
+        self._rng = rng
+
+    @classmethod
+    def from_state_dict(cls, config: RoundConfig, state: Mapping[str, Any]) -> RoundMachine:
+        machine = cls(config)
+        machine.load_state_dict(state)
+        return machine
