@@ -411,6 +411,11 @@ class CoordinatorService:
         self._event(EventType.ROUND_FAILED, round=a.round, attempt=a.attempt, detail=a.reason)
         self.strategy.begin_round(self.global_arrays)
         self._clear_spool()
+        if a.skipped and self.accountant is not None:
+            # An empty Poisson draw still counts as a round of the sampled mechanism: charge it at the planned
+            # noise (conservative), so the ledger matches the sampling the accountant assumes.
+            self.accountant.step()
+            self._publish_privacy()
 
     def _on_JobFinished(self, a: Any) -> None:
         self._event(EventType.JOB_FINISHED, detail=a.reason)
