@@ -1,0 +1,132 @@
+"""Mosquitto accounts and the ACL file, generated from the topic map (:mod:`fedmqtt.topics`).
+
+Accounts live in a Mosquitto password file made with the ``mosquitto_passwd`` binary (hashed; fedmqtt stores no
+password in clear). A device's username is its device id, so the ACL's ``pattern`` lines (``%u``) give every
+device exactly its own update and status topics. The coordinator and the watcher are named accounts.
+
+Mosquitto applies ``pattern`` lines to *every* account, so the watcher would also get write access to
+``PREFIX/+/updates/watcher``; the ACL denies those topics to it explicitly, and device ids equal to an account
+name are refused.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Literal
+
+from fedmqtt.broker.errors import AccountError, MissingTool
+from fedmqtt.errors import InvalidIdentifier
+from fedmqtt.topics import AclRule, coordinator_acl, device_acl, validate_id, validate_prefix, watcher_acl
+
+COORDINATOR_USER = "coordinator"
+WATCHER_USER = "watcher"
+RESERVED_USERNAMES = frozenset({COORDINATOR_USER, WATCHER_USER})
+
+AccountKind = Literal["device", "coordinator", "watcher"]
+
+_INSTALL_HINT = (
+    "install Mosquitto (Debian/Ubuntu: apt install mosquitto mosquitto-clients; macOS: brew install mosquitto)"
+)
+
+
+def _acl_line(keyword: str, rule: AclRule) -> str:
+    if rule.access not in ("read", "write", "readwrite"):
+        raise AccountError(f"unknown ACL access {rule.access!r} in the topic map")
+    return f"{keyword} {rule.access} {rule.pattern}"
+
+
+def render_acl(prefix: str, *, coordinator_user: str = COORDINATOR_USER, watcher_user: str = WATCHER_USER) -> str:
+    """The Mosquitto ACL file text for one topic prefix (pure)."""
+    validate_prefix(prefix)
+    lines = [
+        "# fedmqtt ACL, generated from fedmqtt.topics; regenerated when the broker starts (do not edit).",
+        f"# Topic prefix: {prefix}",
+        "",
+        "# Devices: username == device id. Each writes only its own update and status topics.",
+    ]
+    lines += [_acl_line("pattern", rule) for rule in device_acl(prefix)]
+    lines += ["", "# The coordinator reads and writes everything under the prefix.", f"user {coordinator_user}"]
+    lines += [_acl_line("topic", rule) for rule in coordinator_acl(prefix)]
+    lines += ["", "# A read-only watcher (fedmqtt watch).", f"user {watcher_user}"]
+    lines += [_acl_line("topic", rule) for rule in watcher_acl(prefix)]
+    lines.append("# The device patterns above apply to this account too: take their write access back.")
+    for rule in device_acl(prefix):
+        if rule.access in ("write", "readwrite"):
+            lines.append(f"topic deny {rule.pattern.replace('%u', watcher_user)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (Mosquitto 2 warns about, and later refuses, readable secrets)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)
+
+
+def generate_password() -> str:
+    return secrets.token_urlsafe(18)
+
+
+def mosquitto_passwd_binary() -> str:
+    found = shutil.which("mosquitto_passwd")
+    if found is None:
+        raise MissingTool("mosquitto_passwd", f"it creates broker accounts; {_INSTALL_HINT}")
+    return found
+
+
+def username_for(kind: AccountKind, device_id: str | None = None) -> str:
+    if kind == "coordinator":
+        return COORDINATOR_USER
+    if kind == "watcher":
+        return WATCHER_USER
+    if device_id is None:
+        raise AccountError("a device account needs a device id")
+    try:
+        validate_id("device id", device_id)
+    except InvalidIdentifier as exc:
+        raise AccountError(str(exc)) from exc
+    if device_id in RESERVED_USERNAMES:
+        raise AccountError(
+            f"{device_id!r} is the name of the {device_id} account and cannot be a device id; choose another"
+        )
+    return device_id
+
+
+def add_account(password_file: Path, username: str, password: str | None = None) -> str:
+    """Create or update ``username`` in the Mosquitto password file; return the password (generated if None)."""
+    if password is None:
+        password = generate_password()
+    if not password or any(ch in password for ch in "\r\n\x00"):
+        raise AccountError("a password must be non-empty and must not contain line breaks or NUL characters")
+    binary = mosquitto_passwd_binary()
+    password_file.parent.mkdir(parents=True, exist_ok=True)
+    create = [] if password_file.exists() and password_file.stat().st_size > 0 else ["-c"]
+    result = subprocess.run(
+        [binary, *create, "-b", str(password_file), username, password],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip()
+        raise AccountError(f"mosquitto_passwd could not add {username!r} to {password_file}: {detail}")
+    os.chmod(password_file, 0o600)
+    return password
+
+
+def list_accounts(password_file: Path) -> list[str]:
+    """The usernames in a Mosquitto password file (``user:hash`` lines)."""
+    if not password_file.exists():
+        return []
+    names = []
+    for line in password_file.read_text().splitlines():
+        if line and not line.startswith("#") and ":" in line:
+            names.append(line.split(":", 1)[0])
+    return names

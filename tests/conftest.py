@@ -1,0 +1,170 @@
+"""Shared fixtures: real brokers (Mosquitto and the embedded amqtt broker) and connected MQTT clients.
+
+* ``mosquitto_broker`` / ``embedded_broker``: one broker of each kind for the whole session, on free loopback
+  ports, anonymous access. Without the ``mosquitto`` binary the Mosquitto tests skip, unless
+  ``FEDMQTT_REQUIRE_MOSQUITTO=1`` turns that into a failure (CI sets it).
+* ``broker_url``: runs a test once per broker (ids ``mosquitto`` and ``embedded``).
+* ``topic_prefix``: a unique topic prefix per test, so tests never see each other's retained messages.
+* ``mqtt_client(url, ...)``: a connected :class:`~fedmqtt.mqtt.MqttConnection`, closed at teardown.
+* ``secure_mosquitto``: a Mosquitto with auth, ACL and TLS, and accounts for a coordinator, a watcher and the
+  devices ``d1`` and ``d2``. ``mosquitto_factory(**options)`` starts more, each in its own directory.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedmqtt.broker.embedded import EmbeddedBroker
+from fedmqtt.broker.errors import MissingTool
+from fedmqtt.broker.mosquitto import MosquittoBroker, mosquitto_binary
+from fedmqtt.mqtt import ClientSettings, MessageCallback, MqttConnection, parse_broker_url
+
+REQUIRE_MOSQUITTO_ENV = "FEDMQTT_REQUIRE_MOSQUITTO"
+
+
+def require_mosquitto() -> None:
+    """The one allowed skip: no ``mosquitto`` binary (a failure with FEDMQTT_REQUIRE_MOSQUITTO=1)."""
+    try:
+        mosquitto_binary()
+    except MissingTool as exc:
+        if os.environ.get(REQUIRE_MOSQUITTO_ENV) == "1":
+            pytest.fail(f"{exc} (and {REQUIRE_MOSQUITTO_ENV}=1 requires it)")
+        pytest.skip(f"{exc}; set {REQUIRE_MOSQUITTO_ENV}=1 to make this a failure")
+
+
+@pytest.fixture(scope="session")
+def mosquitto_installed() -> None:
+    """For tests that run the mosquitto binaries themselves."""
+    require_mosquitto()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    require_mosquitto()
+    with MosquittoBroker(tmp_path_factory.mktemp("mosquitto")) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def embedded_broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as broker:
+        yield broker
+
+
+@pytest.fixture(
+    params=[pytest.param("mosquitto", marks=pytest.mark.mosquitto), "embedded"], ids=["mosquitto", "embedded"]
+)
+def broker_url(request: pytest.FixtureRequest) -> str:
+    fixture = "mosquitto_broker" if request.param == "mosquitto" else "embedded_broker"
+    broker: MosquittoBroker | EmbeddedBroker = request.getfixturevalue(fixture)
+    return broker.url
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+def unique_client_id(label: str = "test") -> str:
+    return f"{label}-{uuid.uuid4().hex[:10]}"
+
+
+MqttClientFactory = Callable[..., MqttConnection]
+
+
+@pytest.fixture
+def mqtt_client() -> Iterator[MqttClientFactory]:
+    """``mqtt_client(url, client_id=None, subscriptions=(), on_message=None, manual_ack=False, on_connected=None,
+    connect_timeout=10, **settings)`` -> a connected MqttConnection (closed at teardown). ``settings`` are
+    :class:`ClientSettings` fields (protocol, clean_start, tls_ca, will, ...). Unlike ClientSettings, the
+    factory defaults to ``clean_start=True``, so sessions of finished tests do not pile up queued messages on
+    the shared brokers; pass ``clean_start=False`` to test persistent sessions."""
+    made: list[MqttConnection] = []
+
+    def make(
+        url: str,
+        client_id: str | None = None,
+        subscriptions: Iterable[tuple[str, int]] = (),
+        on_message: MessageCallback | None = None,
+        manual_ack: bool = False,
+        on_connected: Callable[[bool], None] | None = None,
+        connect_timeout: float = 10.0,
+        **settings: Any,
+    ) -> MqttConnection:
+        settings.setdefault("clean_start", True)
+        connection = MqttConnection(
+            ClientSettings(url=url, client_id=client_id or unique_client_id(), **settings),
+            on_message=on_message,
+            subscriptions=subscriptions,
+            manual_ack=manual_ack,
+            on_connected=on_connected,
+        )
+        made.append(connection)
+        connection.connect(timeout=connect_timeout)
+        return connection
+
+    yield make
+    for connection in made:
+        connection.close()
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., MosquittoBroker]]:
+    """``mosquitto_factory(**MosquittoBroker options)`` -> a started broker in its own directory."""
+    require_mosquitto()
+    started: list[MosquittoBroker] = []
+
+    def start(**options: Any) -> MosquittoBroker:
+        broker = MosquittoBroker(tmp_path / f"mosquitto-{len(started)}", **options)
+        started.append(broker)
+        broker.start()
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
+@dataclass
+class SecureBroker:
+    """A Mosquitto with auth + ACL + TLS and known accounts (``passwords[username]``)."""
+
+    broker: MosquittoBroker
+    passwords: dict[str, str]
+
+    @property
+    def ca_file(self) -> str:
+        return str(self.broker.ca_file)
+
+    @property
+    def prefix(self) -> str:
+        return self.broker.prefix
+
+    def url_for(self, username: str | None, password: str | None = None) -> str:
+        """The broker's mqtts:// URL logged in as ``username`` (its real password unless one is given)."""
+        base = parse_broker_url(self.broker.url)
+        if username is None:
+            return base.to_url()
+        secret = password if password is not None else self.passwords[username]
+        return base.with_credentials(username, secret).to_url(include_password=True)
+
+
+@pytest.fixture(scope="session")
+def secure_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    require_mosquitto()
+    broker = MosquittoBroker(tmp_path_factory.mktemp("secure-mosquitto"), tls=True, auth=True)
+    passwords = {
+        "coordinator": broker.add_account("coordinator"),
+        "watcher": broker.add_account("watcher"),
+        "d1": broker.add_account("device", "d1"),
+        "d2": broker.add_account("device", "d2"),
+    }
+    with broker:
+        yield SecureBroker(broker, passwords)

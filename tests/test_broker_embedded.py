@@ -1,0 +1,197 @@
+"""The embedded amqtt broker: lifecycle, packet-size limit, and the framing that enforces it."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+
+import paho.mqtt.client as paho
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fedmqtt.broker.embedded import EmbeddedBroker, PacketFramer, amqtt_config
+from fedmqtt.broker.errors import BrokerError, BrokerStartError
+from fedmqtt.broker.net import find_free_port, mqtt_probe
+from fedmqtt.mqtt import ClientSettings, Inbox, MqttConnection, PayloadTooLarge, SubscriptionRefused
+from fedmqtt.topics import Topics
+
+MqttClientFactory = Callable[..., MqttConnection]
+
+
+def open_fds() -> set[tuple[str, str]]:
+    """(descriptor, what it points to) for every open descriptor, after collecting garbage."""
+    gc.collect()
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
+        except OSError:  # the descriptor listdir itself used
+            continue
+    return found
+
+
+def test_start_and_stop_leave_no_threads_or_sockets() -> None:
+    threads, fds = set(threading.enumerate()), open_fds()
+    with EmbeddedBroker() as broker:
+        assert broker.running and broker.url == f"mqtt://127.0.0.1:{broker.port}"
+        with MqttConnection(ClientSettings(broker.url, "c-" + uuid.uuid4().hex[:8])) as client:
+            client.publish("a/b", b"x")
+        port = broker.port
+    assert not broker.running
+    assert not mqtt_probe("127.0.0.1", port, timeout=0.5)
+    assert set(threading.enumerate()) - threads == set()
+    assert open_fds() - fds == set()  # nothing new is left open
+    broker.stop()  # stopping twice is harmless
+
+
+def test_stop_closes_connected_clients() -> None:
+    broker = EmbeddedBroker()
+    broker.start()
+    client = MqttConnection(
+        ClientSettings(broker.url, "c-" + uuid.uuid4().hex[:8], reconnect_min_delay=5.0, reconnect_max_delay=5.0)
+    )
+    client.connect()
+    try:
+        broker.stop()
+        deadline = threading.Event()
+        for _ in range(100):
+            if not client.is_connected:
+                break
+            deadline.wait(0.05)
+        assert not client.is_connected
+    finally:
+        client.close()
+
+
+def test_listens_on_loopback_unless_told() -> None:
+    config = amqtt_config("127.0.0.1", 1234, session_expiry=None)
+    assert config["listeners"]["default"]["bind"] == "127.0.0.1:1234"
+    assert amqtt_config("::1", 1234, session_expiry=None)["listeners"]["default"]["bind"] == "[::1]:1234"
+    assert EmbeddedBroker().host == "127.0.0.1"
+
+
+def test_a_taken_port_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(BrokerStartError, match=f"could not listen on 127.0.0.1:{port}"):
+            EmbeddedBroker(port=port).start()
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(BrokerError, match="invalid port"):
+        EmbeddedBroker(port=70000)
+    with pytest.raises(BrokerError, match="max_packet_size"):
+        EmbeddedBroker(max_packet_size=10)
+
+
+def test_fixed_port_and_double_start(topic_prefix: str) -> None:
+    port = find_free_port()
+    with EmbeddedBroker(port=port) as broker:
+        assert broker.port == port
+        with pytest.raises(BrokerError, match="already running"):
+            broker.start()
+
+
+def test_a_packet_over_max_packet_size_is_refused_and_the_broker_keeps_serving(
+    mqtt_client: MqttClientFactory,
+) -> None:
+    topics = Topics(job="j", prefix="p" + uuid.uuid4().hex[:8])
+    with EmbeddedBroker(max_packet_size=64 * 1024) as broker:
+        dropped = threading.Event()
+        raw = paho.Client(CallbackAPIVersion.VERSION2, client_id="raw", protocol=paho.MQTTv311)
+        raw.on_disconnect = lambda *_args: dropped.set()
+        raw.connect("127.0.0.1", broker.port)
+        raw.loop_start()
+        try:
+            raw.publish(topics.model, b"x" * 100_000, qos=1)
+            assert dropped.wait(5)
+        finally:
+            raw.disconnect()
+            raw.loop_stop()
+
+        inbox = Inbox()
+        receiver = mqtt_client(broker.url, subscriptions=[(topics.model, 1)], on_message=inbox)
+        # MQTT 3.1.1 cannot carry the broker's limit: the client is told it.
+        sender = mqtt_client(broker.url, max_packet_size=64 * 1024)
+        with pytest.raises(PayloadTooLarge):
+            sender.publish(topics.model, b"x" * 100_000)
+        sender.publish(topics.model, b"y" * 60_000)
+        assert inbox.wait_for(1)[0].payload == b"y" * 60_000
+        assert broker.running
+        sender.close()
+        receiver.close()
+
+
+# --- the framing behind the limit (pure) -----------------------------------------------------------------------
+
+
+def encode_packet(body_length: int, packet_type: int = 0x30) -> bytes:
+    length = bytearray()
+    value = body_length
+    while True:
+        byte, value = value % 128, value // 128
+        length.append(byte | (0x80 if value else 0))
+        if not value:
+            break
+    return bytes([packet_type]) + bytes(length) + b"\xab" * body_length
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 20_000), min_size=1, max_size=8),
+    limit=st.integers(64, 20_010),
+    cuts=st.lists(st.integers(0, 200_000), max_size=12),
+)
+def test_framer_finds_the_first_oversize_packet_in_any_chunking(sizes: list[int], limit: int, cuts: list[int]) -> None:
+    packets = [encode_packet(size) for size in sizes]
+    stream = b"".join(packets)
+    framer = PacketFramer(limit)
+    found = None
+    for chunk in chunked(stream, cuts):
+        found = framer.feed(chunk)
+        if found is not None:
+            break
+    oversize = [len(p) for p in packets if len(p) > limit]
+    assert found == (oversize[0] if oversize else None)
+
+
+def test_framer_reports_before_the_body_arrives() -> None:
+    framer = PacketFramer(1000)
+    header = encode_packet(5000)[:3]  # type byte + two length bytes, no body yet
+    assert framer.feed(header[:2]) is None
+    assert framer.feed(header[2:]) == 5003
+    assert framer.feed(b"more") == 5003  # stays tripped
+
+
+def test_refused_subscriptions_raise(mqtt_client: MqttClientFactory) -> None:
+    """amqtt's own taboo-topic plugin refuses subscriptions to 'prohibited': SUBACK 0x80 becomes an error,
+    whether the subscription came with connect() or later."""
+    taboo: dict[str, dict[str, object]] = {"amqtt.plugins.topic_checking.TopicTabooPlugin": {}}
+    with EmbeddedBroker(extra_plugins=taboo) as broker:
+        connection = mqtt_client(broker.url, subscriptions=[("allowed/topic", 1)])
+        with pytest.raises(SubscriptionRefused, match="'prohibited'") as info:
+            connection.subscribe("prohibited", 1)
+        assert info.value.reason.is_failure
+        assert "prohibited" not in connection.subscriptions
+        assert connection.subscribe("allowed/other", 0) == 0
+        refused_at_connect = MqttConnection(
+            ClientSettings(broker.url, "c-" + uuid.uuid4().hex[:8]), subscriptions=[("prohibited", 1)]
+        )
+        with pytest.raises(SubscriptionRefused):
+            refused_at_connect.connect()
+        assert not refused_at_connect.is_connected
+        connection.close()

@@ -1,0 +1,118 @@
+"""Reconnects and persistent sessions across a Mosquitto restart on the same port (persistence on)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from fedmqtt.broker.mosquitto import MosquittoBroker
+from fedmqtt.mqtt import Inbox, MqttConnection, NotConnected
+from fedmqtt.topics import Topics
+
+pytestmark = pytest.mark.mosquitto
+
+MqttClientFactory = Callable[..., MqttConnection]
+FAST_RECONNECT = {"reconnect_min_delay": 0.1, "reconnect_max_delay": 0.5}
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_reconnect_after_restart_and_queued_delivery_to_a_persistent_session(
+    mosquitto_factory: Callable[..., MosquittoBroker], mqtt_client: MqttClientFactory
+) -> None:
+    broker = mosquitto_factory()
+    topics = Topics(job="j", prefix="p" + uuid.uuid4().hex[:8])
+    device_id = "device-" + uuid.uuid4().hex[:8]
+    sessions: list[bool] = []
+    inbox = Inbox()
+    device = mqtt_client(
+        broker.url,
+        client_id=device_id,
+        subscriptions=[(topics.plan, 1)],
+        on_message=inbox,
+        on_connected=sessions.append,
+        clean_start=False,
+        session_expiry=300,
+        **FAST_RECONNECT,
+    )
+    assert sessions == [False]
+    # A clean session loses its subscriptions with the broker; the client makes them again on reconnect.
+    fresh_inbox = Inbox()
+    fresh = mqtt_client(
+        broker.url, subscriptions=[(topics.plan, 1)], on_message=fresh_inbox, clean_start=True, **FAST_RECONNECT
+    )
+
+    broker.restart()
+    assert wait_until(lambda: device.reconnects == 1 and device.is_connected)
+    assert wait_until(lambda: fresh.reconnects == 1 and fresh.is_connected)
+    assert sessions == [False, True]  # the broker restored the session from its database
+
+    coordinator = mqtt_client(broker.url)
+    coordinator.publish(topics.plan, b"plan for round 1")
+    assert inbox.wait_for(1)[0].payload == b"plan for round 1"
+    assert fresh_inbox.wait_for(1)[0].payload == b"plan for round 1"
+
+    # Offline: a QoS 1 message is queued for the session and survives another restart.
+    device.close()
+    coordinator.publish(topics.plan, b"plan for round 2")
+    coordinator.close()
+    broker.restart()
+    inbox_again = Inbox()
+    mqtt_client(
+        broker.url,
+        client_id=device_id,
+        subscriptions=[(topics.plan, 1)],
+        on_message=inbox_again,
+        clean_start=False,
+        session_expiry=300,
+    )
+    assert inbox_again.wait_for(1)[0].payload == b"plan for round 2"
+
+
+def test_qos1_publish_waits_for_the_reconnect(
+    mosquitto_factory: Callable[..., MosquittoBroker], mqtt_client: MqttClientFactory
+) -> None:
+    broker = mosquitto_factory()
+    topics = Topics(job="j", prefix="p" + uuid.uuid4().hex[:8])
+    inbox = Inbox()
+    mqtt_client(
+        broker.url,
+        client_id="coord-" + uuid.uuid4().hex[:6],
+        subscriptions=[(topics.updates_filter, 1)],
+        on_message=inbox,
+        clean_start=False,
+        **FAST_RECONNECT,
+    )
+    device = mqtt_client(broker.url, clean_start=False, **FAST_RECONNECT)
+
+    broker.stop()
+    assert wait_until(lambda: not device.is_connected)
+    with pytest.raises(NotConnected, match="QoS 0"):
+        device.publish(topics.update("d1"), b"lost", qos=0)
+    errors: list[BaseException] = []
+
+    def publish_while_down() -> None:
+        try:
+            device.publish(topics.update("d1"), b"update sent while the broker was down", qos=1, timeout=20)
+        except BaseException as exc:
+            errors.append(exc)
+
+    sender = threading.Thread(target=publish_while_down)
+    sender.start()
+    time.sleep(0.3)
+    assert sender.is_alive()  # still waiting for the broker
+    broker.start()  # same port
+    sender.join(20)
+    assert not sender.is_alive() and errors == []
+    assert inbox.wait_for(1)[0].payload == b"update sent while the broker was down"
