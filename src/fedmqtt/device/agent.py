@@ -357,10 +357,13 @@ class DeviceRuntime:
         if dp is not None:
             from fedmqtt.privacy import clip_and_noise, secure_generator
 
-            update, _norm = clip_and_noise(
+            update, norm = clip_and_noise(
                 update, clip=dp.clip, noise_std=dp.device_noise_std, generator=secure_generator()
             )
-            announcement = DPAnnouncement(mode=dp.mode.value, clip=dp.clip, noise_std=dp.device_noise_std)
+            # The clip bit feeds adaptive clipping (central mode only: it reaches the coordinator unnoised).
+            announcement = DPAnnouncement(
+                mode=dp.mode.value, clip=dp.clip, noise_std=dp.device_noise_std, unclipped=norm <= dp.clip
+            )
         feedback = None
         if plan.uplink.error_feedback:
             device.feedback = device.feedback or ErrorFeedback()
