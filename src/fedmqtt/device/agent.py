@@ -362,7 +362,10 @@ class DeviceRuntime:
             )
             # The clip bit feeds adaptive clipping (central mode only: it reaches the coordinator unnoised).
             announcement = DPAnnouncement(
-                mode=dp.mode.value, clip=dp.clip, noise_std=dp.device_noise_std, unclipped=norm <= dp.clip
+                mode=dp.mode.value,
+                clip=dp.clip,
+                noise_std=dp.device_noise_std,
+                unclipped=(norm <= dp.clip) if dp.mode is DPMode.CENTRAL else None,
             )
         feedback = None
         if plan.uplink.error_feedback:
