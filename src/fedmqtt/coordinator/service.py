@@ -27,7 +27,7 @@ from fedmqtt.coordinator import machine as M
 from fedmqtt.coordinator.aggregation import Strategy, build_strategy
 from fedmqtt.coordinator.config import CoordinatorConfig
 from fedmqtt.errors import FedmqttError
-from fedmqtt.mqtt import ClientSettings, MqttConnection, parse_broker_url
+from fedmqtt.mqtt import ClientSettings, MqttConnection, NotConnected, PublishTimeout, parse_broker_url
 from fedmqtt.schema import (
     CodecSpec,
     DeviceStatus,
@@ -56,6 +56,7 @@ log = logging.getLogger("fedmqtt.coordinator")
 COORDINATOR_ID = "coordinator"
 CHECKPOINT_FILE = "coordinator.npz"
 SPOOL_DIR = "spool"
+_MAX_DETAIL = 2000  # schema.Event.detail's max_length
 
 # Map decode failures to the refusal reasons the events topic reports.
 _FRAME_ERROR_REASONS: dict[type[Exception], RefusalReason] = {
@@ -182,7 +183,8 @@ class CoordinatorService:
             protocol=c.mqtt_version,
             clean_start=False,
             tls_ca=str(c.tls_ca) if c.tls_ca else None,
-            max_message_bytes=int(c.max_update_mb * 1e6),
+            # No max_message_bytes: the connection would drop an oversized update silently (no event, no count);
+            # _handle_update refuses it as malformed and reports it. The broker's max packet size bounds memory.
         )
 
     # ------------------------------------------------------------------------------------ run
@@ -222,6 +224,9 @@ class CoordinatorService:
         if self.config.resume and self._checkpoint_path().exists():
             self._restore()
             self._publish_global_model()
+            if self.machine.done:
+                self._end_resumed_job()
+                return
             if self.plan is not None:
                 self._publish(self.topics.plan, to_json(self.plan), retain=True)
             self._replay_spool()
@@ -234,6 +239,18 @@ class CoordinatorService:
             self._execute(self.machine.start(now))
         self._publish_privacy()
         self._maybe_publish_status(force=True)
+
+    def _end_resumed_job(self) -> None:
+        # The checkpoint is of a job that already ended: no machine event would ever produce JobFinished or
+        # JobStopped again, so the run loop would wait forever. Say so and exit as the job did.
+        reason = self.machine.end_reason or "the job had ended"
+        log.warning("checkpoint %s: the job already ended (%s); nothing to resume", self._checkpoint_path(), reason)
+        if self.machine.phase is Phase.FINISHED:
+            self._event(EventType.JOB_FINISHED, detail=f"already finished: {reason}")
+            self._finish(0)
+        else:
+            self._event(EventType.JOB_STOPPED, detail=f"already stopped: {reason}")
+            self._finish(0 if self._stopped_by_rule(reason) else 3)
 
     # ------------------------------------------------------------------------------------ inbound
 
@@ -268,7 +285,11 @@ class CoordinatorService:
         self._execute(self.machine.device_status(device, status.state, self.clock()))
 
     def _refuse(self, device: str, round_number: int | None, reason: RefusalReason, detail: str) -> None:
-        self._execute(self.machine.refuse_update(device, round_number, reason, detail, self.clock()))
+        actions = self.machine.refuse_update(device, round_number, reason, detail, self.clock())
+        # A refusal changes only refused_total in the status: leave that to the periodic (1/s) status publish
+        # instead of a retained QoS 1 publish, and a wait for the broker, per refused frame (a flood of junk
+        # would otherwise be amplified into as many status writes, at one broker round trip each).
+        self._execute([a for a in actions if not isinstance(a, M.StatusChanged)])
 
     def _handle_update(self, device: str, payload: bytes, *, from_spool: bool = False) -> None:
         now = self.clock()
@@ -291,7 +312,7 @@ class CoordinatorService:
         try:
             frame = decode_frame(
                 payload,
-                max_body_bytes=int(self.config.max_update_mb * 4e6),
+                max_body_bytes=self._max_body_bytes(),
                 expected_manifest=self.manifest,
             )
         except codec_errors.FrameError as exc:
@@ -308,6 +329,13 @@ class CoordinatorService:
         if self.book is not None:
             self.book.bytes_up += len(payload)
         self._execute(self.machine.accept_update(device, header, now))
+
+    def _max_body_bytes(self) -> int:
+        # The decoded tensors alone take 4 bytes per entry, whatever the payload's (compressed) size, and the
+        # largest body any codec writes takes under 10 (top-k of float32 values or int8 values with per-channel
+        # scales, plus varint indices). A bound of 4 x --max-update-mb alone refused every update of a model
+        # larger than that, however small its frame.
+        return max(int(self.config.max_update_mb * 4e6), 10 * self.numel)
 
     def _check_dp_bound(self, header: FrameHeader, update: A.ModelArrays) -> str | None:
         if self.config.dp_mode is DPMode.OFF or self.plan is None or self.plan.dp is None:
@@ -481,13 +509,14 @@ class CoordinatorService:
         )
         self._event(EventType.MODEL_PUBLISHED, round=a.round + 1, detail=f"model {self.model_hash[:12]}")
         self._publish_privacy()
-        self._clear_spool()
         if self._budget_exhausted():
-            self._execute(self.machine.stop(self._budget_reason(), self.clock()))
-            if self.exit_code is not None:
-                return
-        self._execute(self.machine.aggregation_done(a.round, self.clock()))
-        self._checkpoint()
+            self._execute(self.machine.stop(self._budget_reason(), self.clock()))  # checkpoints in _finish
+        if self.exit_code is None:
+            self._execute(self.machine.aggregation_done(a.round, self.clock()))
+            self._checkpoint()
+        # Only once a checkpoint records the round as closed may its spooled updates go: a crash before this
+        # point resumes the open round from the previous checkpoint, and replaying the spool closes it again.
+        self._clear_spool()
 
     # ------------------------------------------------------------------------------------ privacy
 
@@ -546,9 +575,20 @@ class CoordinatorService:
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
         assert self._conn is not None
-        self._conn.publish(topic, payload, qos=qos, retain=retain)
+        # While the broker is away the connection reconnects by itself; the job must outlive the outage.
+        try:
+            self._conn.publish(topic, payload, qos=qos, retain=retain)
+        except PublishTimeout as exc:  # QoS 1: still queued, sent again once the connection is back
+            log.warning("%s; carrying on", exc)
+        except NotConnected as exc:  # QoS 0 (events): dropped, as QoS 0 allows
+            log.warning("%s", exc)
 
     def _event(self, type_: EventType, **fields: Any) -> None:
+        detail = fields.get("detail", "")
+        if len(detail) > _MAX_DETAIL:
+            # Details quote what devices sent (a frame's header errors name its fields); an over-long one would
+            # fail the Event's validation and crash the coordinator.
+            fields["detail"] = detail[: _MAX_DETAIL - 30] + f" ... ({len(detail)} characters)"
         event = Event(job=self.config.job, type=type_, ts=self.clock(), **fields)
         self._publish(self.topics.events, to_json(event), qos=0)
 
