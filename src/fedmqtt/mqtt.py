@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import ssl
 import threading
 import time
@@ -456,6 +457,15 @@ def _reason(packet_type: int, name: str) -> ReasonCode:
     return ReasonCode(packet_type, name)
 
 
+def _set_tcp_nodelay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    # paho leaves Nagle on: a small write behind an unacknowledged one (a QoS 1 publish after a QoS 0 event or
+    # a manual ack) waits ~40 ms for the peer's delayed ACK. Measured: 40 accepted updates 1.9 s -> 0.19 s.
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not a TCP socket (e.g. a unix socket transport)
+
+
 class MqttConnection:
     """One client connection. Use as a context manager or call ``connect()`` and ``close()``.
 
@@ -711,6 +721,7 @@ class MqttConnection:
         client.on_publish = self._handle_publish
         client.on_subscribe = self._handle_subscribe
         client.on_unsubscribe = self._handle_unsubscribe
+        client.on_socket_open = _set_tcp_nodelay
         return client
 
     def _configure_transport(self, client: paho.Client) -> None:

@@ -6,6 +6,7 @@ is refused with :class:`fedmqtt.errors.ConfigError` naming the field.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -77,35 +78,35 @@ class CoordinatorConfig(BaseModel):
         except MessageError as exc:
             raise ValueError(f"uplink: {exc.detail}") from None
         if self.min_devices is not None and self.min_devices < self.min_updates:
-            raise ValueError("min_devices must be >= min_updates (a round could never close)")
+            raise ValueError("min_devices: must be >= min_updates (a round could never close)")
         if self.devices_per_round is not None and self.devices_per_round < self.min_updates:
-            raise ValueError("devices_per_round must be >= min_updates (a round could never reach its quorum)")
+            raise ValueError("devices_per_round: must be >= min_updates (a round could never reach its quorum)")
         if self.min_updates_at_deadline is not None and self.min_updates_at_deadline > self.min_updates:
-            raise ValueError("min_updates_at_deadline must be <= min_updates")
+            raise ValueError("min_updates_at_deadline: must be <= min_updates")
         if self.resume and self.checkpoint_dir is None:
-            raise ValueError("resume needs checkpoint_dir")
+            raise ValueError("checkpoint_dir: --resume needs a checkpoint_dir")
         if self.dp_mode is not DPMode.OFF:
             if self.dp_clip is None or self.dp_noise_multiplier is None:
-                raise ValueError("dp_mode needs dp_clip and dp_noise_multiplier")
+                raise ValueError("dp_clip: dp_mode needs dp_clip and dp_noise_multiplier")
             if self.dp_noise_multiplier <= 0:
-                raise ValueError("dp_noise_multiplier must be > 0 with DP on (sigma = 0 gives no finite epsilon)")
+                raise ValueError("dp_noise_multiplier: must be > 0 with DP on (sigma = 0 gives no finite epsilon)")
             if self.dp_adaptive_clip is not None and self.dp_mode is not DPMode.CENTRAL:
                 raise ValueError(
-                    "dp_adaptive_clip needs dp_mode central (the clip bit reaches the coordinator unnoised)"
+                    "dp_adaptive_clip: needs dp_mode central (the clip bit reaches the coordinator unnoised)"
                 )
             if self.dp_sample_rate is None:
                 raise ValueError(
-                    "dp_mode needs dp_sample_rate: DP rounds select devices by Poisson sampling with rate q"
+                    "dp_sample_rate: dp_mode needs dp_sample_rate: DP rounds select devices by Poisson sampling with rate q"
                 )
             if self.strategy in ROBUST_STRATEGIES:
-                raise ValueError(f"strategy {self.strategy} is not compatible with DP (unbounded sensitivity)")
+                raise ValueError(f"strategy: {self.strategy} is not compatible with DP (unbounded sensitivity)")
             if codec.error_feedback:
                 raise ValueError(
-                    "uplink error feedback ('ef') cannot be combined with DP: the residual would "
+                    "uplink: error feedback ('ef') cannot be combined with DP: the residual would "
                     "escape the clipping bound"
                 )
         elif self.target_epsilon is not None or self.dp_adaptive_clip is not None:
-            raise ValueError("target_epsilon / dp_adaptive_clip need dp_mode device, local or central")
+            raise ValueError("dp_mode: target_epsilon / dp_adaptive_clip need dp_mode device, local or central")
         return self
 
     @property
@@ -138,4 +139,7 @@ def load_config(toml_path: Path | None, overrides: dict[str, Any]) -> Coordinato
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first.get("loc", ())) or "config"
         msg = first["msg"].removeprefix("Value error, ")
+        named = re.match(r"^([a-z_]+): (.*)$", msg, re.S)
+        if field == "config" and named:  # a check across fields names the field it blames
+            field, msg = named.group(1), named.group(2)
         raise ConfigError(field, msg) from None
