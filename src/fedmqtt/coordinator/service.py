@@ -119,6 +119,8 @@ class CoordinatorService:
         self.strategy: Strategy = build_strategy(config.strategy, **config.strategy_params)
         self.machine = M.RoundMachine(self._round_config())
         self.accountant = self._build_accountant()
+        self.adaptive_clip = self._build_adaptive_clip()
+        self._unclipped = 0  # clip bits of this round's accepted updates (adaptive clipping)
         self._eval_set = self._load_eval_set()
 
         self.model_frame: bytes = b""
@@ -164,6 +166,28 @@ class CoordinatorService:
             delta=delta,
             target_epsilon=c.target_epsilon,
         )
+
+    def _build_adaptive_clip(self) -> Any:
+        c = self.config
+        if c.dp_adaptive_clip is None:
+            return None
+        from fedmqtt.privacy import AdaptiveClip, recommended_count_noise_std, update_noise_multiplier
+
+        assert c.dp_clip is not None and c.dp_noise_multiplier is not None
+        count_noise_std = recommended_count_noise_std(c.min_updates)
+        update_noise_multiplier(c.dp_noise_multiplier, count_noise_std)  # refuses a quorum too small for it
+        return AdaptiveClip(c.dp_clip, c.dp_adaptive_clip, count_noise_std=count_noise_std)
+
+    def _update_noise_multiplier(self) -> float:
+        """sigma for the update sum: the configured one, less what the clip-bit count uses (adaptive clipping),
+        so that the round as a whole still runs at the configured sigma (Andrew et al. 2021)."""
+        c = self.config
+        assert c.dp_noise_multiplier is not None
+        if self.adaptive_clip is None:
+            return float(c.dp_noise_multiplier)
+        from fedmqtt.privacy import update_noise_multiplier
+
+        return update_noise_multiplier(c.dp_noise_multiplier, self.adaptive_clip.count_noise_std)
 
     def _load_eval_set(self) -> Any:
         if self.config.eval_data is None:
@@ -326,6 +350,8 @@ class CoordinatorService:
             self._spool(header, device, payload)
         weight = 1.0 if self.config.dp_mode is not DPMode.OFF else float(max(header.num_samples, 1))
         self.strategy.add(frame.arrays, weight)
+        if frame.header.dp is not None and frame.header.dp.unclipped:
+            self._unclipped += 1
         if self.book is not None:
             self.book.bytes_up += len(payload)
         self._execute(self.machine.accept_update(device, header, now))
@@ -361,6 +387,7 @@ class CoordinatorService:
 
     def _on_OpenRound(self, a: Any) -> None:
         self.strategy.begin_round(self.global_arrays)
+        self._unclipped = 0
         self.book = _RoundBook(a.round, a.attempt, a.opened_at)
         if self.model_round != a.round:
             self.model_round = a.round
@@ -414,6 +441,8 @@ class CoordinatorService:
         )
 
     def _current_clip(self) -> float:
+        if self.adaptive_clip is not None:
+            return float(self.adaptive_clip.clip)
         assert self.config.dp_clip is not None
         return float(self.config.dp_clip)
 
@@ -438,6 +467,7 @@ class CoordinatorService:
     def _on_RoundFailed(self, a: Any) -> None:
         self._event(EventType.ROUND_FAILED, round=a.round, attempt=a.attempt, detail=a.reason)
         self.strategy.begin_round(self.global_arrays)
+        self._unclipped = 0
         self._clear_spool()
         if a.skipped and self.accountant is not None:
             # An empty Poisson draw still counts as a round of the sampled mechanism: charge it at the planned
@@ -474,6 +504,10 @@ class CoordinatorService:
             noise = self._server_noise(count)
         self.global_arrays = self.strategy.aggregate(denominator=denominator, noise=noise)
         epsilon = self._account(count)
+        if self.adaptive_clip is not None:
+            from fedmqtt.privacy import secure_rng
+
+            self.adaptive_clip.update(self._unclipped, c.min_updates, secure_rng())
         accuracy, loss = self._evaluate()
         self.metrics = Metrics(accuracy=accuracy, loss=loss) if accuracy is not None else self.metrics
         self.model_round = a.round + 1
@@ -527,8 +561,8 @@ class CoordinatorService:
         from fedmqtt.privacy import add_gaussian_noise, central_noise_std, secure_generator, topup_noise_std
 
         assert c.dp_noise_multiplier is not None
-        clip = self._current_clip()
-        central = central_noise_std(c.dp_mode, c.dp_noise_multiplier, clip)
+        clip = self.plan.dp.clip if self.plan is not None and self.plan.dp is not None else self._current_clip()
+        central = central_noise_std(c.dp_mode, self._update_noise_multiplier(), clip)
         topup = topup_noise_std(c.dp_mode, c.dp_noise_multiplier, clip, c.min_updates, received)
         std = float(np.hypot(central, topup))
         if std <= 0:
@@ -675,6 +709,7 @@ class CoordinatorService:
             "strategy": self.strategy.state_dict(),
             "machine": self.machine.state_dict(),
             "accountant": self.accountant.state_dict() if self.accountant is not None else None,
+            "adaptive_clip": self.adaptive_clip.state_dict() if self.adaptive_clip is not None else None,
             "history": self.history,
             "metrics": self.metrics.model_dump(mode="json") if self.metrics else None,
             "plan": self.plan.model_dump(mode="json") if self.plan else None,
@@ -697,6 +732,8 @@ class CoordinatorService:
         self.machine = M.RoundMachine.from_state_dict(self._round_config(), state["machine"])
         if self.accountant is not None and state.get("accountant") is not None:
             self.accountant.load_state_dict(state["accountant"])
+        if self.adaptive_clip is not None and state.get("adaptive_clip") is not None:
+            self.adaptive_clip.load_state_dict(state["adaptive_clip"])
         self.history = list(state.get("history") or [])
         self.metrics = Metrics.model_validate(state["metrics"]) if state.get("metrics") else None
         self.plan = Plan.model_validate(state["plan"]) if state.get("plan") else None
