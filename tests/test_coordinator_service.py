@@ -41,6 +41,7 @@ from fedmqtt.mqtt import ClientSettings, MqttConnection, parse_broker_url
 from fedmqtt.schema import (
     CodecSpec,
     DeviceStatus,
+    DPAnnouncement,
     Event,
     EventType,
     FrameKind,
@@ -81,6 +82,7 @@ def update_frame(
     num_samples: int = 10,
     kind: FrameKind = FrameKind.UPDATE,
     arrays: ModelArrays | None = None,
+    dp: DPAnnouncement | None = None,
 ) -> bytes:
     return encode_frame(
         constant_update(value) if arrays is None else arrays,
@@ -91,6 +93,7 @@ def update_frame(
         codec=CodecSpec(),
         num_samples=num_samples,
         model_name=MODEL,
+        dp=dp,
     )
 
 
@@ -655,6 +658,68 @@ def test_with_dp_an_update_above_the_clip_bound_is_refused(
     assert summary.refused == {RefusalReason.NORM_EXCEEDS_CLIP: 1}
     assert summary.epsilon is not None and summary.epsilon > 0
     assert process.wait(timeout=WAIT) == 0
+
+
+def test_adaptive_clipping_moves_the_clip_towards_the_target_quantile(
+    mosquitto_broker: Any, make_job: Callable[[str], Job]
+) -> None:
+    """Central mode with --dp-adaptive-clip: updates that all fit under the clip shrink it for the next round,
+    updates that were all clipped grow it (Andrew et al. 2021); the plan carries the new clip."""
+    job = make_job(mosquitto_broker.url)
+    process = job.start("--rounds", "3", "--min-updates", "4", "--round-timeout", "60", "--dp-mode", "central",
+                        "--dp-clip", "1", "--dp-noise-multiplier", "0.05", "--dp-sample-rate", "1.0",
+                        "--dp-adaptive-clip", "0.5")  # fmt: skip
+    devices = ("d1", "d2", "d3", "d4")
+    job.devices.online(*devices)
+    per_entry = 1.0 / np.sqrt(NUMEL)
+
+    def send_round(round_number: int, clip: float, unclipped: bool) -> None:
+        dp = DPAnnouncement(mode="central", clip=clip, noise_std=0.0, unclipped=unclipped)
+        for device in devices:
+            job.devices.send(device, job.frame(round_number, device, 0.5 * clip * per_entry, dp=dp))
+
+    first = job.view.wait_plan(1)
+    assert first.dp is not None and first.dp.clip == 1.0
+    send_round(1, first.dp.clip, unclipped=True)  # every norm under the clip: fraction 1 > 0.5 -> shrink
+    second = job.view.wait_plan(2)
+    assert second.dp is not None and second.dp.clip < first.dp.clip * 0.95
+    send_round(2, second.dp.clip, unclipped=False)  # every update clipped: fraction 0 < 0.5 -> grow
+    third = job.view.wait_plan(3)
+    assert third.dp is not None and third.dp.clip > second.dp.clip * 1.05
+    send_round(3, third.dp.clip, unclipped=False)
+    assert process.wait(timeout=WAIT) == 0
+
+
+def test_adaptive_clipping_is_refused_outside_central_mode() -> None:
+    result = subprocess.run(
+        fedmqtt_argv(
+            "coordinator",
+            "--broker",
+            closed_port_url(),
+            "--job",
+            "j",
+            "--rounds",
+            "1",
+            "--min-updates",
+            "2",
+            "--dp-mode",
+            "device",
+            "--dp-clip",
+            "1",
+            "--dp-noise-multiplier",
+            "1",
+            "--dp-sample-rate",
+            "1",
+            "--dp-adaptive-clip",
+            "0.5",
+        ),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=WAIT,
+    )
+    assert result.returncode != 0
+    assert "dp_adaptive_clip: needs dp_mode central" in result.stderr
 
 
 def test_a_flood_of_malformed_frames_does_not_stop_a_round(
