@@ -23,7 +23,7 @@ from fedmqtt.checkpoint import load_state, save_state, write_atomic
 from fedmqtt.codecs import ErrorFeedback, decode_frame, encode_frame, model_hash
 from fedmqtt.codecs import errors as codec_errors
 from fedmqtt.errors import FedmqttError
-from fedmqtt.mqtt import ClientSettings, MqttConnection, MqttError, PublishRefused, Will, parse_broker_url
+from fedmqtt.mqtt import ClientSettings, MqttConnection, MqttError, ProtocolName, PublishRefused, Will, parse_broker_url
 from fedmqtt.schema import (
     DeviceState,
     DeviceStatus,
@@ -51,7 +51,7 @@ class DeviceOptions:
     broker: str
     job: str
     prefix: str = "fedmqtt"
-    mqtt_version: str = "auto"
+    mqtt_version: ProtocolName = "auto"
     username: str | None = None
     password: str | None = None
     tls_ca: str | None = None
@@ -157,7 +157,7 @@ class VirtualDevice:
         if path is None:
             return
         if (path / "answered.json").exists():
-            self.answered = {tuple(k) for k in json.loads((path / "answered.json").read_text())}  # type: ignore[misc]
+            self.answered = {(int(r), int(a)) for r, a in json.loads((path / "answered.json").read_text())}
         if (path / "feedback.npz").exists():
             self.feedback = ErrorFeedback()
             self.feedback.load_state_dict(load_state(path / "feedback.npz"))
@@ -362,7 +362,7 @@ class DeviceRuntime:
             )
             # The clip bit feeds adaptive clipping (central mode only: it reaches the coordinator unnoised).
             announcement = DPAnnouncement(
-                mode=dp.mode.value,
+                mode=dp.mode.value,  # type: ignore[arg-type]  # DPMode minus OFF, checked above
                 clip=dp.clip,
                 noise_std=dp.device_noise_std,
                 unclipped=(norm <= dp.clip) if dp.mode is DPMode.CENTRAL else None,
