@@ -116,6 +116,7 @@ def plot_report(report: Mapping[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = report["rounds"]
     numbers = [r["round"] for r in rounds]
@@ -134,6 +135,8 @@ def plot_report(report: Mapping[str, Any], path: Path) -> None:
         right.set_ylabel("cumulative MB (up + down)")
         right.grid(True, alpha=0.3)
         right.set_title("traffic")
+        for axis in (left, right):
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         job = report.get("config", {}).get("job")
         if job:
             figure.suptitle(f"fedmqtt job {job}")

@@ -15,6 +15,8 @@ ledger are retained; only the (non-retained) events that happened before it join
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import secrets
 import sys
 import threading
@@ -45,7 +47,7 @@ from fedmqtt.schema import (
 from fedmqtt.topics import DEFAULT_PREFIX, Topics
 
 if TYPE_CHECKING:
-    from fedmqtt.mqtt import ClientSettings
+    from fedmqtt.mqtt import ClientSettings, MqttConnection
 
 RECENT_EVENTS = 8
 _MB = 1_000_000.0
@@ -262,7 +264,10 @@ def headline(state: WatchState, now: float) -> str:
         parts.append(f"round {s.round}{attempt}: received {s.received}/{s.needed}")
         if s.deadline is not None:
             parts.append(f"deadline in {max(0.0, s.deadline - now):.0f} s")
-    parts.append(f"{s.devices_online} online")
+    # The devices' own retained statuses are fresher than the coordinator's count (which stops at its
+    # last status, e.g. when the job finished before the devices left).
+    online = connected_and_offline(state)[0] if state.devices else s.devices_online
+    parts.append(f"{online} online")
     return " | ".join(parts)
 
 
@@ -294,27 +299,24 @@ def render(state: WatchState, now: float | None = None, max_rounds: int = 12) ->
     if refusals:
         summary.add_row("refused", ", ".join(f"{reason} {n}" for reason, n in sorted(refusals.items())))
     if state.malformed:
-        summary.add_row(
-            Text("malformed messages", style="red"), f"{state.malformed} (last: {state.last_malformed})"
-        )
+        summary.add_row(Text("malformed messages", style="red"), f"{state.malformed} (last: {state.last_malformed})")
     parts.append(summary)
 
     if state.rounds:
-        table = Table(title="closed rounds", title_justify="left", expand=False)
-        for name in (
-            "round",
-            "closed by",
-            "devices",
-            "refused",
-            "accuracy",
-            "loss",
-            "up MB",
-            "down MB",
-            "seconds",
-        ):
-            table.add_column(name, justify="right")
+        # No vertical rules and short headers: the table fits an 80-column terminal.
+        table = Table(
+            title="closed rounds",
+            title_justify="left",
+            expand=False,
+            box=None,
+            padding=(0, 0, 0, 2),
+            pad_edge=False,
+            header_style="bold underline",
+        )
+        for name in ("round", "closed", "devs", "refused", "acc", "loss", "MB up", "MB down", "s"):
+            table.add_column(name, justify="right", no_wrap=True)
         if epsilon is not None:
-            table.add_column("ε", justify="right")
+            table.add_column("ε", justify="right", no_wrap=True)
         rounds = state.ordered_rounds()
         shown = rounds[-max_rounds:]
         if len(rounds) > len(shown):
@@ -343,7 +345,12 @@ def render(state: WatchState, now: float | None = None, max_rounds: int = 12) ->
             events.add_row(describe_event(event))
         parts.append(events)
 
-    return Panel(Group(*parts), title=headline(state, now), title_align="left")
+    # The headline is the first line (it wraps on a narrow terminal; a panel title would be cut).
+    return Panel(
+        Group(Text(headline(state, now), style="bold"), *parts),
+        title=f"fedmqtt watch: job {state.topics.job}",
+        title_align="left",
+    )
 
 
 def describe_event(event: Event) -> str:
@@ -372,9 +379,9 @@ def describe_round(summary: RoundSummary) -> str:
     return text
 
 
-def describe_changes(old: WatchState, new: WatchState) -> list[str]:
+def describe_changes(old: WatchState, new: WatchState, *, devices: bool = True) -> list[str]:
     """Plain log lines for what changed between two states (for logs and non-terminal output)."""
-    lines: list[str] = []
+    lines = [describe_round(new.rounds[n]) for n in sorted(set(new.rounds) - set(old.rounds))]
     o, n = old.status, new.status
     if n is not None and (o is None or (o.phase, o.round, o.attempt) != (n.phase, n.round, n.attempt)):
         if n.phase.value == "training":
@@ -382,16 +389,47 @@ def describe_changes(old: WatchState, new: WatchState) -> list[str]:
             lines.append(f"round {n.round}{attempt} open: {len(n.selected)} selected, needs {n.needed}")
         else:
             lines.append(f"phase {n.phase.value} (round {n.round}, {n.devices_online} devices online)")
-    for number in sorted(set(new.rounds) - set(old.rounds)):
-        lines.append(describe_round(new.rounds[number]))
-    old_counts, new_counts = old.device_counts(), new.device_counts()
-    if old_counts != new_counts:
-        lines.append(
-            "devices: " + ", ".join(f"{k} {new_counts.get(k, 0)}" for k in ("online", "training", "offline"))
-        )
+    # Devices going on and off line are news; online <-> training flips happen every round and are not.
+    if devices and connected_and_offline(old) != connected_and_offline(new):
+        lines.append(describe_devices(new))
     if new.malformed > old.malformed:
         lines.append(f"malformed messages: {new.malformed} (last: {new.last_malformed})")
     return lines
+
+
+def connected_and_offline(state: WatchState) -> tuple[int, int]:
+    counts = state.device_counts()
+    return counts.get("online", 0) + counts.get("training", 0), counts.get("offline", 0)
+
+
+def describe_devices(state: WatchState) -> str:
+    connected, offline = connected_and_offline(state)
+    return f"devices: {connected} connected, {offline} offline"
+
+
+class Narrator:
+    """Plain log lines for a stream of states (``watch`` or ``simulate`` writing to a pipe or a file).
+
+    Everything is told as it happens, except the device counts: they are told at most every
+    ``device_interval_s`` seconds (a thousand devices connecting would otherwise be a thousand lines),
+    and always once the job has ended. Time is passed in.
+    """
+
+    def __init__(self, topics: Topics, device_interval_s: float = 5.0) -> None:
+        self.device_interval_s = device_interval_s
+        self._shown = WatchState(topics=topics)
+        self._devices_told = (0, 0)
+        self._devices_told_at = -math.inf
+
+    def lines(self, state: WatchState, now: float) -> list[str]:
+        lines = describe_changes(self._shown, state, devices=False)
+        counts = connected_and_offline(state)
+        due = now - self._devices_told_at >= self.device_interval_s or state.finished
+        if counts != self._devices_told and due:
+            lines.append(describe_devices(state))
+            self._devices_told, self._devices_told_at = counts, now
+        self._shown = state
+        return lines
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -437,17 +475,19 @@ def client_settings(
     password: str | None = None,
     tls_ca: str | None = None,
 ) -> ClientSettings:
-    """Settings for a read-only client, passing only the options that were given."""
-    from fedmqtt.mqtt import ClientSettings
+    """Settings for a read-only observer: a clean session that the broker forgets on disconnect."""
+    from fedmqtt.mqtt import ClientSettings, parse_broker_url
 
-    extra: dict[str, Any] = {}
     if username is not None:
-        extra["username"] = username
-    if password is not None:
-        extra["password"] = password
-    if tls_ca is not None:
-        extra["tls_ca"] = tls_ca
-    return ClientSettings(url, client_id, protocol=mqtt_version, **extra)
+        url = parse_broker_url(url).with_credentials(username, password).to_url(include_password=True)
+    return ClientSettings(
+        url=url,
+        client_id=client_id,
+        protocol=mqtt_version,  # type: ignore[arg-type]
+        clean_start=True,
+        session_expiry=0,
+        tls_ca=tls_ca,
+    )
 
 
 def random_client_id(kind: str) -> str:
@@ -455,7 +495,7 @@ def random_client_id(kind: str) -> str:
     return f"{kind}-{secrets.token_hex(5)}"
 
 
-def open_watch(settings: ClientSettings, holder: StateHolder, connect_timeout: float = 10.0) -> Any:
+def open_watch(settings: ClientSettings, holder: StateHolder, connect_timeout: float = 10.0) -> MqttConnection:
     """Connect and subscribe; every message is applied to ``holder``. Returns the connection."""
     from fedmqtt.mqtt import MqttConnection
 
@@ -472,12 +512,13 @@ def collect_snapshot(
     *,
     wait_s: float = 5.0,
     quiet_s: float = 0.5,
+    connect_timeout: float = 10.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> WatchState:
     """The state made of the retained messages: wait up to ``wait_s`` for the job's status, then until no
     message has arrived for ``quiet_s`` (MQTT has no "end of retained messages" marker)."""
     holder = StateHolder(WatchState(topics=topics))
-    connection = open_watch(settings, holder)
+    connection = open_watch(settings, holder, connect_timeout)
     try:
         started = time.monotonic()
         while True:
@@ -494,8 +535,10 @@ def collect_snapshot(
 
 
 def _console_for_stdout() -> Console:
-    # When piped, rich would assume 80 columns and fold the rounds table; use a wider fixed width.
-    return Console() if sys.stdout.isatty() else Console(width=140, no_color=True)
+    # When piped, rich would assume 80 columns; use a wider fixed width unless $COLUMNS says otherwise.
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=140, no_color=True)
 
 
 def run_watch(args: argparse.Namespace) -> int:
@@ -510,7 +553,7 @@ def run_watch(args: argparse.Namespace) -> int:
     )
     console = _console_for_stdout()
     if args.once:
-        state = collect_snapshot(settings, topics, wait_s=args.wait)
+        state = collect_snapshot(settings, topics, wait_s=args.wait, connect_timeout=args.connect_timeout)
         console.print(render(state))
         if state.status is None:
             raise WatchError(
@@ -519,7 +562,7 @@ def run_watch(args: argparse.Namespace) -> int:
             )
         return 0
     holder = StateHolder(WatchState(topics=topics))
-    connection = open_watch(settings, holder)
+    connection = open_watch(settings, holder, args.connect_timeout)
     try:
         if console.is_terminal:
             from rich.live import Live
@@ -529,12 +572,10 @@ def run_watch(args: argparse.Namespace) -> int:
                     live.update(render(holder.state))
                     time.sleep(0.25)
         else:
-            shown = holder.state
+            narrator = Narrator(topics)
             while True:
-                current = holder.state
-                for line in describe_changes(shown, current):
+                for line in narrator.lines(holder.state, time.monotonic()):
                     print(line, flush=True)
-                shown = current
                 time.sleep(0.25)
     except KeyboardInterrupt:
         return 0
@@ -576,5 +617,8 @@ def register(subparsers: Any) -> None:
         type=float,
         default=5.0,
         help="with --once: seconds to wait for the job's status (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--connect-timeout", type=float, default=10.0, help="seconds to wait for the broker (default: %(default)s)"
     )
     parser.set_defaults(func=run_watch)

@@ -1,0 +1,780 @@
+"""``fedmqtt simulate``: a whole federated run on one machine, with real processes and a real broker.
+
+It starts a broker (unless ``--broker`` is given), one coordinator process and the device processes
+(``--devices-per-process`` devices packed per process, each its own MQTT client), shows the rounds live
+(the ``fedmqtt watch`` state and renderer), and writes ``report.json`` + ``report.png`` into ``--out``.
+
+Every child runs in its own process group, with its output in a log file of the out directory. On any way
+out -- the job finishing, an error, Ctrl-C (SIGINT) or SIGTERM -- the children are terminated, waited for,
+and killed if they do not exit in time, so no process is left behind.
+
+The pure parts (:func:`plan_simulation`, :func:`device_ranges`, :func:`resolve_data_dir`, the command
+builders) take values and return values; :class:`Supervisor` and :func:`run_simulation` do the I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from fedmqtt.errors import ConfigError, FedmqttError
+from fedmqtt.topics import DEFAULT_PREFIX, Topics, validate_id, validate_prefix
+
+DEVICE_ID_PREFIX = "dev-"
+# Without --devices-per-process, devices are spread over at most this many processes.
+DEFAULT_MAX_DEVICE_PROCESSES = 16
+STOP_GRACE_S = 10.0
+LOG_TAIL_LINES = 30
+_IDX_TRAIN_IMAGES = "train-images-idx3-ubyte"
+
+
+class SimulateError(FedmqttError):
+    """The simulation could not run to the end (a child failed, no data, ...)."""
+
+
+class SimulationInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; everything is being stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pure plan
+# ---------------------------------------------------------------------------------------------------
+
+
+def repo_root() -> Path:
+    """The checkout this package runs from (src/fedmqtt/simulate.py -> the repository)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def resolve_data_dir(dataset: str, data_dir: str | None, env: Mapping[str, str], root: Path) -> Path:
+    """``--data-dir``, else ``$FEDMQTT_DATA`` (the dataset's directory, or a parent holding
+    ``<dataset>/``), else ``../shared/data/<dataset>`` next to the repository; the directory must hold
+    the IDX training images."""
+    if data_dir is not None:
+        candidates = [(Path(data_dir), "--data-dir")]
+    elif env.get("FEDMQTT_DATA"):
+        base = Path(env["FEDMQTT_DATA"])
+        source = "$FEDMQTT_DATA"
+        candidates = [(base / dataset, source)] if (base / dataset).is_dir() else [(base, source)]
+    else:
+        candidates = [(root.parent / "shared" / "data" / dataset, "the default location")]
+    path, source = candidates[0]
+    if not path.is_dir():
+        raise ConfigError(
+            "data-dir",
+            f"{path} ({source}) is not a directory; pass --data-dir DIR with the {dataset} IDX files "
+            "(train-images-idx3-ubyte[.gz], ...) or set FEDMQTT_DATA",
+        )
+    if not any(path.glob(_IDX_TRAIN_IMAGES + "*")):
+        raise ConfigError(
+            "data-dir", f"{path} ({source}) holds no {_IDX_TRAIN_IMAGES}[.gz]: it is not a {dataset} IDX directory"
+        )
+    return path
+
+
+def device_ranges(num_devices: int, per_process: int) -> list[tuple[int, int]]:
+    """Device index ranges [a, b) of each process: ``ceil(num_devices / per_process)`` of them."""
+    if num_devices < 1 or per_process < 1:
+        raise ValueError("num_devices and per_process must be >= 1")
+    return [(a, min(a + per_process, num_devices)) for a in range(0, num_devices, per_process)]
+
+
+def default_devices_per_process(num_devices: int, cpu_count: int) -> int:
+    """Two device processes per core (at most 16 processes).
+
+    A process trains its selected devices one after another on one thread. One process per core would
+    leave a core idle whenever the parts are unequal (the demo's dirichlet:0.5 split gave two processes
+    37,118 and 22,882 samples); two per core lets the scheduler even that out. Many more would only add
+    memory: each process holds torch and the data set, ~1 GB resident.
+    """
+    processes = max(1, min(2 * cpu_count, DEFAULT_MAX_DEVICE_PROCESSES, num_devices))
+    return math.ceil(num_devices / processes)
+
+
+def check_devices_per_process(per_process: int, limit: int) -> int:
+    if per_process < 1:
+        raise ConfigError("--devices-per-process", f"must be >= 1, got {per_process}")
+    if per_process > limit:
+        raise ConfigError(
+            "--devices-per-process",
+            f"{per_process} is above the limit of {limit} MQTT clients per process "
+            f"(fedmqtt.mqtt.MAX_CLIENTS_PER_PROCESS); use at most {limit}, which starts more processes",
+        )
+    return per_process
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    """Every resolved setting of one simulation; ``config`` of the report."""
+
+    job: str
+    prefix: str
+    devices: int
+    rounds: int
+    devices_per_process: int
+    device_processes: int
+    threads_per_process: int
+    min_updates: int
+    min_devices: int
+    round_timeout: float
+    devices_per_round: int | None
+    dataset: str
+    data_dir: str
+    partition: str
+    model: str
+    local_epochs: int
+    batch_size: int
+    lr: float
+    uplink: str
+    seed: int
+    out_dir: str
+    broker: str  # "mosquitto", "embedded" or the URL given with --broker
+    mqtt_version: str
+    # Coordinator flags passed through only when given (flag -> value).
+    extra_coordinator_flags: tuple[tuple[str, str], ...] = ()
+    timeout: float | None = None
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    tls_ca: str | None = None
+
+    def report_config(self) -> dict[str, Any]:
+        config = asdict(self)
+        config.pop("password")
+        config["extra_coordinator_flags"] = dict(self.extra_coordinator_flags)
+        return config
+
+
+# Coordinator flags that simulate only passes through (dest, flag, type).
+_PASSTHROUGH: tuple[tuple[str, str, type], ...] = (
+    ("min_updates_at_deadline", "--min-updates-at-deadline", int),
+    ("max_attempts", "--max-attempts", int),
+    ("strategy", "--strategy", str),
+    ("prox_mu", "--prox-mu", float),
+    ("checkpoint_dir", "--checkpoint-dir", str),
+    ("dp_mode", "--dp-mode", str),
+    ("dp_clip", "--dp-clip", float),
+    ("dp_noise_multiplier", "--dp-noise-multiplier", float),
+    ("dp_delta", "--dp-delta", float),
+    ("target_epsilon", "--target-epsilon", float),
+    ("dp_sample_rate", "--dp-sample-rate", float),
+)
+
+
+def plan_simulation(
+    args: argparse.Namespace,
+    *,
+    env: Mapping[str, str],
+    root: Path,
+    max_clients_per_process: int,
+    cpu_count: int,
+    now: float,
+) -> SimulationPlan:
+    """Validate the flags and resolve every default. Raises :class:`ConfigError` naming the flag."""
+    if args.devices < 1:
+        raise ConfigError("--devices", f"must be >= 1, got {args.devices}")
+    if args.rounds < 1:
+        raise ConfigError("--rounds", f"must be >= 1, got {args.rounds}")
+    job = args.job or time.strftime("sim-%Y%m%d-%H%M%S", time.localtime(now))
+    validate_id("job id", job)
+    validate_prefix(args.prefix)
+    requested = args.devices_per_process
+    per_process = check_devices_per_process(
+        default_devices_per_process(args.devices, cpu_count) if requested is None else requested,
+        max_clients_per_process,
+    )
+    ranges = device_ranges(args.devices, per_process)
+    per_round = args.devices_per_round
+    if per_round is not None and not 1 <= per_round <= args.devices:
+        raise ConfigError("--devices-per-round", f"must be between 1 and --devices ({args.devices})")
+    selectable = per_round or args.devices
+    min_updates = args.min_updates if args.min_updates is not None else selectable
+    if not 1 <= min_updates <= selectable:
+        raise ConfigError("--min-updates", f"must be between 1 and the devices selected per round ({selectable})")
+    min_devices = args.min_devices if args.min_devices is not None else args.devices
+    if not min_updates <= min_devices <= args.devices:
+        raise ConfigError("--min-devices", f"must be between --min-updates ({min_updates}) and --devices")
+    if args.round_timeout <= 0:
+        raise ConfigError("--round-timeout", "must be > 0 seconds")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError("--timeout", "must be > 0 seconds")
+    if args.embedded and args.broker:
+        raise ConfigError("--embedded", "cannot be combined with --broker (which broker should it use?)")
+    data_dir = resolve_data_dir(args.dataset, args.data_dir, env, root)
+    if args.broker:
+        broker, mqtt_version = args.broker, args.mqtt_version or "5"
+    elif args.embedded or not _mosquitto_available():
+        broker, mqtt_version = "embedded", "3.1.1"
+        if args.mqtt_version == "5":
+            raise ConfigError("--mqtt-version", "the embedded broker speaks MQTT 3.1.1 only")
+    else:
+        broker, mqtt_version = "mosquitto", args.mqtt_version or "5"
+    extra = tuple(
+        (flag, str(getattr(args, dest))) for dest, flag, _ in _PASSTHROUGH if getattr(args, dest, None) is not None
+    )
+    return SimulationPlan(
+        job=job,
+        prefix=args.prefix,
+        devices=args.devices,
+        rounds=args.rounds,
+        devices_per_process=per_process,
+        device_processes=len(ranges),
+        threads_per_process=max(1, cpu_count // len(ranges)),
+        min_updates=min_updates,
+        min_devices=min_devices,
+        round_timeout=args.round_timeout,
+        devices_per_round=per_round,
+        dataset=args.dataset,
+        data_dir=str(data_dir),
+        partition=args.partition,
+        model=args.model,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        uplink=args.uplink,
+        seed=args.seed,
+        out_dir=str(Path(args.out) if args.out else Path("runs") / job),
+        broker=broker,
+        mqtt_version=mqtt_version,
+        extra_coordinator_flags=extra,
+        timeout=args.timeout,
+        username=args.username,
+        password=args.password,
+        tls_ca=args.tls_ca,
+    )
+
+
+def _mosquitto_available() -> bool:
+    import shutil
+
+    return shutil.which("mosquitto") is not None
+
+
+def _connection_flags(plan: SimulationPlan, url: str) -> list[str]:
+    flags = ["--broker", url, "--job", plan.job, "--prefix", plan.prefix, "--mqtt-version", plan.mqtt_version]
+    if plan.username is not None:
+        flags += ["--username", plan.username]
+    if plan.password is not None:
+        flags += ["--password", plan.password]
+    if plan.tls_ca is not None:
+        flags += ["--tls-ca", plan.tls_ca]
+    return flags
+
+
+def fedmqtt_command(python: str = sys.executable) -> list[str]:
+    return [python, "-m", "fedmqtt.cli"]
+
+
+def coordinator_command(plan: SimulationPlan, url: str, python: str = sys.executable) -> list[str]:
+    argv = [*fedmqtt_command(python), "coordinator", *_connection_flags(plan, url)]
+    argv += [
+        "--rounds", str(plan.rounds),
+        "--min-updates", str(plan.min_updates),
+        "--min-devices", str(plan.min_devices),
+        "--round-timeout", f"{plan.round_timeout:g}",
+        "--model", plan.model,
+        "--dataset", plan.dataset,
+        "--eval-data", plan.data_dir,
+        "--local-epochs", str(plan.local_epochs),
+        "--batch-size", str(plan.batch_size),
+        "--lr", f"{plan.lr:g}",
+        "--uplink", plan.uplink,
+        "--seed", str(plan.seed),
+        "--quiet",
+    ]  # fmt: skip
+    if plan.devices_per_round is not None:
+        argv += ["--devices-per-round", str(plan.devices_per_round)]
+    for flag, value in plan.extra_coordinator_flags:
+        argv += [flag, value]
+    return argv
+
+
+def device_command(plan: SimulationPlan, url: str, first: int, end: int, python: str = sys.executable) -> list[str]:
+    """One device process holding devices ``first .. end-1`` (ids ``dev-0000``...), part i of the data."""
+    argv = [*fedmqtt_command(python), "device", *_connection_flags(plan, url)]
+    argv += [
+        "--id-prefix", DEVICE_ID_PREFIX,
+        "--parts", f"{first}:{end}",
+        "--dataset", plan.dataset,
+        "--data-dir", plan.data_dir,
+        "--partition", plan.partition,
+        "--num-parts", str(plan.devices),
+        "--seed", str(plan.seed),
+        "--threads", str(plan.threads_per_process),
+        "--exit-on-finish",
+    ]  # fmt: skip
+    return argv
+
+
+def child_environment(base: Mapping[str, str], threads: int) -> dict[str, str]:
+    env = dict(base)
+    env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log files as they happen
+    # BLAS/OpenMP pools would otherwise start one thread per core in every process.
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    name: str
+    log_path: Path
+    process: subprocess.Popen[bytes]
+    reported: bool = False
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+    tail = text.splitlines()[-lines:]
+    return "\n".join("    " + line for line in tail) if tail else "    (empty log)"
+
+
+class Supervisor:
+    """Starts children in their own process groups and stops them all: SIGTERM, wait, SIGKILL.
+
+    ``stop_all`` runs from ``finally`` blocks and, as a last resort, at interpreter exit.
+    """
+
+    def __init__(self, grace_s: float = STOP_GRACE_S) -> None:
+        self.children: list[Child] = []
+        self.grace_s = grace_s
+        atexit.register(self.stop_all)
+
+    def start(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str]) -> Child:
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(env),
+                # Its own process group (and session): a terminal's Ctrl-C reaches only simulate, which
+                # then stops the children in order; killpg reaches anything a child started.
+                start_new_session=True,
+            )
+        child = Child(name=name, log_path=log_path, process=process)
+        self.children.append(child)
+        return child
+
+    def running(self) -> list[Child]:
+        return [c for c in self.children if c.returncode is None]
+
+    def stop_all(self) -> None:
+        alive = self.running()
+        for child in alive:
+            _signal_group(child.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        for child in alive:
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(child.process.pid, signal.SIGKILL)
+                child.process.wait()
+
+    def close(self) -> None:
+        self.stop_all()
+        atexit.unregister(self.stop_all)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`SimulationInterrupted` in the main thread while inside."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SimulationInterrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """While stopping children, a second Ctrl-C must not cut the clean-up short."""
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def start_broker(plan: SimulationPlan) -> Iterator[str]:
+    """Yield the broker URL: the given one, or a Mosquitto / embedded broker for the run's duration."""
+    if plan.broker == "mosquitto":
+        import tempfile
+
+        from fedmqtt.broker.mosquitto import MosquittoBroker
+
+        # A throw-away broker: its configuration and persistence go with the run.
+        with (
+            tempfile.TemporaryDirectory(prefix="fedmqtt-mosquitto-") as config_dir,
+            MosquittoBroker(config_dir, port=0) as mosquitto,
+        ):
+            yield mosquitto.url
+    elif plan.broker == "embedded":
+        from fedmqtt.broker.embedded import EmbeddedBroker
+
+        with EmbeddedBroker(host="127.0.0.1", port=0) as embedded:
+            yield embedded.url
+    else:
+        yield plan.broker
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Display:
+    """The live view on a terminal, plain log lines otherwise."""
+
+    def __init__(self, out: IO[str]) -> None:
+        from fedmqtt.watch import Narrator
+
+        self.out = out
+        self.is_tty = out.isatty()
+        self.started = time.monotonic()
+        self._live: Any = None
+        self._narrator: Narrator | None = None
+
+    def __enter__(self) -> _Display:
+        if self.is_tty:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(console=Console(file=self.out), refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+
+    def update(self, state: Any, footer: str) -> None:
+        from rich.console import Group
+        from rich.text import Text
+
+        from fedmqtt.watch import Narrator, render
+
+        if self._live is not None:
+            self._live.update(Group(render(state), Text(footer, style="dim")))
+            return
+        if self._narrator is None:
+            self._narrator = Narrator(state.topics)
+        for line in self._narrator.lines(state, time.monotonic()):
+            self.line(line)
+
+    def line(self, text: str) -> None:
+        elapsed = time.monotonic() - self.started
+        message = f"[{elapsed:6.1f}s] {text}"
+        if self._live is not None:
+            self._live.console.print(message)
+        else:
+            print(message, file=self.out, flush=True)
+
+
+def run_simulation(plan: SimulationPlan, *, out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> int:
+    """Run the whole simulation; return the exit status (0 when the coordinator finished the job).
+
+    When it ends early (Ctrl-C, SIGTERM, a failure) after at least one round closed, the report of the
+    rounds so far is still written.
+    """
+    from fedmqtt.watch import StateHolder, WatchState
+
+    out_dir = Path(plan.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    supervisor = Supervisor()
+    started = time.monotonic()
+    holder = StateHolder(WatchState(topics=Topics(job=plan.job, prefix=plan.prefix)))
+    try:
+        with _stop_signals_raise():
+            return _run(plan, out_dir, supervisor, holder, started, out, err)
+    except SimulationInterrupted as exc:
+        running = len(supervisor.running())
+        print(f"fedmqtt simulate: {exc} received: stopping {running} processes", file=err, flush=True)
+        _write_partial_report(plan, out_dir, holder, started, err)
+        return 128 + exc.signum
+    except FedmqttError:
+        _write_partial_report(plan, out_dir, holder, started, err)
+        raise
+    finally:
+        with _signals_ignored():
+            supervisor.close()
+
+
+def _write_partial_report(plan: SimulationPlan, out_dir: Path, holder: Any, started: float, err: IO[str]) -> None:
+    from fedmqtt.report import build_report, write_report
+
+    state = holder.state
+    if not state.rounds:
+        return
+    report = build_report(
+        plan.report_config(),
+        state.ordered_rounds(),
+        state.status,
+        state.privacy,
+        wall_seconds=time.monotonic() - started,
+        malformed_messages=state.malformed,
+    )
+    with _signals_ignored():
+        json_path, png_path = write_report(out_dir, report)
+    print(f"fedmqtt simulate: report of the {len(state.rounds)} rounds done: {json_path}, {png_path}", file=err)
+
+
+def _run(
+    plan: SimulationPlan,
+    out_dir: Path,
+    supervisor: Supervisor,
+    holder: Any,
+    started: float,
+    out: IO[str],
+    err: IO[str],
+) -> int:
+    from fedmqtt.report import build_report, write_report
+    from fedmqtt.watch import client_settings, collect_snapshot, open_watch, random_client_id
+
+    topics = holder.state.topics
+    env = child_environment(os.environ, plan.threads_per_process)
+    with start_broker(plan) as url:
+        settings = client_settings(
+            url,
+            client_id=random_client_id("sim"),
+            mqtt_version=plan.mqtt_version,
+            username=plan.username,
+            password=plan.password,
+            tls_ca=plan.tls_ca,
+        )
+        watcher = open_watch(settings, holder)
+        # Children stop while the broker still runs, so that devices can say goodbye (offline status).
+        try:
+            coordinator = supervisor.start(
+                "coordinator", coordinator_command(plan, url), out_dir / "coordinator.log", env
+            )
+            devices = [
+                supervisor.start(f"devices-{k}", device_command(plan, url, a, b), out_dir / f"devices-{k}.log", env)
+                for k, (a, b) in enumerate(device_ranges(plan.devices, plan.devices_per_process))
+            ]
+            with _Display(out) as display:
+                display.line(
+                    f"job {plan.job}: {plan.devices} devices in {len(devices)} processes, {plan.rounds} rounds, "
+                    f"broker {plan.broker} ({url}), logs in {out_dir}"
+                )
+                code = _supervise(plan, supervisor, coordinator, devices, holder, display, started, err)
+            if code != 0:
+                return code
+            # The retained messages are the record of the run: read them once more, so that no summary
+            # that was in flight when the coordinator exited is missing from the report.
+            # (A client id of its own: the broker would otherwise disconnect the live watcher.)
+            snapshot_settings = dataclasses.replace(settings, client_id=random_client_id("sim"))
+            final = collect_snapshot(snapshot_settings, topics, wait_s=10.0, quiet_s=0.5)
+            _wait_for_devices(devices, timeout_s=15.0)
+        finally:
+            watcher.close()
+            with _signals_ignored():
+                supervisor.stop_all()
+    report = build_report(
+        plan.report_config(),
+        final.ordered_rounds(),
+        final.status,
+        final.privacy,
+        wall_seconds=time.monotonic() - started,
+        malformed_messages=holder.state.malformed,
+    )
+    json_path, png_path = write_report(out_dir, report)
+    totals = report["totals"]
+    accuracy = totals["final_accuracy"]
+    print(
+        f"job {plan.job} {totals['phase']}: {totals['rounds_completed']} rounds, "
+        f"final accuracy {'-' if accuracy is None else format(accuracy, '.4f')}, "
+        f"{totals['megabytes']:.2f} MB moved, {totals['wall_seconds']:.0f} s; report: {json_path}, {png_path}",
+        file=out,
+        flush=True,
+    )
+    return 0
+
+
+def _supervise(
+    plan: SimulationPlan,
+    supervisor: Supervisor,
+    coordinator: Child,
+    devices: list[Child],
+    holder: Any,
+    display: _Display,
+    started: float,
+    err: IO[str],
+) -> int:
+    """Show progress until the coordinator exits; report failing children with their log tails."""
+    while True:
+        display.update(holder.state, _footer(supervisor))
+        code = coordinator.returncode
+        if code is not None:
+            display.update(holder.state, _footer(supervisor))
+            if code == 0:
+                return 0
+            print(
+                f"fedmqtt simulate: the coordinator exited with status {code}; "
+                f"the end of {coordinator.log_path}:\n{log_tail(coordinator.log_path)}",
+                file=err,
+                flush=True,
+            )
+            return 1
+        for child in devices:
+            if child.returncode is not None and not child.reported:
+                child.reported = True
+                display.line(
+                    f"{child.name} exited with status {child.returncode} before the job finished; "
+                    f"the end of {child.log_path}:\n{log_tail(child.log_path)}"
+                )
+        if all(child.returncode is not None for child in devices):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                coordinator.process.wait(timeout=2.0)  # often both fail for one reason: show the coordinator's
+            if coordinator.returncode is not None:
+                continue
+            raise SimulateError(
+                "every device process has exited, so the job cannot finish; see the logs in "
+                f"{coordinator.log_path.parent}"
+            )
+        if plan.timeout is not None and time.monotonic() - started > plan.timeout:
+            raise SimulateError(
+                f"the job did not finish within --timeout {plan.timeout:g} s; the end of "
+                f"{coordinator.log_path}:\n{log_tail(coordinator.log_path)}"
+            )
+        time.sleep(0.25)
+
+
+def _footer(supervisor: Supervisor) -> str:
+    running = supervisor.running()
+    return f"{len(running)} of {len(supervisor.children)} processes running (Ctrl-C stops them all)"
+
+
+def _wait_for_devices(devices: list[Child], timeout_s: float) -> None:
+    """Devices run with --exit-on-finish: give them a moment to publish offline and leave."""
+    deadline = time.monotonic() + timeout_s
+    for child in devices:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_simulate_command(args: argparse.Namespace) -> int:
+    from fedmqtt.mqtt import MAX_CLIENTS_PER_PROCESS
+
+    plan = plan_simulation(
+        args,
+        env=os.environ,
+        root=repo_root(),
+        max_clients_per_process=MAX_CLIENTS_PER_PROCESS,
+        cpu_count=os.cpu_count() or 1,
+        now=time.time(),
+    )
+    return run_simulation(plan)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="run a whole federated job locally: broker, coordinator and device processes, with a report",
+        description="Start a broker (unless --broker), a coordinator and N devices as separate processes, show "
+        "the rounds live, and write report.json and report.png into --out.",
+    )
+    p.add_argument("--devices", type=int, required=True, help="number of devices")
+    p.add_argument("--rounds", type=int, required=True, help="number of rounds")
+    p.add_argument("--job", help="job id (default: sim-YYYYmmdd-HHMMSS)")
+    p.add_argument("--out", help="directory for the report and logs (default: runs/JOB)")
+    p.add_argument("--timeout", type=float, help="give up (and stop everything) after this many seconds")
+    g = p.add_argument_group("broker")
+    g.add_argument("--broker", help="use this broker URL instead of starting one")
+    g.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start the embedded (amqtt, MQTT 3.1.1) broker even if Mosquitto is installed",
+    )
+    g.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
+    g.add_argument(
+        "--mqtt-version",
+        choices=("5", "3.1.1"),
+        help="MQTT protocol of every client (default 5; 3.1.1 with the embedded broker)",
+    )
+    g.add_argument("--username")
+    g.add_argument("--password")
+    g.add_argument("--tls-ca", help="CA certificate file for an mqtts:// --broker")
+    g = p.add_argument_group("processes")
+    g.add_argument(
+        "--devices-per-process",
+        type=int,
+        help="devices packed into one process, each its own MQTT client "
+        f"(default: two processes per core, at most {DEFAULT_MAX_DEVICE_PROCESSES})",
+    )
+    g = p.add_argument_group("rounds (coordinator)")
+    g.add_argument("--min-updates", type=int, help="updates that close a round (default: all selected)")
+    g.add_argument("--min-devices", type=int, help="devices online before round 1 (default: --devices)")
+    g.add_argument("--round-timeout", type=float, default=300.0, help="seconds per round (default: %(default)s)")
+    g.add_argument("--devices-per-round", type=int, help="devices selected per round (default: all)")
+    g.add_argument("--min-updates-at-deadline", type=int)
+    g.add_argument("--max-attempts", type=int)
+    g.add_argument("--strategy")
+    g.add_argument("--checkpoint-dir")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("model and training")
+    g.add_argument("--model", default="cnn", help="cnn, seed-cnn, mlp (default: %(default)s)")
+    g.add_argument("--local-epochs", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=50)
+    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--prox-mu", type=float)
+    g.add_argument("--uplink", default="int8", help="update codec (default: %(default)s)")
+    g = p.add_argument_group("differential privacy (coordinator flags)")
+    g.add_argument("--dp-mode", choices=("off", "device", "local", "central"))
+    g.add_argument("--dp-clip", type=float)
+    g.add_argument("--dp-noise-multiplier", type=float)
+    g.add_argument("--dp-delta", type=float)
+    g.add_argument("--target-epsilon", type=float)
+    g.add_argument("--dp-sample-rate", type=float)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
+    g.add_argument(
+        "--data-dir", help="IDX files (default: $FEDMQTT_DATA, else ../shared/data/DATASET next to the repository)"
+    )
+    g.add_argument("--partition", default="iid", help="iid, shards:2, dirichlet:0.5 (default: %(default)s)")
+    p.set_defaults(func=run_simulate_command)
