@@ -822,7 +822,7 @@ BAD_CONFIGS = [
     (["--min-updates", "2", "--min-updates-at-deadline", "3"], "min_updates_at_deadline"),
     (["--min-updates", "1", "--rounds", "0"], "rounds: Input should be greater than 0"),
     (["--min-updates", "1", "--round-timeout", "-1"], "round_timeout"),
-    (["--min-updates", "1", "--resume"], "resume needs checkpoint_dir"),
+    (["--min-updates", "1", "--resume"], "checkpoint_dir: --resume needs a checkpoint_dir"),
     (["--min-updates", "1", "--dp-mode", "device"], "dp_mode needs dp_clip and dp_noise_multiplier"),
     (["--min-updates", "1", "--dp-mode", "device", "--dp-clip", "1", "--dp-noise-multiplier", "1"],
      "dp_mode needs dp_sample_rate"),
