@@ -34,6 +34,9 @@ def test_flags_override_toml(tmp_path: Path) -> None:
         ({"dp_mode": "device", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_sample_rate": 0.1,
           "uplink": "topk:0.01+int8+ef"}, "error feedback"),
         ({"resume": True}, "checkpoint_dir"),
+        ({"downlink": "topk:0.1+int8"}, "downlink"),
+        ({"downlink": "float16+ef"}, "downlink"),
+        ({"downlink": "bfloat16"}, "downlink"),
         ({"target_epsilon": 3.0}, "dp_mode"),
     ],
 )  # fmt: skip
@@ -42,6 +45,12 @@ def test_bad_configuration_is_refused_naming_the_field(overrides: dict, field: s
     base.update(overrides)
     with pytest.raises(ConfigError, match=field):
         load_config(None, base)
+
+
+def test_downlink_codec_defaults_to_exact_float32() -> None:
+    base = {"job": "j", "rounds": 3, "min_updates": 2}
+    assert str(load_config(None, base).downlink_codec) == "float32+zstd:1"
+    assert load_config(None, {**base, "downlink": "float16"}).downlink_codec.values.value == "float16"
 
 
 def test_bad_toml_file(tmp_path: Path) -> None:

@@ -167,6 +167,7 @@ _PASSTHROUGH: tuple[tuple[str, str, type], ...] = (
     ("max_attempts", "--max-attempts", int),
     ("strategy", "--strategy", str),
     ("prox_mu", "--prox-mu", float),
+    ("downlink", "--downlink", str),
     ("checkpoint_dir", "--checkpoint-dir", str),
     ("dp_mode", "--dp-mode", str),
     ("dp_clip", "--dp-clip", float),
@@ -764,6 +765,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--lr", type=float, default=0.05)
     g.add_argument("--prox-mu", type=float)
     g.add_argument("--uplink", default="int8", help="update codec (default: %(default)s)")
+    g.add_argument("--downlink", help="global-model codec (coordinator default float32; float16 halves it)")
     g = p.add_argument_group("differential privacy (coordinator flags)")
     g.add_argument("--dp-mode", choices=("off", "device", "local", "central"))
     g.add_argument("--dp-clip", type=float)

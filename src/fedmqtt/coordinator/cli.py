@@ -17,7 +17,7 @@ _CONFIG_FLAGS = (
     "broker", "job", "prefix", "mqtt_version", "username", "password", "tls_ca", "client_id", "rounds",
     "min_updates", "round_timeout", "devices_per_round", "min_devices", "min_updates_at_deadline",
     "max_attempts", "seed", "strategy", "model", "dataset", "eval_data", "checkpoint_dir", "resume",
-    "local_epochs", "batch_size", "lr", "prox_mu", "uplink", "max_update_mb", "dp_mode", "dp_clip",
+    "local_epochs", "batch_size", "lr", "prox_mu", "uplink", "downlink", "max_update_mb", "dp_mode", "dp_clip",
     "dp_noise_multiplier", "dp_delta", "target_epsilon", "dp_sample_rate", "dp_population", "dp_adaptive_clip",
     "quiet",
 )  # fmt: skip
@@ -69,6 +69,10 @@ def register(subparsers: Any) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--prox-mu", type=float, help="FedProx proximal term (default off)")
     g.add_argument("--uplink", help="device update codec, e.g. int8, float16, topk:0.01+int8+ef")
+    g.add_argument(
+        "--downlink",
+        help="global-model codec (default float32; float16 halves the bytes each selected device downloads)",
+    )
     g.add_argument("--max-update-mb", type=float)
     g = p.add_argument_group("durability")
     g.add_argument("--checkpoint-dir", type=Path)

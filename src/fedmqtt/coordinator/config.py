@@ -57,6 +57,7 @@ class CoordinatorConfig(BaseModel):
     lr: Annotated[float, Field(gt=0)] = 0.05
     prox_mu: Annotated[float, Field(ge=0)] | None = None
     uplink: str = "int8"
+    downlink: str = "float32"
     trainable: tuple[str, ...] | None = None
     max_update_mb: Annotated[float, Field(gt=0)] = 64.0
 
@@ -77,6 +78,12 @@ class CoordinatorConfig(BaseModel):
             codec = CodecSpec.parse(self.uplink)
         except MessageError as exc:
             raise ValueError(f"uplink: {exc.detail}") from None
+        try:
+            down = CodecSpec.parse(self.downlink)
+        except MessageError as exc:
+            raise ValueError(f"downlink: {exc.detail}") from None
+        if down.topk is not None or down.error_feedback:
+            raise ValueError("downlink: a global model is sent whole: use float32, float16 or int8 (no topk, no ef)")
         if self.min_devices is not None and self.min_devices < self.min_updates:
             raise ValueError("min_devices: must be >= min_updates (a round could never close)")
         if self.devices_per_round is not None and self.devices_per_round < self.min_updates:
@@ -112,6 +119,10 @@ class CoordinatorConfig(BaseModel):
     @property
     def uplink_codec(self) -> CodecSpec:
         return CodecSpec.parse(self.uplink)
+
+    @property
+    def downlink_codec(self) -> CodecSpec:
+        return CodecSpec.parse(self.downlink)
 
     @property
     def effective_min_devices(self) -> int:

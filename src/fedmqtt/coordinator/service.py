@@ -633,7 +633,7 @@ class CoordinatorService:
             job=self.config.job,
             round=self.model_round,
             sender=COORDINATOR_ID,
-            codec=CodecSpec(),
+            codec=self.config.downlink_codec,
             model_name=self.config.model,
         )
         self.model_hash = model_hash(self.model_frame)
