@@ -989,6 +989,12 @@ class MqttConnection:
             client.disconnect(reasoncode=_reason(PacketTypes.DISCONNECT, "Normal disconnection"))
         else:
             client.disconnect()
+        # Let the network thread write DISCONNECT before stopping it: stopping first can close the socket with
+        # the packet unsent, and the broker then treats the close as a crash and publishes the last will.
+        deadline = time.monotonic() + 2.0
+        with self._cond:
+            while self._connected and self._started and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
         client.loop_stop()
         sock = client.socket()
         if sock is not None:  # loop_stop() before the loop wrote DISCONNECT leaves the socket open

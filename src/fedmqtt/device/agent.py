@@ -23,7 +23,17 @@ from fedmqtt.checkpoint import load_state, save_state, write_atomic
 from fedmqtt.codecs import ErrorFeedback, decode_frame, encode_frame, model_hash
 from fedmqtt.codecs import errors as codec_errors
 from fedmqtt.errors import FedmqttError
-from fedmqtt.mqtt import ClientSettings, MqttConnection, MqttError, ProtocolName, PublishRefused, Will, parse_broker_url
+from fedmqtt.mqtt import (
+    ClientSettings,
+    ConnectionRefused,
+    MqttConnection,
+    MqttError,
+    ProtocolName,
+    PublishRefused,
+    TlsError,
+    Will,
+    parse_broker_url,
+)
 from fedmqtt.schema import (
     DeviceState,
     DeviceStatus,
@@ -210,9 +220,23 @@ class DeviceRuntime:
         self.devices.append(device)
         return device
 
-    def connect_all(self, timeout: float = 30.0) -> None:
+    def connect_all(self, timeout: float = 30.0, attempts: int = 3) -> None:
+        """Connect every device; a broker that is slow to answer (a loaded embedded broker, say) gets
+        ``attempts`` tries per device. A refused login or a TLS error is final at once."""
         for device in self.devices:
-            device.connect(timeout)
+            for attempt in range(1, attempts + 1):
+                try:
+                    device.connect(timeout)
+                    break
+                except (ConnectionRefused, TlsError):
+                    raise
+                except MqttError as exc:
+                    if device.conn is not None:
+                        device.conn.close()
+                        device.conn = None
+                    if attempt == attempts or self._stop.is_set():
+                        raise
+                    log.warning("%s: %s; trying again (%d/%d)", device.device_id, exc, attempt + 1, attempts)
 
     def stop(self) -> None:
         self._stop.set()
