@@ -260,7 +260,10 @@ class CoordinatorService:
                 shutil.rmtree(self._spool_root(), ignore_errors=True)
             self.model_round = 1
             self._publish_global_model()
-            self._execute(self.machine.start(now))
+            if self._budget_exhausted():  # not even round 1 fits under --target-epsilon
+                self._execute(self.machine.stop(self._budget_reason(), now))
+            else:
+                self._execute(self.machine.start(now))
         self._publish_privacy()
         self._maybe_publish_status(force=True)
 
