@@ -34,6 +34,8 @@ def test_flags_override_toml(tmp_path: Path) -> None:
         ({"dp_mode": "device", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_sample_rate": 0.1,
           "uplink": "topk:0.01+int8+ef"}, "error feedback"),
         ({"resume": True}, "checkpoint_dir"),
+        ({"dp_mode": "central", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_sample_rate": 0.1,
+          "trainable": ["fc2.weight"]}, "trainable"),
         ({"downlink": "topk:0.1+int8"}, "downlink"),
         ({"downlink": "float16+ef"}, "downlink"),
         ({"downlink": "bfloat16"}, "downlink"),

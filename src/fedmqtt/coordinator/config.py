@@ -105,6 +105,11 @@ class CoordinatorConfig(BaseModel):
                 raise ValueError(
                     "dp_sample_rate: dp_mode needs dp_sample_rate: DP rounds select devices by Poisson sampling with rate q"
                 )
+            if self.trainable is not None:
+                raise ValueError(
+                    "trainable: head-only training cannot be combined with DP yet (devices would noise the "
+                    "frozen tensors too); see the privacy benchmark for the simulated head-only results"
+                )
             if self.strategy in ROBUST_STRATEGIES:
                 raise ValueError(f"strategy: {self.strategy} is not compatible with DP (unbounded sensitivity)")
             if codec.error_feedback:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -117,6 +118,9 @@ class CoordinatorService:
         self.manifest = model_manifest(config.model)
         self.numel = A.numel(self.global_arrays)
         self.strategy: Strategy = build_strategy(config.strategy, **config.strategy_params)
+        # DP rounds draw devices from a secret seed: a selection anyone could recompute from a known seed would
+        # undo the amplification by sampling that the accountant counts on (the state is checkpointed anyway).
+        self._selection_seed = config.seed if config.dp_mode is DPMode.OFF else secrets.randbits(63)
         self.machine = M.RoundMachine(self._round_config())
         self.accountant = self._build_accountant()
         self.adaptive_clip = self._build_adaptive_clip()
@@ -147,7 +151,7 @@ class CoordinatorService:
             devices_per_round=c.devices_per_round,
             min_updates_at_deadline=c.min_updates_at_deadline or 1,
             max_attempts=c.max_attempts,
-            seed=c.seed,
+            seed=self._selection_seed,
             sample_rate=c.dp_sample_rate if c.dp_mode is not DPMode.OFF else None,
         )
 
@@ -383,12 +387,18 @@ class CoordinatorService:
 
     def _execute(self, actions: list[Any]) -> None:
         for action in actions:
+            if self.exit_code is not None:
+                return  # the job ended (e.g. stopped by the privacy budget): the rest of the batch is void
             handler = getattr(self, f"_on_{type(action).__name__}", None)
             if handler is None:
                 raise FedmqttError(f"coordinator has no handler for machine action {type(action).__name__}")
             handler(action)
 
     def _on_OpenRound(self, a: Any) -> None:
+        if self.accountant is not None and self.config.target_epsilon is not None and self.accountant.would_exceed():
+            # e.g. after an empty Poisson draw was charged: never open a round that would pass the target
+            self._execute(self.machine.stop(self._budget_reason(), self.clock()))
+            return
         self.strategy.begin_round(self.global_arrays)
         self._unclipped = 0
         self.book = _RoundBook(a.round, a.attempt, a.opened_at)

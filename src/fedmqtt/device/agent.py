@@ -296,9 +296,11 @@ class DeviceRuntime:
             log.info("%s: plan for round %d expired before it could start", device.device_id, plan.round)
             return
         # A newer plan waiting in the inbox supersedes this one (e.g. after a reconnect): skip stale work.
+        from fedmqtt.training import TrainingDiverged
+
         try:
             self.take_part(device, plan)
-        except DeviceRefusal as exc:
+        except (DeviceRefusal, TrainingDiverged) as exc:  # one device's failure must not end its process
             log.warning("%s: declined round %d: %s", device.device_id, plan.round, exc)
             device.answered.add(key)
             device.save_state()
