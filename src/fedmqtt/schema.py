@@ -28,6 +28,19 @@ NonNegInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# A run of a job (a fresh start, not a --resume) and a process instance: random hex tokens. Retained messages of
+# another run are ignored by devices and watch; two processes with one identity are told apart by instance.
+TOKEN_PATTERN = r"^[0-9a-f]{16}$"
+Token = Annotated[str, Field(pattern=TOKEN_PATTERN)]
+# The largest sample count any update may claim (the weight of FedAvg); a plan may state a lower bound.
+MAX_SAMPLES_LIMIT = 1 << 31
+
+
+def new_token() -> str:
+    """A fresh run id or instance id."""
+    import secrets
+
+    return secrets.token_hex(8)
 
 
 class MessageError(FedmqttError):
@@ -200,6 +213,8 @@ class FrameHeader(_Strict):
     base_model_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     model_name: Annotated[str, Field(max_length=64)] | None = None
     dp: DPAnnouncement | None = None
+    # The run of the job this frame belongs to (global models; updates name their base model's hash instead).
+    run_id: Token | None = None
 
     @field_validator("tensors")
     @classmethod
@@ -259,6 +274,9 @@ class Plan(_Strict):
     dp: DPPlan | None = None
     # Freeze every tensor not named here (transfer learning: train only a head). None = train all.
     trainable: tuple[str, ...] | None = None
+    run_id: Token | None = None
+    # The largest sample count an update may report (its FedAvg weight); larger counts are refused.
+    max_samples: Annotated[int, Field(gt=0, le=MAX_SAMPLES_LIMIT)] = MAX_SAMPLES_LIMIT
 
 
 DeviceState = Literal["online", "training", "offline"]
@@ -274,6 +292,10 @@ class DeviceStatus(_Strict):
     round: NonNegInt | None = None
     num_samples: NonNegInt | None = None
     detail: Annotated[str, Field(max_length=500)] | None = None
+    # The device process that published this status: two different instances alternating on one device id
+    # means two processes share that id (they keep kicking each other off the broker).
+    instance: Token | None = None
+    run_id: Token | None = None
 
 
 class Phase(StrEnum):
@@ -312,6 +334,29 @@ class Status(_Strict):
     privacy: PrivacySpent | None = None
     refused_total: NonNegInt = 0
     updated_at: FiniteFloat
+    run_id: Token | None = None
+    # The coordinator process publishing (see CoordinatorPresence).
+    instance: Token | None = None
+
+
+CoordinatorState = Literal["online", "offline", "stopped"]
+
+
+class CoordinatorPresence(_Strict):
+    """``PREFIX/JOB/coordinator`` (retained; ``offline`` is the last will): which coordinator runs the job.
+
+    A coordinator that finds another instance online with a fresh heartbeat refuses to start; one started
+    with ``--take-over`` publishes itself here and the older instance stops when it reads it.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job: Identifier
+    instance: Token
+    run_id: Token | None = None
+    state: CoordinatorState
+    started_at: FiniteFloat
+    ts: FiniteFloat | None = None
+    take_over: bool = False
 
 
 class RefusalReason(StrEnum):
@@ -329,6 +374,10 @@ class RefusalReason(StrEnum):
     NON_FINITE = "non_finite"
     NORM_EXCEEDS_CLIP = "norm_exceeds_clip"
     WRONG_KIND = "wrong_kind"
+    WRONG_BASE_MODEL = "wrong_base_model"
+    BAD_SAMPLE_COUNT = "bad_sample_count"
+    NORM_TOO_LARGE = "norm_too_large"
+    INTERNAL_ERROR = "internal_error"
 
 
 class EventType(StrEnum):
@@ -342,6 +391,10 @@ class EventType(StrEnum):
     DEVICE_OFFLINE = "device_offline"
     JOB_FINISHED = "job_finished"
     JOB_STOPPED = "job_stopped"
+    DEVICE_DUPLICATE = "device_duplicate"
+    DEVICE_DECLINED = "device_declined"
+    COORDINATOR_CONFLICT = "coordinator_conflict"
+    RUN_STARTED = "run_started"
 
 
 class Event(_Strict):
@@ -356,6 +409,7 @@ class Event(_Strict):
     device: Identifier | None = None
     reason: RefusalReason | None = None
     detail: Annotated[str, Field(max_length=2000)] = ""
+    run_id: Token | None = None
 
 
 class RoundSummary(_Strict):
@@ -377,6 +431,7 @@ class RoundSummary(_Strict):
     accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     loss: NonNegFloat | None = None
     epsilon: NonNegFloat | None = None
+    run_id: Token | None = None
 
 
 class PrivacyLedger(_Strict):
@@ -397,6 +452,7 @@ class PrivacyLedger(_Strict):
     target_epsilon: NonNegFloat | None = None
     accountant: str  # library and method, e.g. "opacus.accountants.RDPAccountant (rdp)"
     updated_at: FiniteFloat
+    run_id: Token | None = None
 
 
 # ---------------------------------------------------------------------------------------------------

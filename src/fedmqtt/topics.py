@@ -8,6 +8,7 @@
     PREFIX/JOB/rounds/ROUND            retained JSON summary of a closed round
     PREFIX/JOB/devices/DEVICE/status   retained JSON online/training/offline (offline is the last will)
     PREFIX/JOB/privacy                 retained JSON privacy ledger
+    PREFIX/JOB/coordinator             retained JSON presence of the coordinator (offline is its last will)
 
 Identifiers (prefix, job, device) must be safe inside a topic level: no ``/``, ``+``, ``#``, no spaces.
 """
@@ -33,6 +34,7 @@ _EVENTS = "events"
 _ROUNDS = "rounds"
 _DEVICES = "devices"
 _PRIVACY = "privacy"
+_COORDINATOR = "coordinator"
 
 
 def validate_id(kind: str, value: str) -> str:
@@ -85,6 +87,10 @@ class Topics:
     @property
     def privacy(self) -> str:
         return f"{self.base}/{_PRIVACY}"
+
+    @property
+    def coordinator(self) -> str:
+        return f"{self.base}/{_COORDINATOR}"
 
     def update(self, device: str) -> str:
         return f"{self.base}/{_UPDATES}/{validate_id('device id', device)}"
@@ -169,6 +175,7 @@ def device_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
         AclRule("read", f"{p}/+/{_EVENTS}"),
         AclRule("read", f"{p}/+/{_ROUNDS}/+"),
         AclRule("read", f"{p}/+/{_PRIVACY}"),
+        AclRule("read", f"{p}/+/{_COORDINATOR}"),
     )
 
 
