@@ -454,6 +454,9 @@ _AUTH_REASONS = {0x86, 0x87, 0x8A, 0x8C}  # bad user/password, not authorised, b
 _UNSUPPORTED_PROTOCOL = 0x84
 
 
+_SESSION_TAKEN_OVER = 0x8E
+
+
 def _reason(packet_type: int, name: str) -> ReasonCode:
     return ReasonCode(packet_type, name)
 
@@ -481,8 +484,11 @@ class MqttConnection:
         subscriptions: Iterable[tuple[str, int]] = (),
         manual_ack: bool = False,
         on_connected: Callable[[bool], None] | None = None,
+        on_disconnected: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._on_disconnected = on_disconnected
+        self.taken_over = 0
         self._broker = settings.broker
         self._on_message = on_message
         self._manual_ack = manual_ack
@@ -793,8 +799,18 @@ class MqttConnection:
             self._connected = False
             self._disconnects += 1
             self._cond.notify_all()
+        # MQTT 5 reason 0x8E: another connection with our client id took the session over (a duplicate id).
+        taken_over = getattr(reason, "value", None) == _SESSION_TAKEN_OVER
+        if taken_over:
+            self.taken_over += 1
         if was_connected and not self._closed:
             logger.warning("lost the connection to %s: %s; reconnecting", self._broker, reason)
+            if self._on_disconnected is not None:
+                try:
+                    self._on_disconnected(str(reason), taken_over)
+                except Exception:
+                    self.callback_errors += 1
+                    logger.exception("on_disconnected callback failed")
 
     def _handle_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         topic = message.topic
@@ -823,6 +839,12 @@ class MqttConnection:
             self.callback_errors += 1
             logger.exception("on_message callback failed for a message on %r", topic)
 
+    @property
+    def pending_publishes(self) -> int:
+        """Publishes still waiting for the broker's acknowledgement."""
+        with self._cond:
+            return len(self._in_flight)
+
     def _handle_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any
     ) -> None:
@@ -830,6 +852,9 @@ class MqttConnection:
             self._in_flight.discard(mid)
             if mid in self._abandoned:
                 self._abandoned.discard(mid)
+                if reason.is_failure:
+                    logger.warning("the broker refused a publish (mid %d): %s", mid, reason)
+                self._cond.notify_all()
             else:
                 self._acks[mid] = reason
                 self._cond.notify_all()
@@ -869,12 +894,23 @@ class MqttConnection:
             )
         return client
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 30.0) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float = 30.0,
+        *,
+        wait: bool = True,
+    ) -> None:
         """Publish and wait for the broker's acknowledgement (PUBACK/PUBCOMP; for QoS 0, until it was written).
 
         Raises :class:`PublishRefused` (MQTT 5 failure reason code), :class:`PayloadTooLarge`,
         :class:`PublishTimeout`, or :class:`NotConnected` (QoS 0 while disconnected; QoS 1/2 messages wait for
-        the reconnect instead).
+        the reconnect instead). ``wait=False`` only queues the message (paho resends QoS 1/2 after a reconnect)
+        and returns at once: for a thread that must never block on the broker; ``pending_publishes`` counts the
+        messages not yet acknowledged, and ``close()`` still waits for them.
         """
         client = self._live_client()
         validate_topic_name(topic)
@@ -892,8 +928,14 @@ class MqttConnection:
             raise MqttError("the client's outgoing queue is full; slow down")
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
             raise NotConnected(f"not connected to {self._broker}; a QoS 0 message to {topic!r} was dropped")
-        deadline = time.monotonic() + timeout
         mid = info.mid
+        if not wait:
+            with self._cond:
+                if self._acks.pop(mid, None) is None and qos > 0:
+                    self._in_flight.add(mid)
+                    self._abandoned.add(mid)
+            return
+        deadline = time.monotonic() + timeout
         with self._cond:
             if mid not in self._acks:
                 self._in_flight.add(mid)
