@@ -464,6 +464,7 @@ EVENTS: dict[EventName, Callable[[RoundMachine], list[Action]]] = {
     EventName.REFUSE_UPDATE: lambda m: m.refuse_update("d0", 1, RefusalReason.MALFORMED, "bad", 5.0),
     EventName.TICK: lambda m: m.tick(5.0),
     EventName.AGGREGATION_DONE: lambda m: m.aggregation_done(m.round, 5.0),
+    EventName.AGGREGATION_FAILED: lambda m: m.aggregation_failed(m.round, "non-finite", 5.0),
     EventName.STOP: lambda m: m.stop("why", 5.0),
 }
 
@@ -765,3 +766,73 @@ def test_random_sequences_resume_identically(
         assert apply(machine, op, t) == apply(restored, op, t)
         check_invariants(machine)
     assert machine.state_dict() == restored.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------------
+# hostile numbers, wrong base models, broker restarts, failed aggregation
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("samples", [0, 101, 2**40, 10**30])
+def test_sample_counts_outside_the_plans_bound_are_refused(samples: int) -> None:
+    machine = RoundMachine(config(max_samples=100))
+    bring_online(machine, "d0", "d1")
+    machine.start(0.0)
+    verdict = machine.screen_update("d0", header("d0", 1, num_samples=samples))
+    assert verdict.refused and verdict.reason is RefusalReason.BAD_SAMPLE_COUNT
+    assert "1..100" in verdict.detail
+
+
+def test_an_update_against_another_model_is_refused() -> None:
+    machine = training_machine()
+    h = header("d0", 1).model_copy(update={"base_model_hash": "a" * 64})
+    verdict = machine.screen_update("d0", h, model_hash="b" * 64)
+    assert verdict.refused and verdict.reason is RefusalReason.WRONG_BASE_MODEL
+    assert machine.screen_update("d0", h, model_hash="a" * 64).acceptable
+
+
+def test_a_will_within_the_grace_period_does_not_shrink_the_round() -> None:
+    machine = training_machine()
+    assert machine.device_status("d0", "offline", 2.0, grace_until=12.0) == []
+    assert "d0" in machine.online
+    machine.device_status("d0", "online", 5.0)  # came back: the will is void
+    assert machine.tick(20.0, hold_deadline=True) == [] or "d0" in machine.online
+    assert "d0" in machine.online
+
+
+def test_a_will_whose_grace_runs_out_takes_effect_on_tick() -> None:
+    machine = training_machine()
+    machine.device_status("d0", "offline", 2.0, grace_until=12.0)
+    assert "d0" in machine.online
+    machine.tick(11.0, hold_deadline=True)
+    assert "d0" in machine.online
+    actions = machine.tick(12.5, hold_deadline=True)
+    assert "d0" not in machine.online
+    assert any(type(a).__name__ == "DeviceOffline" for a in actions)
+
+
+def test_a_held_deadline_keeps_the_round_open() -> None:
+    machine = training_machine()
+    deadline = machine.deadline
+    assert deadline is not None
+    machine.tick(deadline + 5, hold_deadline=True)
+    assert machine.stage is Stage.TRAINING and machine.attempt == 0
+    machine.tick(deadline + 6)  # no update arrived: the attempt fails and the round is retried
+    assert machine.attempt == 1
+
+
+def test_failed_aggregation_retries_the_round_then_stops() -> None:
+    machine = RoundMachine(config(max_attempts=2))
+    bring_online(machine, "d0", "d1")
+    machine.start(0.0)
+    accept(machine, "d0", 1.0)
+    accept(machine, "d1", 1.0)
+    assert machine.stage is Stage.AGGREGATING
+    actions = machine.aggregation_failed(1, "the aggregate is not finite", 2.0)
+    assert [type(a).__name__ for a in actions][:2] == ["RoundFailed", "OpenRound"]
+    assert machine.round == 1 and machine.attempt == 1 and machine.stage is Stage.TRAINING
+    accept(machine, "d0", 3.0)
+    accept(machine, "d1", 3.0)
+    actions = machine.aggregation_failed(1, "again", 4.0)
+    assert machine.stage is Stage.STOPPED
+    assert "aggregation failed: again" in (machine.end_reason or "")

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmqtt.coordinator.errors import IllegalEvent, StateDictError
 from fedmqtt.errors import ConfigError
-from fedmqtt.schema import ID_PATTERN, FrameHeader, FrameKind, Phase, RefusalReason, Status
+from fedmqtt.schema import ID_PATTERN, MAX_SAMPLES_LIMIT, FrameHeader, FrameKind, Phase, RefusalReason, Status
 
 _ID_RE = re.compile(ID_PATTERN)
 STATE_VERSION: Literal[1] = 1
@@ -70,6 +70,7 @@ class RoundConfig:
     - ``min_updates_at_deadline``: fewest updates a round may close with at its deadline (default 1).
     - ``max_attempts``: how many times one round may be opened; after that many failures the job stops.
     - ``seed``: seeds the selection RNG (numpy PCG64).
+    - ``max_samples``: the largest sample count (FedAvg weight) an update may claim; the plan states it.
     """
 
     job: str
@@ -82,6 +83,7 @@ class RoundConfig:
     max_attempts: int = 3
     seed: int = 0
     sample_rate: float | None = None
+    max_samples: int = MAX_SAMPLES_LIMIT
 
     def __post_init__(self) -> None:
         if not isinstance(self.job, str) or not _ID_RE.match(self.job):
@@ -112,6 +114,9 @@ class RoundConfig:
             )
         _require_int("max_attempts", self.max_attempts, 1)
         _require_int("seed", self.seed, 0)
+        _require_int("max_samples", self.max_samples, 1)
+        if self.max_samples > MAX_SAMPLES_LIMIT:
+            raise ConfigError("max_samples", f"must be <= {MAX_SAMPLES_LIMIT}, got {self.max_samples}")
         if self.sample_rate is not None:
             q = self.sample_rate
             if isinstance(q, bool) or not isinstance(q, int | float) or not (0.0 < q <= 1.0):
@@ -307,6 +312,7 @@ class EventName(StrEnum):
     REFUSE_UPDATE = "refuse_update"
     TICK = "tick"
     AGGREGATION_DONE = "aggregation_done"
+    AGGREGATION_FAILED = "aggregation_failed"
     STOP = "stop"
 
 
@@ -334,6 +340,9 @@ TRANSITIONS: dict[tuple[Stage, EventName], frozenset[Stage]] = {
     (_S.TRAINING, _E.REFUSE_UPDATE): frozenset({_S.TRAINING}),
     (_S.TRAINING, _E.STOP): frozenset({_S.STOPPED}),
     (_S.AGGREGATING, _E.AGGREGATION_DONE): _OPEN_RESULTS,
+    # A strategy that cannot aggregate what arrived (non-finite result, too few updates for Krum): the attempt
+    # fails like a deadline without quorum: retried, or the job stops after max_attempts.
+    (_S.AGGREGATING, _E.AGGREGATION_FAILED): frozenset({_S.WAITING, _S.TRAINING, _S.STOPPED, _S.FINISHED}),
     (_S.AGGREGATING, _E.STOP): frozenset({_S.STOPPED}),
     **{(_S.AGGREGATING, e): frozenset({_S.AGGREGATING}) for e in _QUIET},
     **{(_S.FINISHED, e): frozenset({_S.FINISHED}) for e in _QUIET},
@@ -408,6 +417,9 @@ class RoundMachine:
         self._refused_total: Counter[RefusalReason] = Counter()
         self._end_reason: str | None = None
         self._rng = np.random.Generator(np.random.PCG64(config.seed))
+        # Devices whose last will arrived while the broker connection was in doubt (a broker restart publishes
+        # the wills of clients that never died): device -> when the will takes effect unless it comes back.
+        self._suspect: dict[str, float] = {}
 
     # -- read-only views -------------------------------------------------------------------------
 
@@ -509,10 +521,11 @@ class RoundMachine:
 
     # -- screening (a pure query) ----------------------------------------------------------------
 
-    def screen_update(self, device: str, header: FrameHeader) -> Screening:
+    def screen_update(self, device: str, header: FrameHeader, model_hash: str | None = None) -> Screening:
         """Decide what to do with an update frame that arrived on ``device``'s update topic.
 
-        No state changes. Refusals here are reported with :meth:`refuse_update` by the adapter.
+        ``model_hash``: the hash of the global model the open round published; an update computed against
+        another model is refused. No state changes. Refusals are reported with :meth:`refuse_update`.
         """
         r = self._round
         if header.kind is not FrameKind.UPDATE:
@@ -556,6 +569,17 @@ class RoundMachine:
             return Screening.refusal(
                 RefusalReason.NOT_SELECTED, f"{device} is not selected in round {r} (attempt {self.attempt})"
             )
+        if model_hash is not None and header.base_model_hash != model_hash:
+            return Screening.refusal(
+                RefusalReason.WRONG_BASE_MODEL,
+                f"update computed against model {str(header.base_model_hash)[:12]}, round {r} published "
+                f"{model_hash[:12]}",
+            )
+        if not 1 <= header.num_samples <= self.config.max_samples:
+            return Screening.refusal(
+                RefusalReason.BAD_SAMPLE_COUNT,
+                f"num_samples {header.num_samples} is outside 1..{self.config.max_samples} (the plan's bound)",
+            )
         return ACCEPTABLE
 
     # -- events ----------------------------------------------------------------------------------
@@ -564,14 +588,23 @@ class RoundMachine:
         """Begin the job: wait for ``min_devices`` online devices, or open round 1 at once."""
         return self._run(EventName.START, lambda actions: self._on_start(now, actions))
 
-    def device_status(self, device: str, state: str, now: float) -> list[Action]:
-        """A device's retained status changed (``training`` counts as online; ``offline`` is the last will)."""
+    def device_status(self, device: str, state: str, now: float, *, grace_until: float | None = None) -> list[Action]:
+        """A device's retained status changed (``training`` counts as online; ``offline`` is the last will).
+
+        ``grace_until``: the adapter's connection to the broker was in doubt (a broker restart publishes the last
+        wills of clients that never died): an ``offline`` takes effect only at ``grace_until`` (on a ``tick``),
+        unless the device says ``online`` again before.
+        """
         if state not in _DEVICE_STATES:
             raise IllegalEvent(
                 self._stage.value, EventName.DEVICE_STATUS, f"state {state!r} is not one of {_DEVICE_STATES}"
             )
         if not isinstance(device, str) or not _ID_RE.match(device):
             raise IllegalEvent(self._stage.value, EventName.DEVICE_STATUS, f"invalid device id {device!r}")
+        if state == "offline" and grace_until is not None and now < grace_until and device in self._online:
+            self._suspect[device] = grace_until
+            return []
+        self._suspect.pop(device, None)
         return self._run(EventName.DEVICE_STATUS, lambda a: self._on_device_status(device, state, now, a))
 
     def accept_update(self, device: str, header: FrameHeader, now: float) -> list[Action]:
@@ -605,9 +638,20 @@ class RoundMachine:
 
         return self._run(EventName.REFUSE_UPDATE, handle)
 
-    def tick(self, now: float) -> list[Action]:
-        """Let time pass: open a waiting round, or end an open round at its deadline."""
-        return self._run(EventName.TICK, lambda actions: self._on_tick(now, actions))
+    def tick(self, now: float, *, hold_deadline: bool = False) -> list[Action]:
+        """Let time pass: open a waiting round, end an open round at its deadline, apply wills whose grace ran out.
+
+        ``hold_deadline``: the adapter is not (or only just again) connected to the broker, so updates sent in time
+        may still be on their way: the deadline waits.
+        """
+        actions: list[Action] = []
+        for device, until in list(self._suspect.items()):
+            if now >= until:
+                del self._suspect[device]
+                actions += self._run(
+                    EventName.DEVICE_STATUS, lambda a, d=device: self._on_device_status(d, "offline", now, a)
+                )
+        return actions + self._run(EventName.TICK, lambda a: self._on_tick(now, a, hold_deadline))
 
     def aggregation_done(self, round: int, now: float) -> list[Action]:
         """The adapter aggregated round ``round`` and published the new model."""
@@ -618,6 +662,18 @@ class RoundMachine:
                 f"round {round} finished aggregating, but round {self._round} is the one closed",
             )
         return self._run(EventName.AGGREGATION_DONE, lambda actions: self._next_round(now, actions))
+
+    def aggregation_failed(self, round: int, reason: str, now: float) -> list[Action]:
+        """The adapter could not aggregate round ``round`` (e.g. a non-finite result): fail this attempt."""
+        if round != self._round:
+            raise IllegalEvent(
+                self._stage.value,
+                EventName.AGGREGATION_FAILED,
+                f"round {round} failed to aggregate, but round {self._round} is the one closed",
+            )
+        return self._run(
+            EventName.AGGREGATION_FAILED, lambda actions: self._fail(now, f"aggregation failed: {reason}", actions)
+        )
 
     def stop(self, reason: str, now: float) -> list[Action]:
         """End the job from outside (e.g. the privacy budget is spent)."""
@@ -672,10 +728,10 @@ class RoundMachine:
         else:
             self._check_exhausted(now, actions)
 
-    def _on_tick(self, now: float, actions: list[Action]) -> None:
+    def _on_tick(self, now: float, actions: list[Action], hold_deadline: bool = False) -> None:
         if self._stage is Stage.WAITING:
             self._open_or_wait(now, actions)
-        elif self._stage is Stage.TRAINING:
+        elif self._stage is Stage.TRAINING and not hold_deadline:
             assert self._deadline is not None
             if now >= self._deadline:
                 got = len(self._accepted)
