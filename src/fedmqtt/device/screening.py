@@ -1,0 +1,280 @@
+"""The device's pure core: what a device does with each plan and each job status. No MQTT, no torch, no clock.
+
+The device side's counterpart of :meth:`fedmqtt.coordinator.machine.RoundMachine.screen_update`. The adapter
+(``device/agent.py``) parses messages, asks :meth:`DeviceScreen.screen` what to do with a plan, carries the
+answer out, and records what it saw and answered here.
+
+A plan is answered at most once per *run* of the job: answers are keyed by ``(run_id, round, attempt)``, so a
+plan of another run (a stale retained plan, a re-run of a finished job id) never blocks the plans of the
+current one. Within one run rounds never go backwards.
+
+A ``finished``/``stopped`` job status ends a device's service (``--exit-on-finish``) only when it is the status of
+the run the device serves: a device started for a new run must not obey the retained status the previous run left
+behind; it waits for the new run's plans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol
+
+from fedmqtt.schema import DPMode, DPPlan, Phase, Plan, Status
+
+# How much a device remembers; old runs and rounds fall out first (insertion order).
+MAX_ANSWERS = 256
+MAX_RUNS = 16
+
+Run = str | None  # a plan's run id; None for a coordinator that does not state one
+PlanKey = tuple[Run, int, int]  # (run_id, round, attempt)
+
+_ENDED = (Phase.FINISHED, Phase.STOPPED)
+
+
+class Decision(StrEnum):
+    TAKE = "take"  # train and send an update
+    IGNORE = "ignore"  # not for this device, or not any more: no answer
+    DECLINE = "decline"  # selected, but cannot serve it: answer with a device status that says why
+
+
+class PlanReason(StrEnum):
+    """Why a plan is ignored or declined."""
+
+    WRONG_JOB = "wrong_job"
+    NOT_SELECTED = "not_selected"
+    ALREADY_ANSWERED = "already_answered"
+    RUN_ENDED = "run_ended"  # a status says this plan's run is finished or stopped
+    STALE = "stale"  # older than the newest plan seen in the same run
+    SUPERSEDED = "superseded"  # a newer plan (or the plan's withdrawal) is already queued
+    EXPIRED = "expired"  # its deadline passed before the device could start
+    UNKNOWN_MODEL = "unknown_model"
+    PRIVACY_BUDGET = "privacy_budget"
+
+
+@dataclass(frozen=True)
+class PlanScreening:
+    """The answer of :meth:`DeviceScreen.screen`. ``PlanScreening.TAKE`` is a singleton."""
+
+    TAKE: ClassVar[PlanScreening]
+
+    decision: Decision
+    reason: PlanReason | None = None
+    detail: str = ""
+
+    @classmethod
+    def ignore(cls, reason: PlanReason, detail: str) -> PlanScreening:
+        return cls(Decision.IGNORE, reason, detail)
+
+    @classmethod
+    def decline(cls, reason: PlanReason, detail: str) -> PlanScreening:
+        return cls(Decision.DECLINE, reason, detail)
+
+    @property
+    def take(self) -> bool:
+        return self.decision is Decision.TAKE
+
+    @property
+    def ignored(self) -> bool:
+        return self.decision is Decision.IGNORE
+
+    @property
+    def declined(self) -> bool:
+        return self.decision is Decision.DECLINE
+
+
+PlanScreening.TAKE = PlanScreening(Decision.TAKE)
+
+
+class BudgetCheck(Protocol):
+    """What screening asks of a device's privacy ledger (:class:`fedmqtt.privacy.DeviceLedger`)."""
+
+    budget: float
+
+    @property
+    def epsilon(self) -> float: ...
+
+    def would_exceed(self, plan: DPPlan) -> bool: ...
+
+
+def plan_key(plan: Plan) -> PlanKey:
+    return (plan.run_id, plan.round, plan.attempt)
+
+
+def run_label(run: Run) -> str:
+    return run if run is not None else "(no run id)"
+
+
+def reported_samples(plan: Plan, num_samples: int) -> int:
+    """The sample count an update reports: the device's count, capped at the plan's ``max_samples``."""
+    return min(num_samples, plan.max_samples)
+
+
+def newer_plan(candidate: Plan, than: Plan) -> bool:
+    """Whether ``candidate`` supersedes ``than`` (same job): in one run, a later (round, attempt) (the
+    coordinator has one open round per run, so this holds whoever it selects); across runs, a later issue time."""
+    if candidate.job != than.job:
+        return False
+    if candidate.run_id == than.run_id:
+        return (candidate.round, candidate.attempt) > (than.round, than.attempt)
+    return candidate.issued_at > than.issued_at
+
+
+def _remember(mapping: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    mapping.pop(key, None)
+    mapping[key] = value
+    while len(mapping) > limit:
+        del mapping[next(iter(mapping))]
+
+
+@dataclass
+class DeviceScreen:
+    """One device's memory of plans and job statuses, and the rules applied to them.
+
+    ``screen`` changes nothing; ``observe``, ``answer`` and ``on_status`` record.
+    """
+
+    job: str
+    device: str
+    # Answered plans (taken or declined), oldest first; persisted across restarts (state_dict).
+    answered: dict[PlanKey, None] = field(default_factory=dict)
+    # The newest (round, attempt) seen per run, whoever was selected.
+    newest: dict[Run, tuple[int, int]] = field(default_factory=dict)
+    # Runs with a plan seen at all (retained ones included) / runs this device takes part in (it answered one
+    # of their plans, or received one live, i.e. published while it listened); the last joined is current.
+    seen_runs: dict[Run, None] = field(default_factory=dict)
+    joined_runs: dict[Run, None] = field(default_factory=dict)
+    # Runs a status said are finished or stopped.
+    ended_runs: dict[Run, None] = field(default_factory=dict)
+
+    @property
+    def current_run(self) -> Run:
+        """The run this device serves (the last it joined); None also when it has joined none (see ``joined``)."""
+        return next(reversed(self.joined_runs)) if self.joined_runs else None
+
+    @property
+    def joined(self) -> bool:
+        return bool(self.joined_runs)
+
+    # --- plans ------------------------------------------------------------------------------------
+
+    def screen(
+        self,
+        plan: Plan,
+        *,
+        now: float,
+        queued: Sequence[Plan | Status | None] = (),
+        known_models: Collection[str] | None = None,
+        ledger: BudgetCheck | None = None,
+    ) -> PlanScreening:
+        """What to do with ``plan``, received on the job's plan topic.
+
+        ``queued``: what arrived for this device after the plan and is still waiting in its inbox, oldest first:
+        plans, job statuses, and None for a cleared (withdrawn) retained plan. ``known_models``: the model names
+        this device can build (None: do not check). ``ledger``: the device's privacy ledger, if it keeps one.
+        """
+        if plan.job != self.job:
+            return PlanScreening.ignore(
+                PlanReason.WRONG_JOB, f"plan is for job {plan.job!r}, this device serves job {self.job!r}"
+            )
+        where = f"round {plan.round} (attempt {plan.attempt}) of run {run_label(plan.run_id)}"
+        if self.device not in plan.selected:
+            return PlanScreening.ignore(PlanReason.NOT_SELECTED, f"{self.device} is not selected in {where}")
+        key = plan_key(plan)
+        if key in self.answered:
+            return PlanScreening.ignore(PlanReason.ALREADY_ANSWERED, f"{where} is already answered")
+        if plan.run_id in self.ended_runs or any(
+            isinstance(q, Status) and q.job == self.job and q.run_id == plan.run_id and q.phase in _ENDED
+            for q in queued
+        ):
+            return PlanScreening.ignore(PlanReason.RUN_ENDED, f"run {run_label(plan.run_id)} is over")
+        newest = self.newest.get(plan.run_id)
+        if newest is not None and (plan.round, plan.attempt) < newest:
+            return PlanScreening.ignore(
+                PlanReason.STALE, f"{where} is older than round {newest[0]} (attempt {newest[1]}) of that run"
+            )
+        for q in queued:
+            if q is None:
+                return PlanScreening.ignore(PlanReason.SUPERSEDED, f"{where} was withdrawn (plan topic cleared)")
+            if isinstance(q, Plan) and newer_plan(q, plan):
+                return PlanScreening.ignore(
+                    PlanReason.SUPERSEDED,
+                    f"{where} is superseded by round {q.round} (attempt {q.attempt}) of run {run_label(q.run_id)}",
+                )
+        if now > plan.deadline:
+            return PlanScreening.ignore(PlanReason.EXPIRED, f"the deadline of {where} passed before it could start")
+        if known_models is not None and plan.model_name not in known_models:
+            return PlanScreening.decline(
+                PlanReason.UNKNOWN_MODEL,
+                f"unknown model {plan.model_name!r}; this device knows {', '.join(sorted(known_models))}",
+            )
+        dp = plan.dp
+        if dp is not None and dp.mode is not DPMode.OFF and ledger is not None and ledger.would_exceed(dp):
+            return PlanScreening.decline(
+                PlanReason.PRIVACY_BUDGET,
+                f"privacy budget: this round would take the device past epsilon {ledger.budget:g} "
+                f"(spent {ledger.epsilon:.3f})",
+            )
+        return PlanScreening.TAKE
+
+    def observe(self, plan: Plan, *, live: bool) -> None:
+        """Record a plan of this job as seen. ``live``: it was published while the device listened (not a
+        retained message replayed on subscribing), so its run is going on now."""
+        if plan.job != self.job:
+            return
+        here = (plan.round, plan.attempt)
+        before = self.newest.get(plan.run_id)
+        _remember(self.newest, plan.run_id, here if before is None else max(before, here), MAX_RUNS)
+        _remember(self.seen_runs, plan.run_id, None, MAX_RUNS)
+        if live:
+            self._join(plan.run_id)
+
+    def answer(self, plan: Plan) -> None:
+        """Record that this device took or declined ``plan`` (it will not answer it again)."""
+        _remember(self.answered, plan_key(plan), None, MAX_ANSWERS)
+        self._join(plan.run_id)
+
+    def _join(self, run: Run) -> None:
+        if self.joined_runs and next(reversed(self.joined_runs)) == run:
+            return
+        _remember(self.joined_runs, run, None, MAX_RUNS)
+
+    # --- job status -------------------------------------------------------------------------------
+
+    def on_status(self, status: Status, *, live: bool) -> bool:
+        """Record a job status; return whether it ends this device's service (for ``--exit-on-finish``).
+
+        It does when it says finished/stopped and its run is the one this device serves: the run it last
+        answered a plan of or received a live plan of. A device that has joined no run yet accepts a status
+        published live for a run it has seen a plan of (it was listening when that run ended); a retained
+        status replayed on subscribing is the previous run's news and is not obeyed.
+        """
+        if status.job != self.job:
+            return False
+        if status.phase not in _ENDED:
+            self.ended_runs.pop(status.run_id, None)  # a resumed run (--resume keeps the run id) goes on
+            return False
+        _remember(self.ended_runs, status.run_id, None, MAX_RUNS)
+        if self.joined:
+            return status.run_id == self.current_run
+        return live and status.run_id in self.seen_runs
+
+    # --- persistence ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"answered": [[run, r, a] for run, r, a in self.answered]}
+
+    def load_state_dict(self, state: Mapping[str, Any] | Iterable[Any]) -> None:
+        """Load answers saved by :meth:`state_dict`; also reads the older ``[[round, attempt], ...]`` form
+        (answers without a run id). Entries that do not fit either form are dropped."""
+        entries = state.get("answered", []) if isinstance(state, Mapping) else state
+        for entry in entries:
+            if not isinstance(entry, list | tuple):
+                continue
+            if len(entry) == 2:
+                entry = [None, *entry]
+            if len(entry) != 3:
+                continue
+            run, r, a = entry
+            if (run is None or isinstance(run, str)) and all(isinstance(x, int) and x >= 0 for x in (r, a)):
+                _remember(self.answered, (run, r, a), None, MAX_ANSWERS)
