@@ -72,7 +72,7 @@ def test_config_has_the_settings_fedmqtt_relies_on(tmp_path: Path) -> None:
     assert "allow_anonymous true" in lines
     assert "per_listener_settings false" in lines
     assert "user root" not in lines
-    assert not any(line.startswith(("password_file", "acl_file", "certfile")) for line in lines)
+    assert not any(line.startswith(("password_file", "acl_file", "certfile", "use_username")) for line in lines)
 
 
 def test_config_with_auth_tls_and_root(tmp_path: Path) -> None:
@@ -84,6 +84,7 @@ def test_config_with_auth_tls_and_root(tmp_path: Path) -> None:
     assert "allow_anonymous false" in lines
     assert f"password_file {tmp_path}/passwd" in lines
     assert f"acl_file {tmp_path}/acl" in lines
+    assert "use_username_as_clientid true" in lines  # behaviour: tests/test_broker_identity.py
     assert f"certfile {tmp_path}/tls/server.crt" in lines
     assert f"keyfile {tmp_path}/tls/server.key" in lines
     assert "listener 8883 0.0.0.0" in lines
@@ -265,9 +266,8 @@ def test_a_device_reads_the_plan_and_model_but_not_other_devices(
     assert topics.update("d2") not in inbox.topics()
 
 
-def test_the_watcher_reads_everything_and_writes_nothing(
-    secure_mosquitto: SecureBroker, mqtt_client: MqttClientFactory
-) -> None:
+def test_the_watcher_writes_nothing(secure_mosquitto: SecureBroker, mqtt_client: MqttClientFactory) -> None:
+    # What it reads (everything but the update frames): tests/test_broker_identity.py.
     secure = secure_mosquitto
     ca = secure.ca_file
     topics = Topics(job="j" + uuid.uuid4().hex[:8], prefix=secure.prefix)
@@ -275,8 +275,8 @@ def test_the_watcher_reads_everything_and_writes_nothing(
     watcher = mqtt_client(
         secure.url_for("watcher"), tls_ca=ca, on_message=inbox, subscriptions=[(topics.everything_filter, 1)]
     )
-    mqtt_client(secure.url_for("d1"), tls_ca=ca).publish(topics.update("d1"), b"u")
-    inbox.wait_for(1, topic=topics.update("d1"))
+    mqtt_client(secure.url_for("d1"), tls_ca=ca).publish(topics.device_status("d1"), b"online")
+    inbox.wait_for(1, topic=topics.device_status("d1"))
     for topic in (
         topics.plan,
         topics.status,

@@ -587,13 +587,19 @@ class MqttConnection:
     def _detect_protocol(self, deadline: float) -> MQTTProtocolVersion:
         """MQTT 5 if the broker speaks it, else 3.1.1. Asked with a throw-away connection (random client id,
         clean start, no CONNECT properties): amqtt misreads an MQTT 5 CONNECT that carries properties and never
-        answers it, but answers a bare one with "unsupported protocol version"."""
+        answers it, but answers a bare one with "unsupported protocol version".
+
+        The probe sends no credentials: a broker that makes the username the client id (fedmqtt's Mosquitto
+        with auth) would otherwise let its clean start take over and wipe the very session this connection
+        is about to resume. A broker with auth refuses it as anonymous, which still proves MQTT 5; bad
+        credentials are then reported by the real CONNECT."""
         probe = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=f"fedmqtt-probe-{uuid.uuid4().hex[:12]}", protocol=paho.MQTTv5
         )
         answer: list[ReasonCode] = []
         probe.on_connect = lambda _c, _u, _f, reason, _p: answer.append(reason)
         self._configure_transport(probe)
+        probe.username_pw_set(None)  # anonymous: see above
         try:
             self._connect_socket(probe, deadline, lambda: probe.connect(self._broker.host, self._broker.port))
             while not answer and time.monotonic() < deadline:
@@ -612,7 +618,7 @@ class MqttConnection:
         if answer[0].value == _UNSUPPORTED_PROTOCOL:
             logger.info("broker %s does not support MQTT 5; using MQTT 3.1.1", self._broker)
             return paho.MQTTv311
-        if answer[0].is_failure:  # e.g. bad credentials: the real CONNECT would be refused the same way
+        if answer[0].is_failure and answer[0].value not in _AUTH_REASONS:  # the real CONNECT would fail alike
             raise _connack_error(self._broker, answer[0], "5")
         return paho.MQTTv5
 

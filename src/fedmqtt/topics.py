@@ -154,7 +154,7 @@ class Topics:
 class AclRule:
     """One Mosquitto ACL line: ``pattern ACCESS TOPIC`` (``%u`` = the client's username)."""
 
-    access: str  # "read", "write" or "readwrite"
+    access: str  # "read", "write", "readwrite" or "deny" (deny wins over every grant of the same account)
     pattern: str
 
 
@@ -162,7 +162,8 @@ def device_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
     """What a device account (username == device id) may do, for every job under ``prefix``.
 
     A device writes only its own update and status topics and reads the plan, model, status, events,
-    round summaries and privacy ledger. It can never write the model or another device's topics.
+    round summaries, privacy ledger and coordinator presence. It can never write the model, and it can
+    neither read nor write another device's topics (updates or status).
     """
     validate_prefix(prefix)
     p = prefix
@@ -186,6 +187,23 @@ def coordinator_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
 
 
 def watcher_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
-    """A read-only observer (``fedmqtt watch``): reads everything, writes nothing."""
+    """A read-only observer (``fedmqtt watch``): reads every topic of every job except the devices' update
+    frames (the most private thing on the wire: only the coordinator reads them), and writes nothing.
+
+    The readable topics are listed one by one (a new topic is unreadable until it is added here), and the
+    updates are also denied outright, so no grant that applies to every account (Mosquitto's ``pattern``
+    lines) can give them back.
+    """
     validate_prefix(prefix)
-    return (AclRule("read", f"{prefix}/#"),)
+    p = prefix
+    return (
+        AclRule("read", f"{p}/+/{_PLAN}"),
+        AclRule("read", f"{p}/+/{_MODEL}"),
+        AclRule("read", f"{p}/+/{_STATUS}"),
+        AclRule("read", f"{p}/+/{_EVENTS}"),
+        AclRule("read", f"{p}/+/{_ROUNDS}/+"),
+        AclRule("read", f"{p}/+/{_DEVICES}/+/{_STATUS}"),
+        AclRule("read", f"{p}/+/{_PRIVACY}"),
+        AclRule("read", f"{p}/+/{_COORDINATOR}"),
+        AclRule("deny", f"{p}/+/{_UPDATES}/#"),
+    )

@@ -2,11 +2,17 @@
 
 Accounts live in a Mosquitto password file made with the ``mosquitto_passwd`` binary (hashed; fedmqtt stores no
 password in clear). A device's username is its device id, so the ACL's ``pattern`` lines (``%u``) give every
-device exactly its own update and status topics. The coordinator and the watcher are named accounts.
+device exactly its own update and status topics, and nothing of other devices. The coordinator and the watcher
+are named accounts. With auth on, the broker also makes every client id equal to the username
+(``use_username_as_clientid``, in :mod:`fedmqtt.broker.mosquitto`), so an account cannot take over another
+account's connection or persistent session.
 
-Mosquitto applies ``pattern`` lines to *every* account, so the watcher would also get write access to
-``PREFIX/+/updates/watcher``; the ACL denies those topics to it explicitly, and device ids equal to an account
-name are refused.
+How Mosquitto (2.0) reads this file, for one publish or delivery checked against one account: first the
+account's own ``topic`` lines (``deny`` lines before all others; the first line that matches and grants the
+access decides), then the ``pattern`` lines, which apply to *every* account; no match means denied. So the
+watcher's ``topic deny`` lines take back what the device patterns would give it (write access to
+``PREFIX/+/updates/watcher`` and ``PREFIX/+/devices/watcher/status``) and keep every update frame from it, and
+device ids equal to an account name are refused.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ _INSTALL_HINT = (
 
 
 def _acl_line(keyword: str, rule: AclRule) -> str:
-    if rule.access not in ("read", "write", "readwrite"):
-        raise AccountError(f"unknown ACL access {rule.access!r} in the topic map")
+    allowed = ("read", "write", "readwrite", "deny") if keyword == "topic" else ("read", "write", "readwrite")
+    if rule.access not in allowed:
+        raise AccountError(f"ACL access {rule.access!r} cannot be used on a {keyword!r} line (from the topic map)")
     return f"{keyword} {rule.access} {rule.pattern}"
 
 
@@ -46,17 +53,22 @@ def render_acl(prefix: str, *, coordinator_user: str = COORDINATOR_USER, watcher
         "# fedmqtt ACL, generated from fedmqtt.topics; regenerated when the broker starts (do not edit).",
         f"# Topic prefix: {prefix}",
         "",
-        "# Devices: username == device id. Each writes only its own update and status topics.",
+        "# Devices: username == device id (== client id). Each writes only its own update and status topics,",
+        "# reads the job's shared topics, and neither reads nor writes other devices' topics.",
     ]
     lines += [_acl_line("pattern", rule) for rule in device_acl(prefix)]
     lines += ["", "# The coordinator reads and writes everything under the prefix.", f"user {coordinator_user}"]
     lines += [_acl_line("topic", rule) for rule in coordinator_acl(prefix)]
-    lines += ["", "# A read-only watcher (fedmqtt watch).", f"user {watcher_user}"]
+    lines += [
+        "",
+        "# A read-only watcher (fedmqtt watch): every topic of a job except the devices' update frames.",
+        f"user {watcher_user}",
+    ]
     lines += [_acl_line("topic", rule) for rule in watcher_acl(prefix)]
     lines.append("# The device patterns above apply to this account too: take their write access back.")
     for rule in device_acl(prefix):
         if rule.access in ("write", "readwrite"):
-            lines.append(f"topic deny {rule.pattern.replace('%u', watcher_user)}")
+            lines.append(_acl_line("topic", AclRule("deny", rule.pattern.replace("%u", watcher_user))))
     return "\n".join(lines) + "\n"
 
 

@@ -177,6 +177,9 @@ class MosquittoConfig:
                 "allow_anonymous false",
                 f"password_file {self.password_file}",
                 f"acl_file {self.acl_file}",
+                "# The client id is the username, whatever the client sends: no account can take over another",
+                "# account's connection or persistent session. One connection per account at a time.",
+                "use_username_as_clientid true",
             ]
         else:
             lines.append("allow_anonymous true")
