@@ -8,7 +8,8 @@ the relative L2 error of the decoded update, and encode/decode throughput in MB 
 
     .venv/bin/python benchmarks/codecs.py [--data-dir DIR] [--json PATH] [--repeats N]
 
-MNIST IDX files come from --data-dir, else $FEDMQTT_DATA, else ../shared/data/mnist next to the repo.
+MNIST IDX files come from fedmqtt.data.resolve_data_dir: --data-dir, else $FEDMQTT_DATA, else the
+download cache (~/.cache/fedmqtt/mnist).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import zstandard
 from fedmqtt.arrays import ModelArrays, l2_norm, numel, subtract
 from fedmqtt.codecs import decode_frame, encode_frame
 from fedmqtt.codecs.encodings import kept_count
-from fedmqtt.device.data import load_dataset
+from fedmqtt.data import load_dataset, resolve_data_dir
 from fedmqtt.models import build_model, get_arrays
 from fedmqtt.schema import CodecSpec, FrameKind
 from fedmqtt.training import train_local
@@ -55,14 +56,6 @@ DEFAULT_CODECS = (
 )
 TARGETS = {"int8": ("ratio_vs_float32", 3.9), "topk:0.01+int8": ("ratio_vs_float32", 100.0)}
 DECODE_TARGET = ("int8", 200.0)
-
-
-def data_dir(flag: str | None) -> Path:
-    if flag:
-        return Path(flag)
-    if os.environ.get("FEDMQTT_DATA"):
-        return Path(os.environ["FEDMQTT_DATA"])
-    return (REPO / ".." / "shared" / "data" / "mnist").resolve()
 
 
 def real_update(directory: Path, samples: int, batch_size: int, lr: float, seed: int) -> ModelArrays:
@@ -190,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    update = real_update(data_dir(args.data_dir), args.samples, args.batch_size, args.lr, args.seed)
+    update = real_update(
+        resolve_data_dir(args.data_dir, "mnist", split="train"), args.samples, args.batch_size, args.lr, args.seed
+    )
     parameters = numel(update)
     records = [measure(update, text.strip(), args.repeats) for text in args.codecs.split(",") if text.strip()]
     title = (

@@ -3,7 +3,7 @@
 The federation is simulated IN PROCESS with the pure pieces the real coordinator and devices use, in the order they
 use them; only MQTT is left out (it moves bytes and does not change them):
 
-- data: ``fedmqtt.device.data.load_dataset`` and ``partition`` (IID, Dirichlet 0.5) of the MNIST training split;
+- data: ``fedmqtt.data.load_dataset`` and ``partition`` (IID, Dirichlet 0.5) of the MNIST training split;
 - selection: ``fedmqtt.privacy.poisson_select`` with rate q (each device independently);
 - each selected device: ``fedmqtt.training.train_local`` from the global model, update = trained − global,
   ``fedmqtt.privacy.clip_and_noise`` with ``device_noise_std`` (σC/√m in device mode, 0 in central mode), then
@@ -31,9 +31,10 @@ CNN with ``trainable=("fc2.weight", "fc2.bias")``. Clip and noise apply to the c
     .venv/bin/python benchmarks/privacy.py --models head    # the head half of the sweep: about 9 minutes here
     .venv/bin/python benchmarks/privacy.py --device cuda --workers 8    # the full sweep (the cnn half takes hours)
 
-MNIST IDX files come from --data-dir, else $FEDMQTT_DATA, else ../shared/data/mnist next to the repo. The
-pretrained backbone and its features are cached (--cache-dir). Results: a table on stdout and JSON at --json
-(default benchmarks/results/privacy.json), rewritten after every run. See docs/privacy-benchmark.md.
+MNIST IDX files come from fedmqtt.data.resolve_data_dir: --data-dir, else $FEDMQTT_DATA, else the download
+cache (~/.cache/fedmqtt/mnist). The pretrained backbone and its features are cached (--cache-dir). Results: a
+table on stdout and JSON at --json (default benchmarks/results/privacy.json), rewritten after every run.
+See docs/privacy-benchmark.md.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from fedmqtt import arrays as A
 from fedmqtt.checkpoint import load_state, save_state
 from fedmqtt.codecs import decode_frame, encode_frame
 from fedmqtt.coordinator.aggregation import build_strategy, parse_strategy_params
-from fedmqtt.device.data import ImageDataset, load_dataset, partition
+from fedmqtt.data import ImageDataset, load_dataset, partition, resolve_data_dir
 from fedmqtt.models import build_model, get_arrays, head_parameter_names, set_arrays
 from fedmqtt.privacy import (
     DP_UPDATE_WEIGHT,
@@ -99,14 +100,6 @@ ANCHORS = (
     {"source": "opacus MNIST example (DP-SGD, record level)", "epsilon": 3.0, "delta": 1e-5, "accuracy": 0.968},
 )
 GOAL = {"accuracy": 0.97, "epsilon": 8.0, "delta": DELTA, "devices": 1000}
-
-
-def data_dir(flag: str | None, dataset: str = "mnist") -> Path:
-    if flag:
-        return Path(flag)
-    if os.environ.get("FEDMQTT_DATA"):
-        return Path(os.environ["FEDMQTT_DATA"])
-    return (REPO / ".." / "shared" / "data" / dataset).resolve()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,7 +291,7 @@ class World:
 
 
 def load_world(args: argparse.Namespace, models: Sequence[str], torch_device: torch.device) -> World:
-    mnist = data_dir(args.data_dir)
+    mnist = resolve_data_dir(args.data_dir, "mnist")
     train = load_dataset("mnist", mnist, train=True)
     test = load_dataset("mnist", mnist, train=False)
     if args.public == "mnist-test-half":
@@ -312,7 +305,8 @@ def load_world(args: argparse.Namespace, models: Sequence[str], torch_device: to
         )
         eval_text = "MNIST test split, images 5000-9999 (the second half, from SD-1, the harder one)"
     else:
-        public = load_dataset("fashion-mnist", data_dir(args.fashion_dir, "fashion-mnist"), train=True)
+        fashion = resolve_data_dir(args.fashion_dir, "fashion-mnist", split="train", flag_name="--fashion-dir")
+        public = load_dataset("fashion-mnist", fashion, train=True)
         evaluation = test
         public_text = "Fashion-MNIST training split, all 60,000 images (another domain: clothes, not digits)"
         eval_text = "MNIST test split, all 10,000 images"

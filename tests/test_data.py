@@ -1,4 +1,4 @@
-"""IDX loading, data directory resolution, synthetic data and partitioners (fedmqtt.device.data)."""
+"""IDX loading, data directory resolution, synthetic data and partitioners (fedmqtt.data)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmqtt.device.data import (
+from fedmqtt.data import (
     DATASETS,
     IDX_FILES,
     NORMALISATION,
     TEST_FILES,
     TRAIN_FILES,
+    DatasetCorrupt,
+    DatasetNotFound,
     ImageDataset,
     PartitionSpec,
     default_cache_dir,
@@ -29,7 +31,6 @@ from fedmqtt.device.data import (
     write_idx_dataset,
     write_idx_file,
 )
-from fedmqtt.device.errors import DatasetCorrupt, DatasetNotFound
 from fedmqtt.errors import ConfigError, FedmqttError
 
 torch.set_num_threads(1)
@@ -275,7 +276,7 @@ def test_resolve_falls_back_to_the_environment(
 
 def test_resolve_uses_a_complete_cache_without_downloading(no_data_env: Path) -> None:
     cache = default_cache_dir("fashion-mnist")
-    assert cache == no_data_env / "fedmqtt" / "datasets" / "fashion-mnist"
+    assert cache == no_data_env / "fedmqtt" / "fashion-mnist"
     write_idx_dataset(cache, num_train=4, num_test=2, seed=0)
     assert resolve_data_dir(None, "fashion-mnist", download=False) == cache
 
@@ -299,7 +300,11 @@ def test_resolve_explicit_directory_without_files_fails_naming_its_origin(
     with pytest.raises(DatasetNotFound, match="came from --data-dir") as caught:
         resolve_data_dir(str(partial), "mnist")
     assert str(partial) in str(caught.value)
-    assert caught.value.missing == IDX_FILES
+    assert caught.value.missing == ("t10k-labels-idx1-ubyte",)  # exactly what is missing
+    assert resolve_data_dir(str(partial), "mnist", split="train") == partial  # the train split is complete
+    with pytest.raises(DatasetNotFound, match="came from --eval-data"):
+        resolve_data_dir(str(partial), "mnist", split="test", flag_name="--eval-data")
+    assert not default_cache_dir("mnist").exists()  # an explicit directory is never downloaded into
     monkeypatch.setenv("FEDMQTT_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(DatasetNotFound, match=r"came from \$FEDMQTT_DATA"):
         resolve_data_dir(None, "mnist")

@@ -66,7 +66,7 @@ def fedmqtt(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fedmqtt.device.data import write_idx_dataset
+    from fedmqtt.data import write_idx_dataset
 
     return write_idx_dataset(tmp_path_factory.mktemp("dp-data"), num_train=200, num_test=50, seed=7)
 

@@ -41,7 +41,7 @@ def mqtt_version_for(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fedmqtt.device.data import write_idx_dataset
+    from fedmqtt.data import write_idx_dataset
 
     return write_idx_dataset(tmp_path_factory.mktemp("small"), num_train=600, num_test=300, seed=11)
 
@@ -49,7 +49,7 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def slow_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Enough samples that one round of local training takes seconds: a window to kill a device in."""
-    from fedmqtt.device.data import write_idx_dataset
+    from fedmqtt.data import write_idx_dataset
 
     return write_idx_dataset(tmp_path_factory.mktemp("slow"), num_train=8000, num_test=10, seed=11)
 

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmqtt.cli import build_parser
+from fedmqtt.data import DatasetNotFound
 from fedmqtt.errors import ConfigError
 from fedmqtt.report import REPORT_JSON, REPORT_PNG, ROUND_KEYS, ReportError, build_report, write_report
 from fedmqtt.schema import DPMode, Phase, PrivacyLedger, PrivacySpent, RefusalReason, RoundSummary, Status
@@ -32,11 +33,9 @@ from fedmqtt.simulate import (
     device_ranges,
     log_tail,
     plan_simulation,
-    resolve_data_dir,
 )
 
 PYTHON = sys.executable
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fedmqtt.device.data import write_idx_dataset
+    from fedmqtt.data import write_idx_dataset
 
     return write_idx_dataset(tmp_path_factory.mktemp("idx"), num_train=400, num_test=200, seed=3)
 
@@ -53,9 +52,9 @@ def simulate_args(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(["simulate", *argv])
 
 
-def plan_of(*argv: str, env: dict[str, str] | None = None, root: Path = ROOT, limit: int = 100) -> Any:
+def plan_of(*argv: str, env: dict[str, str] | None = None, limit: int = 100) -> Any:
     return plan_simulation(
-        simulate_args(*argv), env=env or {}, root=root, max_clients_per_process=limit, cpu_count=2, now=0.0
+        simulate_args(*argv), env=env or {}, max_clients_per_process=limit, cpu_count=2, now=0.0
     )
 
 
@@ -176,32 +175,24 @@ def test_a_bad_job_id_is_refused(tiny_data: Path) -> None:
         plan_of("--devices", "1", "--rounds", "1", "--job", "a b", "--data-dir", str(tiny_data))
 
 
-def test_data_dir_comes_from_the_flag_then_the_environment_then_shared_data(tmp_path: Path, tiny_data: Path) -> None:
-    assert resolve_data_dir("mnist", str(tiny_data), {}, tmp_path) == tiny_data
-    # $FEDMQTT_DATA may be the dataset's directory or a parent holding <dataset>/.
-    assert resolve_data_dir("mnist", None, {"FEDMQTT_DATA": str(tiny_data)}, tmp_path) == tiny_data
-    parent = tmp_path / "data"
-    (parent / "mnist").mkdir(parents=True)
+def test_data_dir_comes_from_the_shared_resolver(tmp_path: Path, tiny_data: Path) -> None:
+    """fedmqtt.data.resolve_data_dir, with the plan's env: the flag, then $FEDMQTT_DATA, then the cache."""
+    cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    assert plan_of("--devices", "1", "--rounds", "1", "--data-dir", str(tiny_data)).data_dir == str(tiny_data)
+    env = {**cache, "FEDMQTT_DATA": str(tiny_data)}
+    assert plan_of("--devices", "1", "--rounds", "1", env=env).data_dir == str(tiny_data)
+    cached = tmp_path / "cache" / "fedmqtt" / "mnist"
+    cached.mkdir(parents=True)
     for f in tiny_data.iterdir():
-        (parent / "mnist" / f.name).write_bytes(f.read_bytes())
-    assert resolve_data_dir("mnist", None, {"FEDMQTT_DATA": str(parent)}, tmp_path) == parent / "mnist"
-    # Default: ../shared/data/<dataset> next to the repository.
-    repo = tmp_path / "checkout" / "main"
-    shared = tmp_path / "checkout" / "shared" / "data" / "mnist"
-    shared.mkdir(parents=True)
-    (shared / "train-images-idx3-ubyte.gz").write_bytes(b"")
-    assert resolve_data_dir("mnist", None, {}, repo) == shared
+        (cached / f.name).write_bytes(f.read_bytes())
+    assert plan_of("--devices", "1", "--rounds", "1", env=cache).data_dir == str(cached)
 
 
 def test_missing_data_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="is not a directory; pass --data-dir DIR"):
-        resolve_data_dir("mnist", str(tmp_path / "nope"), {}, tmp_path)
-    with pytest.raises(ConfigError, match=r"\$FEDMQTT_DATA"):
-        resolve_data_dir("mnist", None, {"FEDMQTT_DATA": str(tmp_path / "nope")}, tmp_path)
-    with pytest.raises(ConfigError, match="the default location"):
-        resolve_data_dir("mnist", None, {}, tmp_path / "repo")
-    with pytest.raises(ConfigError, match="holds no train-images-idx3-ubyte"):
-        resolve_data_dir("fashion-mnist", str(tmp_path), {}, tmp_path)
+    with pytest.raises(DatasetNotFound, match="came from --data-dir"):
+        plan_of("--devices", "1", "--rounds", "1", "--data-dir", str(tmp_path))  # a directory, but no IDX files
+    with pytest.raises(DatasetNotFound, match=r"came from \$FEDMQTT_DATA"):
+        plan_of("--devices", "1", "--rounds", "1", env={"FEDMQTT_DATA": str(tmp_path / "nope")})
 
 
 def test_child_commands_parse_with_the_real_coordinator_and_device_parsers(tiny_data: Path) -> None:

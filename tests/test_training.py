@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fedmqtt import arrays as A
-from fedmqtt.device.data import ImageDataset, load_dataset, partition, write_idx_dataset
+from fedmqtt.data import ImageDataset, load_dataset, partition, write_idx_dataset
 from fedmqtt.errors import ConfigError
 from fedmqtt.models import ModelMismatch, build_model, get_arrays, head_parameter_names, set_arrays
 from fedmqtt.training import TrainingDiverged, TrainResult, evaluate, model_delta, train_local

@@ -8,8 +8,9 @@ Every child runs in its own process group, with its output in a log file of the 
 out -- the job finishing, an error, Ctrl-C (SIGINT) or SIGTERM -- the children are terminated, waited for,
 and killed if they do not exit in time, so no process is left behind.
 
-The pure parts (:func:`plan_simulation`, :func:`device_ranges`, :func:`resolve_data_dir`, the command
-builders) take values and return values; :class:`Supervisor` and :func:`run_simulation` do the I/O.
+The pure parts (:func:`plan_simulation`, :func:`device_ranges`, the command builders) take values and
+return values -- except that :func:`plan_simulation` finds the data with :func:`fedmqtt.data.resolve_data_dir`,
+which may download it into the user cache; :class:`Supervisor` and :func:`run_simulation` do the I/O.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ DEVICE_ID_PREFIX = "dev-"
 DEFAULT_MAX_DEVICE_PROCESSES = 16
 STOP_GRACE_S = 10.0
 LOG_TAIL_LINES = 30
-_IDX_TRAIN_IMAGES = "train-images-idx3-ubyte"
 
 
 class SimulateError(FedmqttError):
@@ -56,37 +56,6 @@ class SimulationInterrupted(Exception):
 # ---------------------------------------------------------------------------------------------------
 # The pure plan
 # ---------------------------------------------------------------------------------------------------
-
-
-def repo_root() -> Path:
-    """The checkout this package runs from (src/fedmqtt/simulate.py -> the repository)."""
-    return Path(__file__).resolve().parents[2]
-
-
-def resolve_data_dir(dataset: str, data_dir: str | None, env: Mapping[str, str], root: Path) -> Path:
-    """``--data-dir``, else ``$FEDMQTT_DATA`` (the dataset's directory, or a parent holding
-    ``<dataset>/``), else ``../shared/data/<dataset>`` next to the repository; the directory must hold
-    the IDX training images."""
-    if data_dir is not None:
-        candidates = [(Path(data_dir), "--data-dir")]
-    elif env.get("FEDMQTT_DATA"):
-        base = Path(env["FEDMQTT_DATA"])
-        source = "$FEDMQTT_DATA"
-        candidates = [(base / dataset, source)] if (base / dataset).is_dir() else [(base, source)]
-    else:
-        candidates = [(root.parent / "shared" / "data" / dataset, "the default location")]
-    path, source = candidates[0]
-    if not path.is_dir():
-        raise ConfigError(
-            "data-dir",
-            f"{path} ({source}) is not a directory; pass --data-dir DIR with the {dataset} IDX files "
-            "(train-images-idx3-ubyte[.gz], ...) or set FEDMQTT_DATA",
-        )
-    if not any(path.glob(_IDX_TRAIN_IMAGES + "*")):
-        raise ConfigError(
-            "data-dir", f"{path} ({source}) holds no {_IDX_TRAIN_IMAGES}[.gz]: it is not a {dataset} IDX directory"
-        )
-    return path
 
 
 def device_ranges(num_devices: int, per_process: int) -> list[tuple[int, int]]:
@@ -182,7 +151,6 @@ def plan_simulation(
     args: argparse.Namespace,
     *,
     env: Mapping[str, str],
-    root: Path,
     max_clients_per_process: int,
     cpu_count: int,
     now: float,
@@ -217,7 +185,9 @@ def plan_simulation(
         raise ConfigError("--timeout", "must be > 0 seconds")
     if args.embedded and args.broker:
         raise ConfigError("--embedded", "cannot be combined with --broker (which broker should it use?)")
-    data_dir = resolve_data_dir(args.dataset, args.data_dir, env, root)
+    from fedmqtt.data import resolve_data_dir
+
+    data_dir = resolve_data_dir(args.data_dir, args.dataset, env=env)
     if args.broker:
         broker, mqtt_version = args.broker, args.mqtt_version or "5"
     elif args.embedded or not _mosquitto_available():
@@ -705,7 +675,6 @@ def run_simulate_command(args: argparse.Namespace) -> int:
     plan = plan_simulation(
         args,
         env=os.environ,
-        root=repo_root(),
         max_clients_per_process=MAX_CLIENTS_PER_PROCESS,
         cpu_count=os.cpu_count() or 1,
         now=time.time(),
@@ -776,7 +745,7 @@ def register(subparsers: Any) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
     g.add_argument(
-        "--data-dir", help="IDX files (default: $FEDMQTT_DATA, else ../shared/data/DATASET next to the repository)"
+        "--data-dir", help="IDX files (default: $FEDMQTT_DATA, else ~/.cache/fedmqtt/DATASET, downloaded if missing)"
     )
     g.add_argument("--partition", default="iid", help="iid, shards:2, dirichlet:0.5 (default: %(default)s)")
     p.set_defaults(func=run_simulate_command)

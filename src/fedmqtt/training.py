@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedmqtt.arrays import ModelArrays
-from fedmqtt.device.data import ImageDataset
+from fedmqtt.data import ImageDataset
 from fedmqtt.errors import ConfigError, FedmqttError
 from fedmqtt.models import check_arrays_fit, get_arrays
 

@@ -196,9 +196,11 @@ class CoordinatorService:
     def _load_eval_set(self) -> Any:
         if self.config.eval_data is None:
             return None
-        from fedmqtt.device.data import load_dataset
+        from fedmqtt.data import load_dataset, resolve_data_dir
 
-        return load_dataset(self.config.dataset, self.config.eval_data, train=False)
+        c = self.config
+        directory = resolve_data_dir(c.eval_data, c.dataset, split="test", flag_name="--eval-data")
+        return load_dataset(c.dataset, directory, train=False)
 
     def _settings(self) -> ClientSettings:
         c = self.config

@@ -83,7 +83,7 @@ class VirtualDevice:
     """One device identity: its MQTT client, data part and per-device state."""
 
     device_id: str
-    dataset: Any  # fedmqtt.device.data.ImageDataset (this device's part)
+    dataset: Any  # fedmqtt.data.ImageDataset (this device's part)
     runtime: DeviceRuntime
     conn: MqttConnection | None = None
     answered: set[tuple[int, int]] = field(default_factory=set)

@@ -32,7 +32,10 @@ def register(subparsers: Any) -> None:
     ident.add_argument("--id-prefix", help="virtual devices: ids PREFIX0000, PREFIX0001, ... for --parts A:B")
     p.add_argument("--parts", help="virtual devices A..B-1 as A:B (with --id-prefix; each takes its own part)")
     p.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
-    p.add_argument("--data-dir", help="directory with the IDX files (default $FEDMQTT_DATA)")
+    p.add_argument(
+        "--data-dir",
+        help="directory with the IDX files (default $FEDMQTT_DATA, else ~/.cache/fedmqtt/DATASET, downloaded)",
+    )
     p.add_argument("--partition", help="iid | shards:2 | dirichlet:0.5 (simulations)")
     p.add_argument("--num-parts", type=int)
     p.add_argument("--part", type=int)
@@ -92,10 +95,10 @@ def run_device(args: argparse.Namespace) -> int:
             "(paho's select() loop cannot watch more sockets); split them over several processes",
         )
 
+    from fedmqtt.data import PartitionSpec, load_dataset, partition, resolve_data_dir
     from fedmqtt.device.agent import DeviceOptions, DeviceRuntime
-    from fedmqtt.device.data import PartitionSpec, load_dataset, partition, resolve_data_dir
 
-    data_dir = resolve_data_dir(args.data_dir, args.dataset)
+    data_dir = resolve_data_dir(args.data_dir, args.dataset, split="train")
     dataset = load_dataset(args.dataset, data_dir, train=True)
     parts: list[Any] | None = None
     if args.partition is not None:

@@ -6,28 +6,38 @@ trains on one part of a partition (:func:`select_part`); a real board trains on 
 The IDX reader is ours, not torchvision's: torchvision 0.29's ``read_sn3_pascalvincent_tensor`` opens
 plain files only (no ``.gz``) and checks headers with ``assert``, which gives a bare ``AssertionError``
 (or nothing, under ``python -O``) on a damaged file. MNIST's IDX header is eight to sixteen bytes, so a
-strict reader that names the problem is short; torchvision is still used to *download* the originals.
+strict reader that names the problem is short.
+
+Where the files come from (:func:`resolve_data_dir`, used by the device, the coordinator's ``--eval-data``,
+``fedmqtt simulate`` and the benchmarks): ``--data-dir``, else ``$FEDMQTT_DATA``, else the user cache
+(``$XDG_CACHE_HOME/fedmqtt/<dataset>``, ``~/.cache`` by default), which :func:`download_dataset` fills with
+the original gzipped IDX files (from ``$FEDMQTT_DATA_MIRROR`` if set), each checked against its published
+sha256 and md5 before it is renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
+import http.client
 import io
 import math
 import os
 import re
 import struct
+import tempfile
+import urllib.request
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from fedmqtt.device.errors import DatasetCorrupt, DatasetNotFound
-from fedmqtt.errors import ConfigError
+from fedmqtt.errors import ConfigError, FedmqttError
 
 DATASETS = ("mnist", "fashion-mnist")
 NUM_CLASSES = 10
@@ -48,6 +58,145 @@ _TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
 _IDX_UBYTE = 0x08
 
+DATA_ENV = "FEDMQTT_DATA"
+MIRROR_ENV = "FEDMQTT_DATA_MIRROR"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One original file as its authors published it (gzipped IDX), with its published checksums."""
+
+    name: str
+    size: int
+    sha256: str
+    md5: str
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where a data set's originals can be downloaded (base URLs, tried in order) and what they must be."""
+
+    urls: tuple[str, ...]
+    files: tuple[RemoteFile, ...]
+
+
+# md5: torchvision's MNIST / FashionMNIST resource lists and the Fashion-MNIST README; sha256: as recorded by
+# TensorFlow Datasets, Chainer and others. ../shared/data/SOURCES.md has the provenance of the copies these
+# were checked against (byte-identical to the originals).
+SOURCES: dict[str, DatasetSource] = {
+    "mnist": DatasetSource(
+        urls=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ),
+        files=(
+            RemoteFile("train-images-idx3-ubyte.gz", 9912422,
+                       "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+                       "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            RemoteFile("train-labels-idx1-ubyte.gz", 28881,
+                       "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+                       "d53e105ee54ea40749a09fcbcd1e9432"),
+            RemoteFile("t10k-images-idx3-ubyte.gz", 1648877,
+                       "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+                       "9fb629c4189551a2d022fa330f9573f3"),
+            RemoteFile("t10k-labels-idx1-ubyte.gz", 4542,
+                       "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+                       "ec29112dd5afa0611ce80d1b7f02629c"),
+        ),
+    ),
+    "fashion-mnist": DatasetSource(
+        urls=(
+            "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        ),
+        files=(
+            RemoteFile("train-images-idx3-ubyte.gz", 26421880,
+                       "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+                       "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            RemoteFile("train-labels-idx1-ubyte.gz", 29515,
+                       "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+                       "25c81989df183df01b3e8a0aad5dffbe"),
+            RemoteFile("t10k-images-idx3-ubyte.gz", 4422102,
+                       "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+                       "bef4ecab320f06d8554ea6380940ec79"),
+            RemoteFile("t10k-labels-idx1-ubyte.gz", 5148,
+                       "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+                       "bb300cfdad3c16e7a12a480ee83cd310"),
+        ),
+    ),
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors (each message says what is wrong and what to do: a person at a terminal reads it)
+
+
+class DatasetError(FedmqttError):
+    """A data set cannot be found, downloaded or read."""
+
+
+class DatasetNotFound(DatasetError):
+    """The IDX files of a data set are not where fedmqtt looked, and could not be downloaded."""
+
+    def __init__(self, dataset: str, searched: Sequence[Path], missing: Sequence[str], hint: str = "") -> None:
+        where = ", ".join(str(p) for p in searched) or "(nowhere)"
+        files = ", ".join(missing)
+        message = (
+            f"{dataset} data set not found: missing {files} (each may be gzipped, ending in .gz); "
+            f"searched {where}. Put the IDX files in a directory and pass it with --data-dir, or set "
+            f"${DATA_ENV} to it (a directory holding the files, or a parent holding mnist/ and "
+            f"fashion-mnist/ subdirectories)."
+        )
+        if hint:
+            message += f" {hint}"
+        super().__init__(message)
+        self.dataset = dataset
+        self.searched = tuple(searched)
+        self.missing = tuple(missing)
+
+
+class DatasetDownloadFailed(DatasetNotFound):
+    """No source could deliver a missing file (network errors, HTTP errors, a cut transfer)."""
+
+    def __init__(self, dataset: str, directory: Path, missing: Sequence[str], errors: Sequence[str]) -> None:
+        super().__init__(
+            dataset,
+            [directory],
+            missing,
+            hint=f"Downloading them into {directory} failed: {'; '.join(errors)}. Check the network, or set "
+            f"${MIRROR_ENV} to a base URL serving <dataset>/<file>.gz (e.g. a copy of the files behind any web "
+            f"server, or file:///path/to/dir).",
+        )
+        self.errors = tuple(errors)
+
+
+class DatasetChecksumMismatch(DatasetError):
+    """A downloaded file is not the published original; it was deleted, not kept."""
+
+    def __init__(self, remote: RemoteFile, url: str, size: int, sha256: str, md5: str) -> None:
+        super().__init__(
+            f"{remote.name} downloaded from {url} is not the published file: sha256 {sha256}, expected "
+            f"{remote.sha256} (md5 {md5}, expected {remote.md5}; {size} bytes, expected {remote.size}). "
+            f"It was not kept. Use another source (${MIRROR_ENV}), or put the original files in a "
+            f"directory and pass --data-dir."
+        )
+        self.filename = remote.name
+        self.url = url
+        self.expected_sha256 = remote.sha256
+        self.actual_sha256 = sha256
+
+
+class DatasetCorrupt(DatasetError):
+    """An IDX file exists but is not a valid MNIST-style IDX file (wrong magic, truncated, bad gzip)."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(
+            f"{path} is not a valid IDX file: {problem}. Delete it and fetch the original file again "
+            f"(or point --data-dir / ${DATA_ENV} at a good copy)."
+        )
+        self.path = path
+        self.problem = problem
+
 
 # --------------------------------------------------------------------------------------------------
 # The data set
@@ -64,9 +213,7 @@ class ImageDataset:
         if images.dim() != 4:
             raise ValueError(f"images must be N×C×H×W, got shape {tuple(images.shape)}")
         if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-            raise ValueError(
-                f"labels must be a vector of {images.shape[0]} entries, got shape {tuple(labels.shape)}"
-            )
+            raise ValueError(f"labels must be a vector of {images.shape[0]} entries, got shape {tuple(labels.shape)}")
         if images.dtype != torch.float32 or labels.dtype != torch.int64:
             raise ValueError(f"images must be float32 and labels int64, got {images.dtype} and {labels.dtype}")
         self.images = images
@@ -136,8 +283,8 @@ def read_idx_file(path: Path, ndim: int) -> np.ndarray:
     present = len(data) - header_size
     if present < expected:
         raise DatasetCorrupt(
-            path, f"it is truncated: the header promises {expected} bytes of data for shape {dims}, "
-            f"the file holds {present}"
+            path,
+            f"it is truncated: the header promises {expected} bytes of data for shape {dims}, the file holds {present}",
         )
     if present > expected:
         raise DatasetCorrupt(path, f"it has {present - expected} unexpected bytes after the data")
@@ -215,65 +362,180 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str], *, train: bool) ->
     return ImageDataset(pixels.unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), num_classes=NUM_CLASSES)
 
 
-def default_cache_dir(dataset: str) -> Path:
-    """Where downloaded data sets live: ``$XDG_CACHE_HOME/fedmqtt/datasets/<dataset>`` (~/.cache by default)."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "fedmqtt" / "datasets" / dataset
+# --------------------------------------------------------------------------------------------------
+# Where the data lives, and downloading it
+
+Split = Literal["train", "test", "all"]
+_SPLIT_STEMS: dict[str, tuple[str, ...]] = {"train": TRAIN_FILES, "test": TEST_FILES, "all": IDX_FILES}
+DOWNLOAD_TIMEOUT_S = 60.0
+_CHUNK = 1 << 20
 
 
-def _download(dataset: str, directory: Path) -> None:
-    """Fetch the four original gzipped IDX files with torchvision, checking their MD5 sums."""
-    from torchvision.datasets import MNIST, FashionMNIST
-    from torchvision.datasets.utils import download_url
-
-    source = MNIST if dataset == "mnist" else FashionMNIST
-    directory.mkdir(parents=True, exist_ok=True)
-    for filename, md5 in source.resources:
-        if _find_file(directory, filename.removesuffix(".gz")) is not None:
-            continue
-        errors = []
-        for mirror in source.mirrors:
-            try:
-                download_url(f"{mirror}{filename}", root=str(directory), filename=filename, md5=md5)
-                break
-            except Exception as exc:  # urllib, socket and integrity errors alike: try the next mirror
-                errors.append(f"{mirror}: {exc}")
-        else:
-            raise OSError(f"could not download {filename} ({'; '.join(errors)})")
+def default_cache_dir(dataset: str, env: Mapping[str, str] | None = None) -> Path:
+    """Where downloaded data sets live: ``$XDG_CACHE_HOME/fedmqtt/<dataset>`` (``~/.cache`` by default)."""
+    env = os.environ if env is None else env
+    xdg = env.get("XDG_CACHE_HOME", "")
+    # The XDG spec: a relative XDG_CACHE_HOME is invalid and ignored.
+    root = Path(xdg) if xdg and Path(xdg).is_absolute() else Path(env.get("HOME") or Path.home()) / ".cache"
+    return root / "fedmqtt" / dataset
 
 
-def resolve_data_dir(flag: str | os.PathLike[str] | None, dataset: str, *, download: bool = True) -> Path:
-    """The directory holding ``dataset``'s four IDX files.
+def mirror_urls(dataset: str, mirror: str | None) -> tuple[str, ...]:
+    """Base URLs (ending in ``/``) to fetch ``dataset``'s files from, in order.
 
-    Looks at ``flag`` (``--data-dir``), else ``$FEDMQTT_DATA``, else the cache directory; each may hold
-    the files directly or in a ``<dataset>/`` subdirectory. Only the cache directory is ever filled by a
-    download, and only when files are missing and ``download`` is true. Raises :class:`DatasetNotFound`.
+    ``mirror`` (``$FEDMQTT_DATA_MIRROR``) replaces the defaults: a base URL under which each data set lives
+    in its own directory (``MIRROR/mnist/train-images-idx3-ubyte.gz``), the layout of ``$FEDMQTT_DATA``;
+    ``{dataset}`` in it is replaced instead when present (``https://host/{dataset}-files/``).
     """
     _check_dataset_name(dataset)
-    explicit: list[tuple[str, str | os.PathLike[str]]] = []
+    if not mirror:
+        return SOURCES[dataset].urls
+    base = mirror.replace("{dataset}", dataset) if "{dataset}" in mirror else f"{mirror.rstrip('/')}/{dataset}"
+    return (base.rstrip("/") + "/",)
+
+
+def _missing(directory: Path, stems: Sequence[str]) -> list[str]:
+    return [stem for stem in stems if _find_file(directory, stem) is None]
+
+
+@contextlib.contextmanager
+def _download_lock(directory: Path) -> Iterator[None]:
+    """One downloader per cache directory at a time (other processes wait, then find the files there)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: every file still lands atomically, at worst downloaded twice
+        yield
+        return
+    with open(directory / ".download.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fetch(url: str, remote: RemoteFile, directory: Path, progress: Any) -> Path:
+    """Download ``url`` to a temporary name in ``directory``, check it, then rename it to ``remote.name``.
+
+    Whatever goes wrong (a cut transfer, a wrong digest, Ctrl-C), the temporary file is removed: only a
+    verified file ever carries the real name.
+    """
+    request = urllib.request.Request(url, headers={"User-Agent": "fedmqtt (dataset download)"})
+    handle, temporary = tempfile.mkstemp(prefix=f".{remote.name}.", suffix=".part", dir=directory)
+    try:
+        sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+        size = 0
+        task = progress.add_task(remote.name, total=remote.size)
+        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            while chunk := response.read(_CHUNK):
+                size += len(chunk)
+                sha256.update(chunk)
+                md5.update(chunk)
+                if size > remote.size:  # not the published file; stop before a hostile source fills the disk
+                    break
+                out.write(chunk)
+                progress.update(task, advance=len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+        if size != remote.size or sha256.hexdigest() != remote.sha256 or md5.hexdigest() != remote.md5:
+            raise DatasetChecksumMismatch(remote, url, size, sha256.hexdigest(), md5.hexdigest())
+        final = directory / remote.name
+        os.replace(temporary, final)
+        return final
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def download_dataset(
+    dataset: str, directory: str | os.PathLike[str], *, mirror: str | None = None, progress: bool = True
+) -> Path:
+    """Fetch the original gzipped IDX files of ``dataset`` that ``directory`` lacks; return ``directory``.
+
+    Each file is tried from each base URL of :func:`mirror_urls` in turn (network and HTTP errors move on
+    to the next), and must match its published size, sha256 and md5 (:data:`SOURCES`), else
+    :class:`DatasetChecksumMismatch`. Nothing half-written is left behind. A rich progress bar goes to stderr.
+    Raises :class:`DatasetDownloadFailed` when no source delivers a file.
+    """
+    _check_dataset_name(dataset)
+    target = Path(directory).expanduser()
+    target.mkdir(parents=True, exist_ok=True)
+    urls = mirror_urls(dataset, mirror)
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    with _download_lock(target):
+        needed = [remote for remote in SOURCES[dataset].files if _find_file(target, remote.name[:-3]) is None]
+        if not needed:
+            return target
+        console = Console(stderr=True)
+        console.print(f"fedmqtt: downloading {dataset} ({len(needed)} files) from {urls[0]} into {target}")
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn())  # fmt: skip
+        with Progress(*columns, console=console, disable=not progress) as bar:
+            for remote in needed:
+                errors = []
+                for base in urls:
+                    try:
+                        _fetch(base + remote.name, remote, target, bar)
+                        break
+                    except (OSError, http.client.HTTPException, ValueError) as exc:
+                        errors.append(f"{base}{remote.name}: {exc}")
+                else:
+                    raise DatasetDownloadFailed(dataset, target, [r.name for r in needed], errors)
+    return target
+
+
+def resolve_data_dir(
+    flag: str | os.PathLike[str] | None,
+    dataset: str,
+    *,
+    split: Split = "all",
+    download: bool = True,
+    env: Mapping[str, str] | None = None,
+    flag_name: str = "--data-dir",
+) -> Path:
+    """The directory holding ``dataset``'s IDX files of ``split`` (train, test or all four).
+
+    1. ``flag`` (``--data-dir``; ``flag_name`` names it in errors, e.g. ``--eval-data``), else
+    2. ``$FEDMQTT_DATA``: each may hold the files directly, in a ``<dataset>/`` subdirectory or as a
+       torchvision root. A directory named explicitly is where the data lives: if it lacks a file, that is
+       an error naming what is missing, and nothing is ever downloaded into it.
+    3. Else the user cache (:func:`default_cache_dir`), filled by :func:`download_dataset` when files are
+       missing and ``download`` is true (from ``$FEDMQTT_DATA_MIRROR`` when set).
+
+    Raises :class:`DatasetNotFound` (or its :class:`DatasetDownloadFailed`), :class:`DatasetChecksumMismatch`.
+    """
+    _check_dataset_name(dataset)
+    env = os.environ if env is None else env
+    stems = _SPLIT_STEMS[split]
+    cache = default_cache_dir(dataset, env)
+    explicit: tuple[str, str | os.PathLike[str]] | None = None
     if flag is not None and str(flag) != "":
-        explicit.append(("--data-dir", flag))
-    elif os.environ.get("FEDMQTT_DATA"):
-        explicit.append(("$FEDMQTT_DATA", os.environ["FEDMQTT_DATA"]))
-    for origin, value in explicit:
+        explicit = (flag_name, flag)
+    elif env.get(DATA_ENV):
+        explicit = (f"${DATA_ENV}", env[DATA_ENV])
+    if explicit is not None:
+        origin, value = explicit
         base = Path(value).expanduser()
-        found = _dir_holding(base, dataset, IDX_FILES)
+        found = _dir_holding(base, dataset, stems)
         if found is None:
             raise DatasetNotFound(
-                dataset, _candidate_dirs(base, dataset), list(IDX_FILES), hint=f"({base} came from {origin}.)"
+                dataset,
+                _candidate_dirs(base, dataset),
+                _missing(base / dataset if (base / dataset).is_dir() else base, stems),
+                hint=f"({base} came from {origin}; fedmqtt downloads only into its cache, {cache}, used when "
+                f"neither --data-dir nor ${DATA_ENV} is set.)",
             )
         return found
-    cache = default_cache_dir(dataset)
-    if _dir_holding(cache, dataset, IDX_FILES) is not None:
-        return cache
-    hint = "Downloading is off."
-    if download:
-        try:
-            _download(dataset, cache)
-            return cache
-        except OSError as exc:
-            hint = f"Downloading them into {cache} failed: {exc}"
-    raise DatasetNotFound(dataset, [cache], list(IDX_FILES), hint=hint)
+    cached = _dir_holding(cache, dataset, stems)
+    if cached is not None:
+        return cached
+    if not download:
+        raise DatasetNotFound(dataset, [cache], _missing(cache, stems), hint="Downloading is off.")
+    download_dataset(dataset, cache, mirror=env.get(MIRROR_ENV))
+    return cache
 
 
 # --------------------------------------------------------------------------------------------------
