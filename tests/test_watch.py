@@ -335,6 +335,104 @@ def test_a_late_joiner_sees_the_same_job_whatever_order_the_retained_messages_ar
     assert text_of(state) == text_of(expected)
 
 
+# --- runs: a job id run again ------------------------------------------------------------------
+
+OLD_RUN = "0" * 16
+NEW_RUN = "1" * 16
+
+
+def _ledger_of(run_id: str, epsilon: float) -> PrivacyLedger:
+    return ledger(epsilon).model_copy(update={"run_id": run_id})
+
+
+_TWO_RUNS = [
+    # The previous 3-round run left rounds/3 and its ledger retained; the new 2-round run is in round 2.
+    (T.status, to_json(status(round=2, rounds_total=2, run_id=NEW_RUN))),
+    (T.round_summary(1), to_json(summary(1, run_id=NEW_RUN))),
+    (T.round_summary(3), to_json(summary(3, run_id=OLD_RUN))),
+    (T.round_summary(2), to_json(summary(2, run_id=OLD_RUN))),
+    (T.privacy, to_json(_ledger_of(OLD_RUN, 5.0))),
+]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.permutations(_TWO_RUNS))
+def test_retained_leftovers_of_another_run_are_dropped_whatever_the_order(order: list[tuple[str, bytes]]) -> None:
+    state = apply_all(empty(), order)
+    assert state.run_id == NEW_RUN
+    assert sorted(state.rounds) == [1] and state.rounds[1].run_id == NEW_RUN
+    assert state.privacy is None and state.epsilon() is None
+    assert "rounds done 1/2" in headline(state, NOW) and f"run {NEW_RUN[:8]}" in headline(state, NOW)
+    assert text_of(state) == text_of(apply_all(empty(), _TWO_RUNS))
+
+
+def test_a_new_run_resets_the_view_and_later_messages_of_the_old_run_are_counted_not_used() -> None:
+    old = apply_all(
+        empty(),
+        [
+            (T.status, to_json(status(round=3, rounds_total=3, run_id=OLD_RUN))),
+            *[(T.round_summary(n), to_json(summary(n, run_id=OLD_RUN))) for n in (1, 2)],
+            (T.privacy, to_json(_ledger_of(OLD_RUN, 2.0))),
+            (T.events, to_json(event(EventType.UPDATE_REFUSED, round=3, reason=RefusalReason.DUPLICATE,
+                                     run_id=OLD_RUN))),
+        ],
+    )  # fmt: skip
+    assert old.rounds_done == 2 and old.refusals_by_reason() == {"stale_round": 2, "duplicate": 1}
+    new = old.apply(T.status, to_json(status(round=1, rounds_total=2, run_id=NEW_RUN)))
+    assert new.rounds_done == 0 and new.privacy is None and new.other_run == 3
+    assert new.refusals_by_reason() == {}
+    assert "no status yet" not in headline(new, NOW) and "rounds done 0/2" in headline(new, NOW)
+    assert describe_changes(old, new)[0] == f"new run {NEW_RUN}: the view starts over"
+    late = apply_all(
+        new,
+        [
+            (T.round_summary(3), to_json(summary(3, run_id=OLD_RUN))),
+            (T.round_summary(2), to_json(summary(2))),  # no run id: a coordinator that states none
+            (T.privacy, to_json(_ledger_of(OLD_RUN, 2.0))),
+            (T.events, to_json(event(EventType.ROUND_CLOSED, round=3, run_id=OLD_RUN))),
+        ],
+    )
+    assert late.rounds_done == 0 and late.privacy is None and late.recent_events == new.recent_events
+    assert late.other_run == 3 + 4 and late.malformed == 0
+    assert "other runs' messages" in text_of(late)
+    mine = apply_all(
+        late,
+        [
+            (T.round_summary(1), to_json(summary(1, run_id=NEW_RUN))),
+            (T.privacy, to_json(_ledger_of(NEW_RUN, 0.5))),
+            (T.events, to_json(event(EventType.ROUND_OPENED, round=2))),  # events without a run id are kept
+        ],
+    )
+    assert sorted(mine.rounds) == [1] and mine.epsilon() == 0.5 and mine.recent_events[-1].round == 2
+
+
+def test_a_run_started_event_switches_the_run_before_its_status_arrives() -> None:
+    old = apply_all(
+        empty(),
+        [
+            (T.status, to_json(status(phase=Phase.FINISHED, run_id=OLD_RUN))),
+            (T.round_summary(1), to_json(summary(1, run_id=OLD_RUN))),
+        ],
+    )
+    started = old.apply(T.events, to_json(event(EventType.RUN_STARTED, run_id=NEW_RUN)))
+    assert started.run_id == NEW_RUN and started.status is None and started.rounds_done == 0
+    assert started.recent_events[-1].type is EventType.RUN_STARTED
+    # A status of the old run that is still retained does not take the view back.
+    assert started.apply(T.round_summary(1), to_json(summary(1, run_id=OLD_RUN))).rounds_done == 0
+
+
+def test_a_coordinator_without_run_ids_is_shown_as_before() -> None:
+    state = apply_all(
+        empty(),
+        [
+            (T.status, to_json(status())),
+            (T.round_summary(1), to_json(summary(1))),
+            (T.round_summary(2), to_json(summary(2, run_id=OLD_RUN))),
+        ],
+    )
+    assert state.run_id is None and state.rounds_done == 2 and state.other_run == 0
+
+
 # --- plain log lines ----------------------------------------------------------------------------
 
 

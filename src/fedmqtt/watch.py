@@ -10,6 +10,11 @@ Three layers, so that the interesting part is testable without a broker:
 
 A watcher that joins late still sees the job: the status, round summaries, device statuses and privacy
 ledger are retained; only the (non-retained) events that happened before it joined are missing.
+
+A job id can be run again (each fresh start is a new *run* with its own run id). The view shows one run: the
+one named by the newest job status (or ``run_started`` event). Round summaries, privacy ledgers and events of
+another run (retained leftovers of a previous run) are dropped and counted in ``other_run``; when the run id
+changes, the view keeps only what belongs to the new run.
 """
 
 from __future__ import annotations
@@ -80,6 +85,10 @@ class WatchState:
     last_malformed: str | None = None
     # Messages on topics the watcher did not ask for (a broker that routes loosely); counted, not used.
     ignored: int = 0
+    # The run shown (None: not known yet, or a coordinator that states no run id: then nothing is filtered).
+    run_id: str | None = None
+    # Messages of another run than the one shown; counted, not used.
+    other_run: int = 0
 
     @classmethod
     def empty(cls, job: str, prefix: str = DEFAULT_PREFIX) -> WatchState:
@@ -110,6 +119,8 @@ class WatchState:
                 return replace(self, privacy=None)
             ledger = from_json(PrivacyLedger, payload)
             self._check_job("PrivacyLedger", ledger.job)
+            if self._other_run(ledger.run_id):
+                return replace(self, other_run=self.other_run + 1)
             return replace(self, privacy=ledger)
         round_number = t.round_of_summary(topic)
         if round_number is not None:
@@ -119,6 +130,8 @@ class WatchState:
             self._check_job("RoundSummary", summary.job)
             if summary.round != round_number:
                 raise MessageError("RoundSummary", f"round {summary.round} published on {topic}")
+            if self._other_run(summary.run_id):
+                return replace(self, other_run=self.other_run + 1)
             return replace(self, rounds=_with(self.rounds, round_number, summary))
         device = t.device_of_status(topic)
         if device is not None:
@@ -134,12 +147,46 @@ class WatchState:
         if job != self.topics.job:
             raise MessageError(model, f"job {job!r} published under job {self.topics.job!r}")
 
+    def _other_run(self, run_id: str | None) -> bool:
+        """Whether a retained record (round summary, ledger) stating ``run_id`` belongs to another run than the
+        one shown. While the run is not known everything counts as the shown run's; once it is, a record without
+        a run id is a leftover of a coordinator that stated none."""
+        return self.run_id is not None and run_id != self.run_id
+
+    def _switch_run(self, run_id: str | None) -> WatchState:
+        """Show run ``run_id`` from now on: keep only the round summaries and ledger of that run."""
+        if run_id is None or run_id == self.run_id:
+            return self
+        rounds = MappingProxyType({n: r for n, r in self.rounds.items() if r.run_id == run_id})
+        privacy = self.privacy if self.privacy is not None and self.privacy.run_id == run_id else None
+        dropped = len(self.rounds) - len(rounds) + (self.privacy is not None and privacy is None)
+        # Refusal events name no run in their key: those counted so far belong to the previous run.
+        return replace(
+            self,
+            run_id=run_id,
+            rounds=rounds,
+            privacy=privacy,
+            event_refusals=_EMPTY,
+            other_run=self.other_run + dropped,
+        )
+
     def _with_status(self, status: Status) -> WatchState:
         self._check_job("Status", status.job)
-        return replace(self, status=status)
+        # The newest status names the current run (a job id run again replaces the retained status).
+        return replace(self._switch_run(status.run_id), status=status)
 
     def _with_event(self, event: Event) -> WatchState:
         self._check_job("Event", event.job)
+        state = self
+        if event.type is EventType.RUN_STARTED:
+            state = self._switch_run(event.run_id)
+            if state is not self and state.status is not None and state.status.run_id != event.run_id:
+                state = replace(state, status=None)  # the previous run's status: the new run's follows
+        elif event.run_id is not None and self._other_run(event.run_id):  # events are live news: lenient
+            return replace(self, other_run=self.other_run + 1)
+        return state._with_run_event(event)
+
+    def _with_run_event(self, event: Event) -> WatchState:
         refusals = self.event_refusals
         if event.type is EventType.UPDATE_REFUSED and event.reason is not None and event.round is not None:
             key = (event.round, event.reason)
@@ -259,6 +306,8 @@ def headline(state: WatchState, now: float) -> str:
         return f"job {state.topics.job}: no status yet"
     total = s.rounds_total
     parts = [f"job {s.job}", f"phase {s.phase.value}", f"rounds done {state.rounds_done}/{total}"]
+    if s.run_id is not None:
+        parts.insert(1, f"run {s.run_id[:8]}")
     if s.phase.value in ("training", "aggregating"):
         attempt = f" (attempt {s.attempt})" if s.attempt else ""
         parts.append(f"round {s.round}{attempt}: received {s.received}/{s.needed}")
@@ -300,6 +349,8 @@ def render(state: WatchState, now: float | None = None, max_rounds: int = 12) ->
         summary.add_row("refused", ", ".join(f"{reason} {n}" for reason, n in sorted(refusals.items())))
     if state.malformed:
         summary.add_row(Text("malformed messages", style="red"), f"{state.malformed} (last: {state.last_malformed})")
+    if state.other_run:
+        summary.add_row("other runs' messages", f"{state.other_run} (dropped: not of the run shown)")
     parts.append(summary)
 
     if state.rounds:
@@ -381,7 +432,10 @@ def describe_round(summary: RoundSummary) -> str:
 
 def describe_changes(old: WatchState, new: WatchState, *, devices: bool = True) -> list[str]:
     """Plain log lines for what changed between two states (for logs and non-terminal output)."""
-    lines = [describe_round(new.rounds[n]) for n in sorted(set(new.rounds) - set(old.rounds))]
+    lines = []
+    if new.run_id is not None and old.run_id is not None and new.run_id != old.run_id:
+        lines.append(f"new run {new.run_id}: the view starts over")
+    lines += [describe_round(new.rounds[n]) for n in sorted(set(new.rounds) - set(old.rounds))]
     o, n = old.status, new.status
     if n is not None and (o is None or (o.phase, o.round, o.attempt) != (n.phase, n.round, n.attempt)):
         if n.phase.value == "training":
