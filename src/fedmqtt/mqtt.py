@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import socket
 import ssl
@@ -42,6 +43,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fedmqtt.errors import FedmqttError
+from fedmqtt.paths import input_file_problem
 
 logger = logging.getLogger(__name__)
 
@@ -342,6 +344,33 @@ class Will:
     retain: bool = True
 
 
+def tls_ca_problem(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a CA certificate file (worded to follow its path), or None when it loads."""
+    problem = input_file_problem(path)
+    if problem is not None:
+        return problem
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=os.fspath(path))
+    except ssl.SSLError as exc:
+        with open(path, "rb") as fh:
+            pem = b"-----BEGIN CERTIFICATE-----" in fh.read(1 << 20)
+        if not pem:
+            return (
+                "is not a PEM certificate (no -----BEGIN CERTIFICATE----- block; a DER file converts with "
+                "`openssl x509 -inform der -in FILE -out ca.pem`)"
+            )
+        return f"holds no certificate that can be loaded ({exc.reason or exc})"
+    except (OSError, ValueError) as exc:
+        return f"cannot be read ({exc})"
+    return None
+
+
+def check_tls_ca(path: str | os.PathLike[str] | None) -> None:
+    """Raise :class:`TlsError` naming ``--tls-ca`` and the file unless it is a loadable CA certificate."""
+    if path is not None and (problem := tls_ca_problem(path)) is not None:
+        raise TlsError(f"--tls-ca: {path} {problem}")
+
+
 @dataclass(frozen=True)
 class ClientSettings:
     """How to connect. ``url`` may carry credentials (``mqtt://user:pass@host:port``).
@@ -369,7 +398,10 @@ class ClientSettings:
     max_message_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        parse_broker_url(self.url)
+        broker = parse_broker_url(self.url)
+        check_tls_ca(self.tls_ca)
+        if self.tls_ca is not None and not broker.tls:
+            raise TlsError(f"--tls-ca: a CA file was given but {broker} is not a TLS URL; use mqtts://")
         if not isinstance(self.client_id, str) or not self.client_id or len(self.client_id.encode()) > 65535:
             raise MqttError(f"invalid client id {self.client_id!r}: give every client a stable, non-empty id")
         if self.protocol not in ("5", "3.1.1", "auto"):
@@ -739,9 +771,11 @@ class MqttConnection:
         if self._broker.username is not None:
             client.username_pw_set(self._broker.username, self._broker.password)
         if self._broker.tls:
-            client.tls_set(ca_certs=self.settings.tls_ca)
-        elif self.settings.tls_ca is not None:
-            raise MqttError(f"a CA file was given but {self._broker} is not a TLS URL; use mqtts://")
+            try:
+                client.tls_set(ca_certs=self.settings.tls_ca)
+            except (ssl.SSLError, OSError, ValueError) as exc:  # the file changed since ClientSettings checked it
+                where = f"--tls-ca: {self.settings.tls_ca}" if self.settings.tls_ca else "the system CA certificates"
+                raise TlsError(f"{where} cannot be loaded ({exc})") from None
 
     def _check_fds(self, client: paho.Client) -> None:
         sockets = [client.socket(), getattr(client, "_sockpairR", None), getattr(client, "_sockpairW", None)]

@@ -32,6 +32,7 @@ from types import FrameType
 from typing import IO, Any
 
 from fedmqtt.errors import ConfigError, FedmqttError
+from fedmqtt.paths import require_input_dir, require_output_dir
 from fedmqtt.topics import DEFAULT_PREFIX, Topics, validate_id, validate_prefix
 
 DEVICE_ID_PREFIX = "dev-"
@@ -185,6 +186,13 @@ def plan_simulation(
         raise ConfigError("--timeout", "must be > 0 seconds")
     if args.embedded and args.broker:
         raise ConfigError("--embedded", "cannot be combined with --broker (which broker should it use?)")
+    from fedmqtt.mqtt import check_tls_ca
+
+    # Every file flag is checked here, before a broker or a child starts (the children would only fail later).
+    require_output_dir("--out", args.out)
+    require_output_dir("--checkpoint-dir", args.checkpoint_dir)
+    require_input_dir("--data-dir", args.data_dir)
+    check_tls_ca(args.tls_ca)
     from fedmqtt.data import resolve_data_dir
 
     data_dir = resolve_data_dir(args.data_dir, args.dataset, env=env)

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from fedmqtt.errors import ConfigError
+from fedmqtt.paths import require_input_file, require_output_dir
 from fedmqtt.topics import DEFAULT_PREFIX
 
 DEFAULT_CONFIG_DIR = Path(".fedmqtt") / "broker"
@@ -99,6 +100,9 @@ def run_broker(args: argparse.Namespace) -> int:
 
     from fedmqtt.broker.mosquitto import MosquittoConfig, run_mosquitto
 
+    require_output_dir("--config-dir", args.config_dir)
+    require_input_file("--certfile", args.certfile)
+    require_input_file("--keyfile", args.keyfile)
     config = MosquittoConfig(
         args.config_dir,
         host=args.host,
@@ -110,6 +114,8 @@ def run_broker(args: argparse.Namespace) -> int:
         keyfile=args.keyfile,
         prefix=args.prefix,
     )
+    if args.tls:
+        _check_server_certificate(config.tls_files.server_cert, config.tls_files.server_key)
     if args.auth:
         from fedmqtt.broker.accounts import list_accounts
 
@@ -123,6 +129,22 @@ def run_broker(args: argparse.Namespace) -> int:
     return run_mosquitto(config)
 
 
+def _check_server_certificate(certfile: Path, keyfile: Path) -> None:
+    """Refuse a server certificate and key that Mosquitto could not load, before it is started. Missing
+    default files are left to :meth:`MosquittoConfig.write`, which says how to make them."""
+    if not (certfile.is_file() and keyfile.is_file()):
+        return
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(
+            "--certfile/--keyfile",
+            f"{certfile} and {keyfile} are not a PEM certificate and its private key ({getattr(exc, 'reason', None) or exc})",
+        ) from None
+
+
 def _mosquitto_installed() -> bool:
     return bool(shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin"))
 
@@ -132,6 +154,7 @@ def add_account_command(args: argparse.Namespace) -> int:
     from fedmqtt.broker.mosquitto import PASSWORD_FILE, reload_running_broker
 
     config_dir: Path = getattr(args, "config_dir", DEFAULT_CONFIG_DIR)
+    require_output_dir("--config-dir", config_dir)
     username = username_for(args.account_kind, getattr(args, "device_id", None))
     password_file = config_dir / PASSWORD_FILE
     existed = username in list_accounts(password_file)
@@ -153,6 +176,8 @@ def gen_certs_command(args: argparse.Namespace) -> int:
     from fedmqtt.broker.mosquitto import TLS_DIR
 
     config_dir: Path = getattr(args, "config_dir", DEFAULT_CONFIG_DIR)
+    require_output_dir("--config-dir", config_dir)
+    require_output_dir("--config-dir", config_dir / TLS_DIR)
     hosts = tuple(args.cert_hosts) if args.cert_hosts else DEFAULT_HOSTS
     files = generate_test_certificates(config_dir / TLS_DIR, hosts=hosts, force=args.force)
     print(f"CA certificate (give it to clients): {files.ca_cert}")

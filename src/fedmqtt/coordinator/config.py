@@ -11,9 +11,18 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fedmqtt.errors import ConfigError
+from fedmqtt.paths import input_dir_problem, input_file_problem, output_dir_problem
 from fedmqtt.schema import ID_PATTERN, CodecSpec, DPMode, MessageError
 from fedmqtt.topics import DEFAULT_PREFIX
 
@@ -71,6 +80,21 @@ class CoordinatorConfig(BaseModel):
     dp_adaptive_clip: Annotated[float, Field(gt=0, lt=1)] | None = None
 
     quiet: bool = False
+
+    @field_validator("tls_ca", "eval_data", "checkpoint_dir")
+    @classmethod
+    def _usable_path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Refused here, before a model is built or a broker is dialled: "checkpoint_dir: --checkpoint-dir ckpt
+        # is a file, not a directory".
+        if value is None:
+            return None
+        from fedmqtt.mqtt import tls_ca_problem
+
+        check = {"tls_ca": tls_ca_problem, "eval_data": input_dir_problem, "checkpoint_dir": output_dir_problem}
+        problem = check[str(info.field_name)](value)
+        if problem is not None:
+            raise ValueError(f"--{str(info.field_name).replace('_', '-')} {value} {problem}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> CoordinatorConfig:
@@ -138,15 +162,22 @@ def load_config(toml_path: Path | None, overrides: dict[str, Any]) -> Coordinato
     """Merge a TOML file (optional) with CLI overrides (None values are 'not given') and validate."""
     data: dict[str, Any] = {}
     if toml_path is not None:
+        problem = input_file_problem(toml_path)
+        if problem is not None:
+            raise ConfigError("config", f"--config {toml_path} {problem}")
         try:
             with open(toml_path, "rb") as fh:
                 raw = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError("config", f"file {toml_path} does not exist") from None
+        except OSError as exc:
+            raise ConfigError("config", f"--config {toml_path} cannot be read ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise ConfigError("config", f"--config {toml_path} is not valid TOML: it is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("config", f"{toml_path} is not valid TOML: {exc}") from None
+            raise ConfigError("config", f"--config {toml_path} is not valid TOML: {exc}") from None
         # Accept either top-level keys or a [coordinator] table; dashes or underscores.
         table = raw.get("coordinator", raw)
+        if not isinstance(table, dict):
+            raise ConfigError("config", f"--config {toml_path}: 'coordinator' must be a table ([coordinator])")
         data.update({k.replace("-", "_"): v for k, v in table.items()})
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:

@@ -11,6 +11,7 @@ from types import FrameType
 from typing import Any
 
 from fedmqtt.errors import ConfigError
+from fedmqtt.paths import require_input_dir, require_output_dir
 from fedmqtt.topics import DEFAULT_PREFIX, validate_id
 
 log = logging.getLogger("fedmqtt.device")
@@ -86,7 +87,12 @@ def run_device(args: argparse.Namespace) -> int:
         raise ConfigError("broker" if not args.broker else "job", "is required")
     validate_id("job id", args.job)
     devices = device_ids_and_parts(args)
-    from fedmqtt.mqtt import MAX_CLIENTS_PER_PROCESS
+    from fedmqtt.mqtt import MAX_CLIENTS_PER_PROCESS, check_tls_ca
+
+    # Files first, before torch is imported, the data set read or the broker dialled.
+    check_tls_ca(args.tls_ca)
+    require_input_dir("--data-dir", args.data_dir or None)
+    require_output_dir("--state-dir", args.state_dir)
 
     if len(devices) > MAX_CLIENTS_PER_PROCESS:
         raise ConfigError(
