@@ -168,3 +168,82 @@ def secure_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secur
     }
     with broker:
         yield SecureBroker(broker, passwords)
+
+
+# --- data_mirror: the original IDX files over HTTP on loopback (fedmqtt.data downloads without internet) ---
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+class DataMirror:
+    """A real HTTP server on a free loopback port serving ``root`` (``<dataset>/<file>.gz``: by default
+    ../shared/data, the original gzipped IDX files); ``url`` is a ``$FEDMQTT_DATA_MIRROR`` base URL.
+
+    ``requests`` lists the paths asked for. ``replace[path] = bytes`` serves other bytes for a path;
+    ``cut[path] = n`` promises the whole file (Content-Length) but drops the connection after ``n`` bytes.
+    """
+
+    def __init__(self, root: Path) -> None:
+        import http.server
+        import threading
+
+        self.root = root
+        self.requests: list[str] = []
+        self.replace: dict[str, bytes] = {}
+        self.cut: dict[str, int] = {}
+        mirror = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                mirror.requests.append(path)
+                body = mirror.replace.get(path)
+                if body is None:
+                    target = (mirror.root / path.lstrip("/")).resolve()
+                    if mirror.root.resolve() not in target.parents or not target.is_file():
+                        self.send_error(404, "no such file")
+                        return
+                    body = target.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if path in mirror.cut:
+                    self.wfile.write(body[: mirror.cut[path]])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="data-mirror", daemon=True)
+        self._thread.start()
+
+    def file_requests(self) -> list[str]:
+        return [path for path in self.requests if path.endswith(".gz")]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def data_mirror(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[DataMirror]:
+    """A machine with a network and no data: ``$FEDMQTT_DATA_MIRROR`` points at a :class:`DataMirror` of
+    ../shared/data, ``$FEDMQTT_DATA`` is unset and ``$XDG_CACHE_HOME`` is an empty ``tmp_path/cache``
+    (so the cache is ``tmp_path/cache/fedmqtt/<dataset>``). Subprocesses inherit all three."""
+    assert (SHARED_DATA / "mnist").is_dir(), f"the original IDX files are expected in {SHARED_DATA}/mnist"
+    mirror = DataMirror(SHARED_DATA)
+    monkeypatch.setenv("FEDMQTT_DATA_MIRROR", mirror.url)
+    monkeypatch.delenv("FEDMQTT_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    try:
+        yield mirror
+    finally:
+        mirror.close()

@@ -437,6 +437,8 @@ def _fetch(url: str, remote: RemoteFile, directory: Path, progress: Any) -> Path
                 progress.update(task, advance=len(chunk))
             out.flush()
             os.fsync(out.fileno())
+        if size < remote.size:  # http.client does not raise IncompleteRead on a read(n) cut short
+            raise OSError(f"the transfer ended after {size} of {remote.size} bytes")
         if size != remote.size or sha256.hexdigest() != remote.sha256 or md5.hexdigest() != remote.md5:
             raise DatasetChecksumMismatch(remote, url, size, sha256.hexdigest(), md5.hexdigest())
         final = directory / remote.name
