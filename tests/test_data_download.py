@@ -77,6 +77,7 @@ def test_an_empty_cache_is_filled_from_the_mirror_once(
     assert cache_listing(cache) == sorted(MNIST_FILES)  # no temporary file left
     for name in MNIST_FILES:
         assert (cache / name).read_bytes() == (SHARED_DATA / "mnist" / name).read_bytes()
+        assert (cache / name).stat().st_mode & 0o777 == 0o644
     assert "downloading mnist (4 files)" in capsys.readouterr().err
     assert len(load_dataset("mnist", cache, train=False)) == 10000
     # Found in the cache from now on: nothing is fetched again.

@@ -442,6 +442,7 @@ def _fetch(url: str, remote: RemoteFile, directory: Path, progress: Any) -> Path
         if size != remote.size or sha256.hexdigest() != remote.sha256 or md5.hexdigest() != remote.md5:
             raise DatasetChecksumMismatch(remote, url, size, sha256.hexdigest(), md5.hexdigest())
         final = directory / remote.name
+        os.chmod(temporary, 0o644)  # mkstemp made it 0600; the originals are public data
         os.replace(temporary, final)
         return final
     except BaseException:
