@@ -83,6 +83,7 @@ def update_frame(
     kind: FrameKind = FrameKind.UPDATE,
     arrays: ModelArrays | None = None,
     dp: DPAnnouncement | None = None,
+    base_model_hash: str | None = None,
 ) -> bytes:
     return encode_frame(
         constant_update(value) if arrays is None else arrays,
@@ -94,6 +95,7 @@ def update_frame(
         num_samples=num_samples,
         model_name=MODEL,
         dp=dp,
+        base_model_hash=base_model_hash,
     )
 
 
@@ -230,6 +232,8 @@ class JobView:
 
     def _record(self, topic: str, payload: bytes) -> None:
         t = self.topics
+        if not payload or topic == t.coordinator:
+            return  # a cleared retained message (a new run clears the last run's), or the coordinator's presence
         if topic == t.model:
             from fedmqtt.codecs import model_hash
 
@@ -367,6 +371,11 @@ class Job:
         return process
 
     def frame(self, round_number: int, sender: str, value: float = 0.01, **kw: Any) -> bytes:
+        """An update for ``round_number``, computed (as a device does) against the model its latest plan names."""
+        if "base_model_hash" not in kw:
+            with self.view._cond:
+                plans = [p for p in self.view.plans if p.round == round_number]
+            kw["base_model_hash"] = plans[-1].model_hash if plans else None
         return update_frame(self.name, round_number, sender, value, **kw)
 
     def close(self) -> None:
@@ -894,8 +903,9 @@ def test_an_unreachable_broker_fails_with_a_clear_message_in_bounded_time(
 def test_the_coordinator_outlives_a_broker_that_stops_answering(
     mosquitto_factory: Callable[..., Any], make_job: Callable[[str], Job]
 ) -> None:
-    """A broker that hangs for longer than a publish waits for its acknowledgement (30 s) used to kill the
-    coordinator with PublishTimeout. The message stays queued in the client, so the job carries on."""
+    """A broker that hangs used to kill the coordinator with PublishTimeout (its driver waited for each
+    acknowledgement). The driver never waits on the broker now: messages stay queued in the client and the job
+    carries on."""
     broker = mosquitto_factory()
     job = make_job(broker.url)
     process = job.start("--rounds", "1", "--min-updates", "2", "--round-timeout", "120")
@@ -906,7 +916,7 @@ def test_the_coordinator_outlives_a_broker_that_stops_answering(
     assert broker.pid is not None
     os.kill(broker.pid, signal.SIGSTOP)
     try:
-        time.sleep(35)
+        time.sleep(12)
     finally:
         os.kill(broker.pid, signal.SIGCONT)
     assert process.running(), process.log()
@@ -914,4 +924,4 @@ def test_the_coordinator_outlives_a_broker_that_stops_answering(
     summary = job.view.wait_summary(1)
     assert summary.participants == ("d1", "d2")
     assert process.wait(timeout=WAIT) == 0
-    assert "carrying on" in process.log()
+    assert "Traceback" not in process.log()

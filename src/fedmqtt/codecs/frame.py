@@ -131,6 +131,7 @@ def encode_frame(
     dp: DPAnnouncement | None = None,
     feedback: ErrorFeedback | None = None,
     rng: np.random.Generator | None = None,
+    run_id: str | None = None,
 ) -> bytes:
     """Encode ``arrays`` (name -> float tensor, in model order) as one frame.
 
@@ -187,6 +188,7 @@ def encode_frame(
             base_model_hash=base_model_hash,
             model_name=model_name,
             dp=dp,
+            run_id=run_id,
         )
     except ValidationError as exc:
         raise EncodeError(f"cannot build the frame header: {_first_error(exc)}") from None

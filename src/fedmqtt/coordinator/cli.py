@@ -19,7 +19,7 @@ _CONFIG_FLAGS = (
     "max_attempts", "seed", "strategy", "model", "dataset", "eval_data", "checkpoint_dir", "resume",
     "local_epochs", "batch_size", "lr", "prox_mu", "uplink", "downlink", "max_update_mb", "dp_mode", "dp_clip",
     "dp_noise_multiplier", "dp_delta", "target_epsilon", "dp_sample_rate", "dp_population", "dp_adaptive_clip",
-    "quiet",
+    "quiet", "max_samples", "max_update_norm", "reconnect_grace", "take_over",
 )  # fmt: skip
 
 
@@ -74,9 +74,24 @@ def register(subparsers: Any) -> None:
         help="global-model codec (default float32; float16 halves the bytes each selected device downloads)",
     )
     g.add_argument("--max-update-mb", type=float)
+    g.add_argument("--max-samples", type=int, help="largest sample count an update may claim (default 10000000)")
+    g.add_argument(
+        "--max-update-norm", type=float, help="refuse updates whose L2 norm exceeds this (jobs without DP; default off)"
+    )
     g = p.add_argument_group("durability")
     g.add_argument("--checkpoint-dir", type=Path)
     g.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
+    g.add_argument(
+        "--take-over",
+        action="store_true",
+        default=None,
+        help="start even if another coordinator is alive on this job; the other one stops",
+    )
+    g.add_argument(
+        "--reconnect-grace",
+        type=float,
+        help="seconds after a reconnect to the broker during which last wills wait and the deadline is held (default 10)",
+    )
     g = p.add_argument_group("differential privacy")
     g.add_argument("--dp-mode", choices=["off", "device", "local", "central"])
     g.add_argument("--dp-clip", type=float, help="L2 clip bound C of each update")

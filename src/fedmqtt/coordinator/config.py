@@ -23,7 +23,7 @@ from pydantic import (
 
 from fedmqtt.errors import ConfigError
 from fedmqtt.paths import input_dir_problem, input_file_problem, output_dir_problem
-from fedmqtt.schema import ID_PATTERN, CodecSpec, DPMode, MessageError
+from fedmqtt.schema import ID_PATTERN, MAX_SAMPLES_LIMIT, CodecSpec, DPMode, MessageError
 from fedmqtt.topics import DEFAULT_PREFIX
 
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmed-mean", "krum")
@@ -69,6 +69,14 @@ class CoordinatorConfig(BaseModel):
     downlink: str = "float32"
     trainable: tuple[str, ...] | None = None
     max_update_mb: Annotated[float, Field(gt=0)] = 64.0
+    # Hostile-field bounds: the largest sample count (FedAvg weight) one update may claim, and an optional L2 bound
+    # on update norms for jobs without DP (DP jobs are bounded by the clip).
+    max_samples: Annotated[int, Field(gt=0, le=MAX_SAMPLES_LIMIT)] = 10_000_000
+    max_update_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    # Seconds a last will waits after the coordinator's own reconnect (a restarted broker publishes the wills of
+    # clients that never died), and that the deadline is held after a reconnect so queued updates can arrive.
+    reconnect_grace: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 10.0
+    take_over: bool = False
 
     dp_mode: DPMode = DPMode.OFF
     dp_clip: Annotated[float, Field(gt=0)] | None = None

@@ -38,3 +38,7 @@ class StateDictError(CoordinatorError):
 
 class AggregationError(CoordinatorError):
     """An aggregation strategy was used wrongly or cannot aggregate what it was given."""
+
+
+class CoordinatorConflict(CoordinatorError):
+    """Another coordinator is alive on this job (or went further than this checkpoint): this one must not run."""

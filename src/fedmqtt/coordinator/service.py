@@ -25,12 +25,16 @@ from fedmqtt.checkpoint import load_state, save_state, write_atomic
 from fedmqtt.codecs import decode_frame, encode_frame, model_hash, peek_header
 from fedmqtt.codecs import errors as codec_errors
 from fedmqtt.coordinator import machine as M
+from fedmqtt.coordinator import numeric
 from fedmqtt.coordinator.aggregation import Strategy, build_strategy
 from fedmqtt.coordinator.config import CoordinatorConfig
+from fedmqtt.coordinator.errors import AggregationError, CoordinatorConflict
+from fedmqtt.coordinator.presence import InstanceTracker, live_rival
 from fedmqtt.errors import FedmqttError
-from fedmqtt.mqtt import ClientSettings, MqttConnection, NotConnected, PublishTimeout, parse_broker_url
+from fedmqtt.mqtt import ClientSettings, MqttConnection, NotConnected, PublishTimeout, Will, parse_broker_url
 from fedmqtt.schema import (
     CodecSpec,
+    CoordinatorPresence,
     DeviceStatus,
     DPMode,
     DPPlan,
@@ -48,6 +52,7 @@ from fedmqtt.schema import (
     RoundSummary,
     Status,
     from_json,
+    new_token,
     to_json,
 )
 from fedmqtt.topics import Topics
@@ -57,6 +62,12 @@ log = logging.getLogger("fedmqtt.coordinator")
 COORDINATOR_ID = "coordinator"
 CHECKPOINT_FILE = "coordinator.npz"
 SPOOL_DIR = "spool"
+QUARANTINE_DIR = "quarantine"
+# Names the spooled frame being replayed: found at start-up, it is the frame that ended the last process.
+REPLAY_MARKER = "replaying"
+# How long the coordinator listens for the job's retained presence and status before it decides whether
+# another coordinator runs the job.
+PROBE_SECONDS = 1.5
 _MAX_DETAIL = 2000  # schema.Event.detail's max_length
 
 # Map decode failures to the refusal reasons the events topic reports.
@@ -79,6 +90,26 @@ class _Inbound:
     payload: bytes
     qos: int
     mid: int
+    received_at: float = 0.0
+    retained: bool = False
+
+
+class _Link:
+    """The state of the coordinator's own broker connection, written by paho's network thread."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.down_since: float | None = None
+        self.up_at: float | None = None  # the last reconnect (None until the first one)
+
+
+@dataclass
+class _Progress:
+    """How far the handling of one update got (what an internal error must undo)."""
+
+    round: int | None = None
+    folded: bool = False
+    accepted: bool = False
 
 
 @dataclass
@@ -137,6 +168,18 @@ class CoordinatorService:
         self.exit_code: int | None = None
         self.refused_total = 0
         self._last_status_at = 0.0
+        self.instance = new_token()
+        self.started_at = clock()
+        self.run_id: str | None = None
+        self.taken_over_by: str | None = None
+        self._link = _Link()
+        self._instances = InstanceTracker()
+        self._tainted: str | None = None  # why the open attempt's accumulator cannot be trusted
+        self._progress = _Progress()
+        self._announced = False  # our presence is published (republished after each reconnect)
+        self._retained_status: Status | None = None
+        self._retained_presence: CoordinatorPresence | None = None
+        self._retained_rounds: set[int] = set()
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -153,6 +196,7 @@ class CoordinatorService:
             max_attempts=c.max_attempts,
             seed=self._selection_seed,
             sample_rate=c.dp_sample_rate if c.dp_mode is not DPMode.OFF else None,
+            max_samples=c.max_samples,
         )
 
     def _build_accountant(self) -> Any:
@@ -213,6 +257,7 @@ class CoordinatorService:
             protocol=c.mqtt_version,
             clean_start=False,
             tls_ca=str(c.tls_ca) if c.tls_ca else None,
+            will=Will(self.topics.coordinator, to_json(self._presence("offline")), qos=1, retain=True),
             # No max_message_bytes: the connection would drop an oversized update silently (no event, no count);
             # _handle_update refuses it as malformed and reports it. The broker's max packet size bounds memory.
         )
@@ -221,16 +266,30 @@ class CoordinatorService:
 
     def run(self, *, connect_timeout: float = 30.0) -> int:
         """Connect, run the job, return the process exit code (0 = finished or stopped by a rule)."""
+        self.run_id = self._checkpointed_run_id() or new_token()
         conn = MqttConnection(
             self._settings(),
             on_message=self._on_message,
-            subscriptions=[(self.topics.updates_filter, 1), (self.topics.device_status_filter, 1)],
+            subscriptions=[
+                (self.topics.updates_filter, 1),
+                (self.topics.device_status_filter, 1),
+                (self.topics.coordinator, 1),
+                (self.topics.status, 1),
+                (self.topics.rounds_filter, 1),
+            ],
             manual_ack=True,
+            on_connected=self._on_connected,
+            on_disconnected=self._on_disconnected,
         )
         self._conn = conn
         conn.connect(timeout=connect_timeout)
         try:
+            deferred = self._probe_job()
+            self._publish(self.topics.coordinator, to_json(self._presence("online")), retain=True)
+            self._announced = True
             self._startup()
+            for item in deferred:
+                self._handle(item)
             while self.exit_code is None:
                 try:
                     item = self._inbox.get(timeout=0.2)
@@ -238,21 +297,200 @@ class CoordinatorService:
                     item = None
                 if item is not None:
                     self._handle(item)
-                self._execute(self.machine.tick(self.clock()))
-                self._maybe_publish_status(force=False)
+                if self.exit_code is None:
+                    hold = self._holding_deadline() or self._backlog_before_deadline()
+                    self._execute(self.machine.tick(self.clock(), hold_deadline=hold))
+                    self._maybe_publish_status(force=False)
             return self.exit_code
         finally:
             conn.close()
             self._conn = None
 
     def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
-        # Network thread: enqueue only.
-        self._inbox.put(_Inbound(topic, payload, qos, mid))
+        # Network thread: enqueue only. The arrival time decides whether an update came in time.
+        self._inbox.put(_Inbound(topic, payload, qos, mid, self.clock(), retain))
+
+    def _on_connected(self, session_present: bool) -> None:
+        # Network thread: record only (the driver republishes presence when it sees the item).
+        link = self._link
+        if not link.up:
+            link.up_at = self.clock()
+        link.up = True
+        self._inbox.put(_Inbound("", b"connected", 0, 0, self.clock()))
+
+    def _on_disconnected(self, reason: str, taken_over: bool) -> None:
+        self._link.up = False
+        self._link.down_since = self.clock()
+        if taken_over:
+            log.warning("another connection took over this coordinator's MQTT session (same client id)")
+
+    # ------------------------------------------------------------------------------------ broker presence
+
+    def _grace_until(self, received_at: float) -> float | None:
+        """When a last will received at ``received_at`` may take effect, if the link was in doubt then."""
+        grace = self.config.reconnect_grace
+        link = self._link
+        if grace <= 0:
+            return None
+        if not link.up:
+            return received_at + grace
+        if link.up_at is not None and received_at <= link.up_at + grace:
+            return link.up_at + grace
+        return None
+
+    def _holding_deadline(self) -> bool:
+        link = self._link
+        if not link.up:
+            return True
+        return link.up_at is not None and self.clock() < link.up_at + self.config.reconnect_grace
+
+    def _backlog_before_deadline(self) -> bool:
+        """Messages that reached us before the deadline are still queued: they are handled first."""
+        deadline = self.machine.deadline
+        if deadline is None:
+            return False
+        with self._inbox.mutex:
+            oldest = self._inbox.queue[0] if self._inbox.queue else None
+        return oldest is not None and oldest.received_at < deadline
+
+    def _presence(self, state: str) -> CoordinatorPresence:
+        return CoordinatorPresence(
+            job=self.config.job,
+            instance=self.instance,
+            run_id=self.run_id,
+            state=state,  # type: ignore[arg-type]
+            started_at=self.started_at,
+            ts=self.clock(),
+            take_over=self.config.take_over,
+        )
+
+    def _probe_job(self) -> list[_Inbound]:
+        """Read the job's retained presence, status and round summaries; refuse to run beside a live coordinator.
+
+        Returns the other messages that arrived meanwhile (handled once the job has started)."""
+        deferred: list[_Inbound] = []
+        until = time.monotonic() + PROBE_SECONDS
+        while True:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                item = self._inbox.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if self._observe_job_message(item):
+                self._ack(item)
+            else:
+                deferred.append(item)
+        rival = live_rival(self._retained_status, self._retained_presence, self.instance, self.clock())
+        if rival is not None and not self.config.take_over:
+            raise CoordinatorConflict(
+                f"another coordinator is running job {self.config.job!r} on this broker ({rival}); stop it first, "
+                "or start this one with --take-over to make it stop"
+            )
+        if rival is not None:
+            log.warning("taking over job %s from %s", self.config.job, rival)
+        return deferred
+
+    def _observe_job_message(self, item: _Inbound) -> bool:
+        """Presence, status and round summaries of this job (ours or another coordinator's). True if handled."""
+        if item.topic == self.topics.coordinator:
+            try:
+                presence = from_json(CoordinatorPresence, item.payload) if item.payload else None
+            except MessageError as exc:
+                log.warning("ignored a malformed coordinator presence: %s", exc)
+                return True
+            if presence is not None and presence.instance != self.instance:
+                self._retained_presence = presence
+                if self.exit_code is None and self._superseded_by(presence):
+                    self._stop_taken_over(presence)
+            return True
+        if item.topic == self.topics.status:
+            try:
+                status = from_json(Status, item.payload) if item.payload else None
+            except MessageError:
+                return True
+            if status is not None and status.instance != self.instance:
+                self._retained_status = status
+                if self._announced and self.exit_code is None:
+                    self._check_duel(status)
+            return True
+        round_number = self.topics.round_of_summary(item.topic)
+        if round_number is not None:
+            if item.retained and item.payload:
+                self._retained_rounds.add(round_number)
+            return True
+        if item.topic == "" and item.payload == b"connected":
+            if self.exit_code is None and self.taken_over_by is None and self._announced:
+                self._publish(self.topics.coordinator, to_json(self._presence("online")), retain=True)
+            return True
+        return False
+
+    def _check_duel(self, status: Status) -> None:
+        """Another coordinator publishes this job's status while we run (both started while one could not see
+        the other, e.g. across a broker restart): the one that started later yields, unless it was told to take
+        over. Rounds never go backwards for the one that stays."""
+        presence = self._retained_presence
+        rival = live_rival(status, presence, self.instance, self.clock())
+        if rival is None or self.config.take_over:
+            return
+        if presence is None or presence.instance != status.instance or presence.started_at >= self.started_at:
+            return  # it started after us (it yields), or we cannot tell yet
+        self._event(
+            EventType.COORDINATOR_CONFLICT, detail=f"another coordinator runs this job ({rival}); this one stops"
+        )
+        log.error("another coordinator runs job %s (%s); this one, started later, stops", self.config.job, rival)
+        self.taken_over_by = status.instance
+        self.exit_code = 1
+
+    def _superseded_by(self, presence: CoordinatorPresence) -> bool:
+        return presence.take_over and presence.started_at > self.started_at
+
+    def _stop_taken_over(self, presence: CoordinatorPresence) -> None:
+        # Another coordinator took the job over: stop at once, publish nothing more and do not checkpoint (it
+        # may resume from the same checkpoint directory; writing ours now would move it backwards).
+        self.taken_over_by = presence.instance
+        log.warning(
+            "coordinator instance %s (started %s) took over job %s; this one stops",
+            presence.instance,
+            time.strftime("%H:%M:%S", time.localtime(presence.started_at)),
+            self.config.job,
+        )
+        self.exit_code = 0
+
+    def _checkpointed_run_id(self) -> str | None:
+        if not self.config.resume or self.config.checkpoint_dir is None or not self._checkpoint_path().exists():
+            return None
+        run_id = load_state(self._checkpoint_path()).get("run_id")
+        return str(run_id) if run_id else None
+
+    def _clear_previous_run(self) -> None:
+        """A new run: clear the retained messages of any earlier run of this job before the first plan, so
+        devices and watchers never mistake them for this run's."""
+        rounds = set(self._retained_rounds)
+        old = self._retained_status
+        if old is not None:
+            rounds.update(range(1, max(old.round, old.rounds_total) + 1))
+        for n in sorted(rounds):
+            self._publish(self.topics.round_summary(n), b"", retain=True)
+        if old is None and not rounds:
+            return  # no earlier run on this broker
+        for topic in (self.topics.plan, self.topics.privacy):
+            self._publish(topic, b"", retain=True)
+        if old is not None or rounds:
+            log.info("cleared %d retained round summaries of an earlier run of job %s", len(rounds), self.config.job)
 
     def _startup(self) -> None:
         now = self.clock()
         if self.config.resume and self._checkpoint_path().exists():
             self._restore()
+            old = self._retained_status
+            if old is not None and old.run_id == self.run_id and old.round > self.machine.round:
+                raise CoordinatorConflict(
+                    f"checkpoint {self._checkpoint_path()} is at round {self.machine.round}, but run {self.run_id} of "
+                    f"job {self.config.job!r} already reached round {old.round} on the broker; resuming would move "
+                    "the job backwards: resume from the newer checkpoint"
+                )
             self._publish_global_model()
             if self.machine.done:
                 self._end_resumed_job()
@@ -264,6 +502,8 @@ class CoordinatorService:
         else:
             if self.config.checkpoint_dir is not None:
                 shutil.rmtree(self._spool_root(), ignore_errors=True)
+            self._clear_previous_run()
+            self._event(EventType.RUN_STARTED, detail=f"run {self.run_id} of job {self.config.job}")
             self.model_round = 1
             self._publish_global_model()
             if self._budget_exhausted():  # not even round 1 fits under --target-epsilon
@@ -293,29 +533,105 @@ class CoordinatorService:
 
     def _handle(self, item: _Inbound) -> None:
         try:
+            if self._observe_job_message(item):
+                return
             device = self.topics.device_of_status(item.topic)
             if device is not None:
-                self._handle_device_status(device, item.payload)
+                self._handle_device_status(device, item)
                 return
             device = self.topics.device_of_update(item.topic)
             if device is not None:
-                self._handle_update(device, item.payload)
+                self._progress = _Progress()
+                self._handle_update(device, item.payload, received_at=item.received_at)
+        except Exception as exc:  # no poison pills: one message never ends the coordinator
+            self._internal_error(item, exc)
         finally:
             self._ack(item)
 
-    def _handle_device_status(self, device: str, payload: bytes) -> None:
-        if not payload:  # a cleared retained status
-            self._execute(self.machine.device_status(device, "offline", self.clock()))
+    def _handle_device_status(self, device: str, item: _Inbound) -> None:
+        now = self.clock()
+        grace = self._grace_until(item.received_at)
+        if not item.payload:  # a cleared retained status
+            self._execute(self.machine.device_status(device, "offline", now, grace_until=grace))
             return
         try:
-            status = from_json(DeviceStatus, payload)
+            status = from_json(DeviceStatus, item.payload)
         except MessageError as exc:
             log.warning("ignored malformed status of %s: %s", device, exc)
             return
         if status.device != device:
             log.warning("ignored status on %s's topic claiming to be %s", device, status.device)
             return
-        self._execute(self.machine.device_status(device, status.state, self.clock()))
+        if self._instances.observe(device, status.instance, now):
+            instances = ", ".join(self._instances.instances(device))
+            log.error("two processes use device id %s (instances %s): give each device its own id", device, instances)
+            self._event(
+                EventType.DEVICE_DUPLICATE,
+                device=device,
+                detail=f"device id {device} is used by more than one process (instances {instances}); they keep "
+                "taking each other's broker session: give each device a unique id",
+            )
+        if status.detail and status.detail.startswith("declined"):
+            self._event(EventType.DEVICE_DECLINED, device=device, round=status.round, detail=status.detail)
+        self._execute(self.machine.device_status(device, status.state, now, grace_until=grace))
+
+    def _internal_error(self, item: _Inbound, exc: Exception) -> None:
+        summary = f"{type(exc).__name__}: {exc}"
+        log.error("internal error while handling a message on %s: %s", item.topic, summary, exc_info=exc)
+        device = self.topics.device_of_update(item.topic)
+        if device is None:
+            return  # a status or presence message: dropped (logged); nothing was counted from it
+        progress = self._progress
+        where = self._quarantine(device, item.payload, summary)
+        if progress.folded:
+            self._refold_from_spool(f"an internal error interrupted folding {device}'s update ({summary})")
+        if progress.accepted:
+            return  # the round machine already counted it: it stays accepted
+        try:
+            self._refuse(
+                device,
+                progress.round,
+                RefusalReason.INTERNAL_ERROR,
+                f"{summary}" + (f"; frame quarantined in {where}" if where else ""),
+            )
+        except Exception:
+            log.exception("could not report the internal error for %s", device)
+
+    def _quarantine(self, device: str, payload: bytes, reason: str) -> Path | None:
+        """Move (or write) a frame that broke the coordinator to the quarantine directory; never replayed."""
+        if self.config.checkpoint_dir is None:
+            return None
+        folder = self.config.checkpoint_dir / QUARANTINE_DIR
+        stamp = f"{self.machine.round}-{self.machine.attempt}-{device}-{int(self.clock() * 1000)}"
+        target = folder / f"{stamp}.frame"
+        write_atomic(target, payload)
+        write_atomic(folder / f"{stamp}.txt", (reason + "\n").encode())
+        spooled = self._spool_root() / f"{self.machine.round}-{self.machine.attempt}" / f"{device}.frame"
+        if spooled.exists() and spooled.read_bytes() == payload:
+            spooled.unlink()
+        return target
+
+    def _refold_from_spool(self, why: str) -> None:
+        """Rebuild the open attempt's accumulator from the spooled frames of its accepted updates."""
+        self.strategy.begin_round(self.global_arrays)
+        self._unclipped = 0
+        if self.config.checkpoint_dir is None:
+            self._tainted = why + "; without --checkpoint-dir the accepted updates cannot be folded again"
+            return
+        folder = self._spool_root() / f"{self.machine.round}-{self.machine.attempt}"
+        try:
+            for device in self.machine.accepted:
+                frame = decode_frame(
+                    (folder / f"{device}.frame").read_bytes(),
+                    max_body_bytes=self._max_body_bytes(),
+                    expected_manifest=self.manifest,
+                )
+                weight = 1.0 if self.config.dp_mode is not DPMode.OFF else float(frame.header.num_samples)
+                self.strategy.add(frame.arrays, weight)
+                if frame.header.dp is not None and frame.header.dp.unclipped:
+                    self._unclipped += 1
+        except Exception as exc:
+            self._tainted = f"{why}; folding the spooled updates again failed too ({type(exc).__name__}: {exc})"
 
     def _refuse(self, device: str, round_number: int | None, reason: RefusalReason, detail: str) -> None:
         actions = self.machine.refuse_update(device, round_number, reason, detail, self.clock())
@@ -324,8 +640,11 @@ class CoordinatorService:
         # would otherwise be amplified into as many status writes, at one broker round trip each).
         self._execute([a for a in actions if not isinstance(a, M.StatusChanged)])
 
-    def _handle_update(self, device: str, payload: bytes, *, from_spool: bool = False) -> None:
+    def _handle_update(
+        self, device: str, payload: bytes, *, from_spool: bool = False, received_at: float | None = None
+    ) -> None:
         now = self.clock()
+        progress = self._progress
         if len(payload) > self.config.max_update_mb * 1e6:
             self._refuse(device, None, RefusalReason.MALFORMED, f"frame of {len(payload)} bytes exceeds the limit")
             return
@@ -334,7 +653,10 @@ class CoordinatorService:
         except codec_errors.FrameError as exc:
             self._refuse(device, None, RefusalReason.MALFORMED, str(exc))
             return
-        screening = self.machine.screen_update(device, header)
+        progress.round = header.round
+        screening = self.machine.screen_update(
+            device, header, model_hash=self.plan.model_hash if self.plan is not None else None
+        )
         if screening.redelivery:
             log.debug("ignored QoS 1 redelivery from %s", device)
             return
@@ -351,19 +673,26 @@ class CoordinatorService:
         except codec_errors.FrameError as exc:
             self._refuse(device, header.round, _refusal_reason(exc), str(exc))
             return
+        numbers = numeric.screen_values(frame.arrays, max_norm=self.config.max_update_norm)
+        if numbers is not None:
+            self._refuse(device, header.round, numbers[0], numbers[1])
+            return
         refusal = self._check_dp_bound(frame.header, frame.arrays)
         if refusal is not None:
             self._refuse(device, header.round, RefusalReason.NORM_EXCEEDS_CLIP, refusal)
             return
         if not from_spool:
             self._spool(header, device, payload)
-        weight = 1.0 if self.config.dp_mode is not DPMode.OFF else float(max(header.num_samples, 1))
+        # Weights: sample counts are bounded by the plan (screened above), so the float conversion is exact.
+        weight = 1.0 if self.config.dp_mode is not DPMode.OFF else float(header.num_samples)
+        progress.folded = True
         self.strategy.add(frame.arrays, weight)
         if frame.header.dp is not None and frame.header.dp.unclipped:
             self._unclipped += 1
         if self.book is not None:
             self.book.bytes_up += len(payload)
-        self._execute(self.machine.accept_update(device, header, now))
+        progress.accepted = True
+        self._execute(self.machine.accept_update(device, header, received_at if received_at is not None else now))
 
     def _max_body_bytes(self) -> int:
         # The decoded tensors alone take 4 bytes per entry, whatever the payload's (compressed) size, and the
@@ -403,6 +732,7 @@ class CoordinatorService:
             return
         self.strategy.begin_round(self.global_arrays)
         self._unclipped = 0
+        self._tainted = None
         self.book = _RoundBook(a.round, a.attempt, a.opened_at)
         if self.model_round != a.round:
             self.model_round = a.round
@@ -453,6 +783,8 @@ class CoordinatorService:
             model_hash=self.model_hash,
             dp=dp,
             trainable=c.trainable,
+            run_id=self.run_id,
+            max_samples=c.max_samples,
         )
 
     def _current_clip(self) -> float:
@@ -483,6 +815,7 @@ class CoordinatorService:
         self._event(EventType.ROUND_FAILED, round=a.round, attempt=a.attempt, detail=a.reason)
         self.strategy.begin_round(self.global_arrays)
         self._unclipped = 0
+        self._tainted = None
         self._clear_spool()
         if a.skipped and self.accountant is not None:
             # An empty Poisson draw still counts as a round of the sampled mechanism: charge it at the planned
@@ -503,6 +836,7 @@ class CoordinatorService:
 
     def _finish(self, code: int) -> None:
         self._maybe_publish_status(force=True)
+        self._publish(self.topics.coordinator, to_json(self._presence("stopped")), retain=True)
         self._checkpoint()
         self.exit_code = code
 
@@ -517,13 +851,17 @@ class CoordinatorService:
             # DP average: uniform weights and a fixed denominator m (sensitivity C/m), never sample weighting.
             denominator = float(c.min_updates)
             noise = self._server_noise(count)
-        self.global_arrays = self.strategy.aggregate(denominator=denominator, noise=noise)
+        aggregate = self._aggregate_checked(a, denominator, noise)
+        if aggregate is None:
+            return  # the attempt failed (reported); the machine retries the round or stops the job
+        self.global_arrays = aggregate
         epsilon = self._account(count)
         if self.adaptive_clip is not None:
             from fedmqtt.privacy import secure_rng
 
             self.adaptive_clip.update(self._unclipped, c.min_updates, secure_rng())
         accuracy, loss = self._evaluate()
+        accuracy, loss = numeric.finite_or_none(accuracy), numeric.finite_or_none(loss)
         self.metrics = Metrics(accuracy=accuracy, loss=loss) if accuracy is not None else self.metrics
         self.model_round = a.round + 1
         self._publish_global_model()
@@ -545,6 +883,7 @@ class CoordinatorService:
             accuracy=accuracy,
             loss=loss,
             epsilon=epsilon,
+            run_id=self.run_id,
         )
         self.history.append(summary.model_dump(mode="json"))
         self._publish(self.topics.round_summary(a.round), to_json(summary), retain=True)
@@ -566,6 +905,28 @@ class CoordinatorService:
         # Only once a checkpoint records the round as closed may its spooled updates go: a crash before this
         # point resumes the open round from the previous checkpoint, and replaying the spool closes it again.
         self._clear_spool()
+
+    def _aggregate_checked(
+        self, a: Any, denominator: float | None, noise: A.ModelArrays | None
+    ) -> A.ModelArrays | None:
+        """The new global model, or None after failing the attempt: an accumulator an internal error tainted,
+        a strategy that cannot aggregate what arrived, or a non-finite result never reach evaluation or the wire."""
+        problem = self._tainted
+        saved = self.strategy.state_dict() if problem is None else None
+        result: A.ModelArrays | None = None
+        if problem is None:
+            try:
+                result = self.strategy.aggregate(denominator=denominator, noise=noise)
+                problem = numeric.check_aggregate(result)
+            except (AggregationError, ArithmeticError, ValueError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+        if problem is None:
+            return result
+        if saved is not None:
+            self.strategy.load_state_dict(saved)  # server-optimizer moments must not keep a failed step
+        log.error("round %d attempt %d cannot be aggregated: %s", a.round, a.attempt, problem)
+        self._execute(self.machine.aggregation_failed(a.round, problem, self.clock()))
+        return None
 
     # ------------------------------------------------------------------------------------ privacy
 
@@ -617,16 +978,17 @@ class CoordinatorService:
         c = self.config
         ledger: PrivacyLedger = self.accountant.ledger(
             job=c.job, mode=c.dp_mode, clip=self._current_clip(), now=self.clock()
-        )
+        ).model_copy(update={"run_id": self.run_id})
         self._publish(self.topics.privacy, to_json(ledger), retain=True)
 
     # ------------------------------------------------------------------------------------ publishing
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
         assert self._conn is not None
-        # While the broker is away the connection reconnects by itself; the job must outlive the outage.
+        # While the broker is away the connection reconnects by itself; the job must outlive the outage. The
+        # driver never waits for an acknowledgement: paho queues QoS 1 messages and resends them after a reconnect.
         try:
-            self._conn.publish(topic, payload, qos=qos, retain=retain)
+            self._conn.publish(topic, payload, qos=qos, retain=retain, wait=False)
         except PublishTimeout as exc:  # QoS 1: still queued, sent again once the connection is back
             log.warning("%s; carrying on", exc)
         except NotConnected as exc:  # QoS 0 (events): dropped, as QoS 0 allows
@@ -638,7 +1000,7 @@ class CoordinatorService:
             # Details quote what devices sent (a frame's header errors name its fields); an over-long one would
             # fail the Event's validation and crash the coordinator.
             fields["detail"] = detail[: _MAX_DETAIL - 30] + f" ... ({len(detail)} characters)"
-        event = Event(job=self.config.job, type=type_, ts=self.clock(), **fields)
+        event = Event(job=self.config.job, type=type_, ts=self.clock(), run_id=self.run_id, **fields)
         self._publish(self.topics.events, to_json(event), qos=0)
 
     def _publish_global_model(self) -> None:
@@ -650,6 +1012,7 @@ class CoordinatorService:
             sender=COORDINATOR_ID,
             codec=self.config.downlink_codec,
             model_name=self.config.model,
+            run_id=self.run_id,
         )
         self.model_hash = model_hash(self.model_frame)
         self._publish(self.topics.model, self.model_frame, retain=True)
@@ -659,7 +1022,13 @@ class CoordinatorService:
         privacy = None
         if self.accountant is not None and self.accountant.rounds > 0 and not np.isinf(self.accountant.epsilon):
             privacy = PrivacySpent(epsilon=float(self.accountant.epsilon), delta=self.accountant.delta)
-        update: dict[str, Any] = {"last_metrics": self.metrics, "privacy": privacy, "refused_total": self.refused_total}
+        update: dict[str, Any] = {
+            "last_metrics": self.metrics,
+            "privacy": privacy,
+            "refused_total": self.refused_total,
+            "run_id": self.run_id,
+            "instance": self.instance,
+        }
         if phase is not None:
             update["phase"] = phase
         return snap.model_copy(update=update)
@@ -707,17 +1076,42 @@ class CoordinatorService:
 
     def _replay_spool(self) -> None:
         folder = self._spool_root() / f"{self.machine.round}-{self.machine.attempt}"
+        marker = self._spool_root() / REPLAY_MARKER
+        if marker.exists():
+            # The last process ended while replaying this frame: it would end this one too (a poison pill).
+            culprit = folder / marker.read_text().strip()
+            if culprit.is_file() and culprit.parent == folder:
+                log.error("quarantining spooled update %s: the last replay of it ended the coordinator", culprit.name)
+                device = culprit.stem
+                self._quarantine(device, culprit.read_bytes(), "the coordinator ended while replaying this frame")
+                culprit.unlink(missing_ok=True)
+                self._event(
+                    EventType.UPDATE_REFUSED,
+                    round=self.machine.round,
+                    device=device,
+                    reason=RefusalReason.INTERNAL_ERROR,
+                    detail="the coordinator ended while replaying this update; it is quarantined",
+                )
+            marker.unlink(missing_ok=True)
         if not folder.is_dir():
             return
         for path in sorted(folder.glob("*.frame")):
             log.info("replaying spooled update %s", path.name)
-            self._handle_update(path.stem, path.read_bytes(), from_spool=True)
+            write_atomic(marker, path.name.encode())
+            item = _Inbound(self.topics.update(path.stem), path.read_bytes(), 0, 0, self.clock())
+            try:
+                self._progress = _Progress()
+                self._handle_update(path.stem, item.payload, from_spool=True)
+            except Exception as exc:
+                self._internal_error(item, exc)
+        marker.unlink(missing_ok=True)
 
     def _checkpoint(self) -> None:
         if self.config.checkpoint_dir is None:
             return
         state = {
             "job": self.config.job,
+            "run_id": self.run_id,
             "model": self.config.model,
             "model_round": self.model_round,
             "global": dict(self.global_arrays),
