@@ -14,11 +14,12 @@ from fedmqtt.device.screening import (
     DeviceScreen,
     PlanReason,
     PlanScreening,
+    foreign_instance,
     newer_plan,
     plan_key,
     reported_samples,
 )
-from fedmqtt.schema import CodecSpec, DPMode, DPPlan, Phase, Plan, Status
+from fedmqtt.schema import CodecSpec, DeviceStatus, DPMode, DPPlan, Phase, Plan, Status
 
 JOB = "job1"
 DEV = "d1"
@@ -225,6 +226,28 @@ def test_another_job_s_status_is_ignored() -> None:
     s.observe(p, live=True)
     assert s.on_status(status(Phase.FINISHED, job="other"), live=True) is False
     assert check(s, p) is PlanScreening.TAKE
+
+
+# --- two processes, one device id ----------------------------------------------------------------
+
+ME = "c" * 16
+TWIN = "d" * 16
+
+
+def test_a_recent_status_of_another_instance_on_the_own_topic_is_a_duplicate_id() -> None:
+    def seen(**kw: Any) -> bool:
+        fields: dict[str, Any] = {"device": DEV, "state": "online", "ts": NOW + 1, "instance": TWIN}
+        fields.update(kw)
+        return foreign_instance(DeviceStatus(**fields), device=DEV, instance=ME, since=NOW)
+
+    assert seen()
+    assert seen(state="training")
+    assert not seen(instance=ME)  # our own status, echoed back
+    assert not seen(instance=None)  # an agent that states no instance
+    assert not seen(state="offline")  # a clean exit
+    assert not seen(ts=NOW - 10)  # the previous process's leftover (retained or queued in the session)
+    assert not seen(ts=None)  # the last will carries no time
+    assert not seen(device="d2")
 
 
 # --- persistence ----------------------------------------------------------------------------------

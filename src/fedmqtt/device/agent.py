@@ -4,6 +4,10 @@ One process hosts one or more *virtual devices* (``--id-prefix/--parts``), each 
 data part, error-feedback state and privacy ledger. Network threads only route messages; one worker thread per
 process trains the selected devices one after another, so they share the process's torch threads and one model
 copy plus its optimizer.
+
+What to do with each plan and job status is decided by the pure core, :mod:`fedmqtt.device.screening`; this
+module carries the decisions out. A plan the device cannot serve is declined with a retained device status that
+says why, and the device goes on listening for the next plan.
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ from fedmqtt import arrays as A
 from fedmqtt.checkpoint import load_state, save_state, write_atomic
 from fedmqtt.codecs import ErrorFeedback, decode_frame, encode_frame, model_hash
 from fedmqtt.codecs import errors as codec_errors
+from fedmqtt.device.screening import (
+    DeviceScreen,
+    PlanReason,
+    PlanScreening,
+    foreign_instance,
+    reported_samples,
+    run_label,
+)
 from fedmqtt.errors import FedmqttError
 from fedmqtt.mqtt import (
     ClientSettings,
@@ -45,15 +57,32 @@ from fedmqtt.schema import (
     Plan,
     Status,
     from_json,
+    new_token,
     to_json,
 )
 from fedmqtt.topics import Topics
 
 log = logging.getLogger("fedmqtt.device")
 
+# Plan screenings worth a log line at INFO (the others are routine: not selected, already answered, ...).
+_TOLD = frozenset({PlanReason.RUN_ENDED, PlanReason.STALE, PlanReason.SUPERSEDED, PlanReason.EXPIRED})
+_DETAIL_MAX = 500  # DeviceStatus.detail
+
 
 class DeviceRefusal(FedmqttError):
     """A device declines a round (unknown model, manifest mismatch, privacy budget, ...)."""
+
+
+class _Abandoned(FedmqttError):
+    """The plan being served stopped being wanted (superseded, its run ended, its deadline passed): drop it
+    without an answer."""
+
+
+def duplicate_id_message(device_id: str) -> str:
+    return (
+        f"another process uses device id {device_id}: both keep kicking each other off the broker; "
+        "give each device a unique --id"
+    )
 
 
 @dataclass(frozen=True)
@@ -71,14 +100,15 @@ class DeviceOptions:
     session_expiry: int = 3600
 
 
-@dataclass
+@dataclass(eq=False)
 class _Inbound:
     device: VirtualDevice
     kind: str  # "plan" | "status" | "connected"
     payload: bytes = b""
+    live: bool = False  # published while we listened (not a retained message replayed on subscribing)
 
 
-@dataclass
+@dataclass(eq=False)
 class VirtualDevice:
     """One device identity: its MQTT client, data part and per-device state."""
 
@@ -86,11 +116,21 @@ class VirtualDevice:
     dataset: Any  # fedmqtt.data.ImageDataset (this device's part)
     runtime: DeviceRuntime
     conn: MqttConnection | None = None
-    answered: set[tuple[int, int]] = field(default_factory=set)
+    screen: DeviceScreen = field(init=False)
     feedback: ErrorFeedback | None = None
     ledger: Any = None
     model_frames: queue.Queue[bytes] = field(default_factory=queue.Queue)
     state: DeviceState = "online"
+    # Plans and job statuses received and not yet handled by the worker, oldest first (the inbox holds them
+    # too; this list lets the worker see what came *after* the message it handles).
+    pending: list[_Inbound] = field(default_factory=list)
+    # Said in the next status's detail (e.g. that another process uses this device id).
+    notice: str | None = None
+    duplicates: int = 0  # signs that another process uses this device id
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.screen = DeviceScreen(job=self.runtime.options.job, device=self.device_id)
 
     @property
     def state_path(self) -> Path | None:
@@ -105,7 +145,7 @@ class VirtualDevice:
         url = parse_broker_url(opts.broker)
         if opts.username is not None:
             url = url.with_credentials(opts.username, opts.password)
-        offline = DeviceStatus(device=self.device_id, state="offline")
+        offline = DeviceStatus(device=self.device_id, state="offline", instance=self.runtime.instance)
         settings = ClientSettings(
             url=url.to_url(include_password=True),
             client_id=f"fedmqtt-{opts.job}-{self.device_id}",
@@ -118,8 +158,10 @@ class VirtualDevice:
         self.conn = MqttConnection(
             settings,
             on_message=self._on_message,
-            subscriptions=[(topics.plan, 1), (topics.status, 1)],
+            # Its own status topic too: another process's status there means two processes share this id.
+            subscriptions=[(topics.plan, 1), (topics.status, 1), (topics.device_status(self.device_id), 1)],
             on_connected=self._on_connected,
+            on_disconnected=self._on_disconnected,
         )
         self.conn.connect(timeout=timeout)
 
@@ -127,26 +169,86 @@ class VirtualDevice:
         # Network thread: the worker publishes the retained 'online' status (publishing waits for acks).
         self.runtime.inbox.put(_Inbound(self, "connected"))
 
+    def _on_disconnected(self, reason: str, taken_over: bool) -> None:
+        # Network thread. A take-over (MQTT 5 "session taken over") means another connection logged in with this
+        # device's client id: two processes share one device id. paho reconnects with its backoff.
+        if taken_over:
+            self._duplicate("the broker said another connection took the session over")
+
+    def _duplicate(self, evidence: str) -> None:
+        """Another process uses this device id: log it (rarely: the two may alternate for hours) and say it in
+        the next status."""
+        message = duplicate_id_message(self.device_id)
+        self.notice = message
+        self.duplicates += 1
+        if self.duplicates & (self.duplicates - 1) == 0:  # the 1st, 2nd, 4th, 8th, ... time
+            log.error("%s (%s; seen %d time(s))", message, evidence, self.duplicates)
+
     def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
         topics = self.runtime.topics
-        if topic == topics.plan:
-            self.runtime.inbox.put(_Inbound(self, "plan", payload))
-        elif topic == topics.status:
-            self.runtime.inbox.put(_Inbound(self, "status", payload))
+        if topic == topics.plan or topic == topics.status:
+            item = _Inbound(self, "plan" if topic == topics.plan else "status", payload, live=not retain)
+            with self._lock:
+                self.pending.append(item)
+            self.runtime.inbox.put(item)
         elif topic == topics.model:
             self.model_frames.put(payload)
+        elif topic == topics.device_status(self.device_id) and payload:
+            try:
+                status = from_json(DeviceStatus, payload)
+            except MessageError:
+                return
+            runtime = self.runtime
+            if foreign_instance(status, device=self.device_id, instance=runtime.instance, since=runtime.started_at):
+                self._duplicate(f"a status from process instance {status.instance} arrived on this device's topic")
 
-    def publish_status(self, state: DeviceState, *, round_number: int | None = None, detail: str | None = None) -> None:
+    def take_pending(self, item: _Inbound) -> list[Plan | Status | None]:
+        """Remove ``item`` from the pending list; return what arrived after it (parsed; plans cleared from the
+        retained topic as None; unreadable messages left out)."""
+        with self._lock:
+            for index, other in enumerate(self.pending):
+                if other is item:
+                    del self.pending[index]
+                    break
+        return self.queued()
+
+    def queued(self) -> list[Plan | Status | None]:
+        with self._lock:
+            later = list(self.pending)
+        parsed: list[Plan | Status | None] = []
+        for other in later:
+            try:
+                if other.kind == "plan":
+                    parsed.append(from_json(Plan, other.payload) if other.payload else None)
+                elif other.payload:
+                    parsed.append(from_json(Status, other.payload))
+            except MessageError:
+                continue
+        return parsed
+
+    def publish_status(
+        self,
+        state: DeviceState,
+        *,
+        round_number: int | None = None,
+        detail: str | None = None,
+        run_id: str | None = None,
+    ) -> None:
         if self.conn is None:
             return
         self.state = state
+        notice, self.notice = self.notice, None
+        if notice is not None:
+            detail = f"{notice}; {detail}" if detail else notice
         status = DeviceStatus(
             device=self.device_id,
             state=state,
             ts=time.time(),
             round=round_number,
             num_samples=len(self.dataset),
-            detail=detail,
+            detail=detail[:_DETAIL_MAX] if detail else None,
+            instance=self.runtime.instance,
+            run_id=run_id,
         )
         self.conn.publish(self.runtime.topics.device_status(self.device_id), to_json(status), qos=1, retain=True)
 
@@ -154,7 +256,7 @@ class VirtualDevice:
         if self.conn is None:
             return
         try:
-            self.publish_status("offline", detail="device agent stopped")
+            self.publish_status("offline", detail="device agent stopped", run_id=self.screen.current_run)
         except (MqttError, OSError) as exc:
             log.info("%s: could not publish offline status: %s", self.device_id, exc)
         self.conn.close()
@@ -167,7 +269,10 @@ class VirtualDevice:
         if path is None:
             return
         if (path / "answered.json").exists():
-            self.answered = {(int(r), int(a)) for r, a in json.loads((path / "answered.json").read_text())}
+            try:
+                self.screen.load_state_dict(json.loads((path / "answered.json").read_text()))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                log.warning("%s: ignored an unreadable %s: %s", self.device_id, path / "answered.json", exc)
         if (path / "feedback.npz").exists():
             self.feedback = ErrorFeedback()
             self.feedback.load_state_dict(load_state(path / "feedback.npz"))
@@ -176,9 +281,7 @@ class VirtualDevice:
         path = self.state_path
         if path is None:
             return
-        # Only the most recent answers matter (a plan is never re-issued for an old round).
-        recent = sorted(self.answered)[-32:]
-        write_atomic(path / "answered.json", json.dumps(recent).encode())
+        write_atomic(path / "answered.json", json.dumps(self.screen.state_dict()).encode())
         if self.feedback is not None:
             save_state(path / "feedback.npz", self.feedback.state_dict())
 
@@ -200,6 +303,9 @@ class DeviceRuntime:
         self.devices: list[VirtualDevice] = []
         self.clock = clock
         self.train_seed = train_seed
+        # This process: its device statuses carry it, so two processes on one device id can be told apart.
+        self.instance = new_token()
+        self.started_at = time.time()
         self._stop = threading.Event()
         self._models: dict[str, Any] = {}
         self._cached_global: tuple[str, A.ModelArrays] | None = None
@@ -248,7 +354,7 @@ class DeviceRuntime:
     # --------------------------------------------------------------------- worker loop
 
     def run(self) -> int:
-        """Serve until stopped (signal) or, with exit_on_finish, until the job is finished."""
+        """Serve until stopped (signal) or, with exit_on_finish, until the run the devices serve is over."""
         while not self._stop.is_set():
             try:
                 item = self.inbox.get(timeout=0.2)
@@ -264,47 +370,90 @@ class DeviceRuntime:
         return 0
 
     def _handle(self, item: _Inbound) -> None:
+        device = item.device
         if item.kind == "connected":
-            item.device.publish_status("online" if item.device.state != "training" else "training")
-        elif item.kind == "status":
-            self._on_job_status(item.payload)
+            state: DeviceState = "online" if device.state != "training" else "training"
+            device.publish_status(state, run_id=device.screen.current_run)
+            return
+        queued = device.take_pending(item)
+        if item.kind == "status":
+            self._on_job_status(device, item)
         elif item.kind == "plan":
-            self._on_plan(item.device, item.payload)
+            self._on_plan(device, item, queued)
 
-    def _on_job_status(self, payload: bytes) -> None:
-        if not payload:
+    def _on_job_status(self, device: VirtualDevice, item: _Inbound) -> None:
+        if not item.payload:
             return
         try:
-            status = from_json(Status, payload)
-        except MessageError:
+            status = from_json(Status, item.payload)
+        except MessageError as exc:
+            log.warning("%s: ignored an invalid job status: %s", device.device_id, exc)
             return
-        if status.phase in (Phase.FINISHED, Phase.STOPPED):
+        if device.screen.on_status(status, live=item.live):
             self.finished_phase = status.phase
+        elif status.phase in (Phase.FINISHED, Phase.STOPPED) and self.options.exit_on_finish:
+            log.info(
+                "%s: job status says run %s is %s; not the run this device serves, waiting for plans",
+                device.device_id, run_label(status.run_id), status.phase.value,
+            )  # fmt: skip
 
-    def _on_plan(self, device: VirtualDevice, payload: bytes) -> None:
-        if not payload:
-            return
+    def _on_plan(self, device: VirtualDevice, item: _Inbound, queued: list[Plan | Status | None]) -> None:
+        if not item.payload:
+            return  # the retained plan was cleared (a new run starts)
         try:
-            plan = from_json(Plan, payload)
+            plan = from_json(Plan, item.payload)
         except MessageError as exc:
             log.warning("%s: ignored an invalid plan: %s", device.device_id, exc)
             return
-        key = (plan.round, plan.attempt)
-        if plan.job != self.options.job or device.device_id not in plan.selected or key in device.answered:
+        from fedmqtt.models import MODEL_NAMES
+
+        screening = self._screen(device, plan, queued, known_models=MODEL_NAMES)
+        device.screen.observe(plan, live=item.live)
+        if screening.ignored:
+            if screening.reason in _TOLD:
+                log.info("%s: ignored a plan: %s", device.device_id, screening.detail)
             return
-        if self.clock() > plan.deadline:
-            log.info("%s: plan for round %d expired before it could start", device.device_id, plan.round)
+        if screening.declined:
+            self._decline(device, plan, screening.detail)
             return
-        # A newer plan waiting in the inbox supersedes this one (e.g. after a reconnect): skip stale work.
+        from fedmqtt.privacy.errors import BudgetExceeded
         from fedmqtt.training import TrainingDiverged
 
         try:
             self.take_part(device, plan)
-        except (DeviceRefusal, TrainingDiverged) as exc:  # one device's failure must not end its process
-            log.warning("%s: declined round %d: %s", device.device_id, plan.round, exc)
-            device.answered.add(key)
-            device.save_state()
-            device.publish_status("online", round_number=plan.round, detail=f"declined round {plan.round}: {exc}")
+        except _Abandoned as exc:
+            log.info("%s: dropped round %d (attempt %d): %s", device.device_id, plan.round, plan.attempt, exc)
+        except (DeviceRefusal, TrainingDiverged, BudgetExceeded) as exc:  # one failure must not end the process
+            self._decline(device, plan, str(exc))
+
+    def _screen(
+        self,
+        device: VirtualDevice,
+        plan: Plan,
+        queued: list[Plan | Status | None],
+        known_models: tuple[str, ...] | None = None,
+    ) -> PlanScreening:
+        return device.screen.screen(
+            plan, now=self.clock(), queued=queued, known_models=known_models, ledger=device.ledger
+        )
+
+    def _decline(self, device: VirtualDevice, plan: Plan, why: str) -> None:
+        log.warning(
+            "%s: declined round %d (attempt %d) of run %s: %s",
+            device.device_id, plan.round, plan.attempt, run_label(plan.run_id), why,
+        )  # fmt: skip
+        device.screen.answer(plan)
+        device.save_state()
+        device.publish_status(
+            "online", round_number=plan.round, detail=f"declined round {plan.round}: {why}", run_id=plan.run_id
+        )
+
+    def _check_wanted(self, device: VirtualDevice, plan: Plan) -> None:
+        """Raise :class:`_Abandoned` when a newer plan, the end of the plan's run or its deadline has come
+        while the device was busy with it."""
+        screening = self._screen(device, plan, device.queued())
+        if screening.ignored:
+            raise _Abandoned(screening.detail)
 
     # --------------------------------------------------------------------- one round
 
@@ -334,6 +483,9 @@ class DeviceRuntime:
                 remaining = plan.deadline - self.clock()
                 if remaining <= 0:
                     raise DeviceRefusal("the model named by the plan did not arrive before the deadline")
+                if self._stop.is_set():
+                    raise _Abandoned("the device is stopping")
+                self._check_wanted(device, plan)  # a plan naming a model that never comes must not wedge us
                 try:
                     frame = device.model_frames.get(timeout=min(remaining, 1.0))
                 except queue.Empty:
@@ -358,15 +510,11 @@ class DeviceRuntime:
         from fedmqtt.models import get_arrays, set_arrays
         from fedmqtt.training import train_local
 
+        # Screening (device.screening) has checked the job, selection, deadline, model name and privacy budget.
         dp = plan.dp if plan.dp is not None and plan.dp.mode is not DPMode.OFF else None
-        if dp is not None and device.ledger is not None and device.ledger.would_exceed(dp):
-            raise DeviceRefusal(
-                f"privacy budget: this round would take the device past epsilon {self.options.privacy_budget:g} "
-                f"(spent {device.ledger.epsilon:.3f})"
-            )
         model = self._model(plan.model_name)
         global_arrays = self.fetch_global(device, plan)
-        device.publish_status("training", round_number=plan.round)
+        device.publish_status("training", round_number=plan.round, run_id=plan.run_id)
         set_arrays(model, global_arrays)
         result = train_local(
             model,
@@ -404,7 +552,7 @@ class DeviceRuntime:
             round=plan.round,
             sender=device.device_id,
             codec=plan.uplink,
-            num_samples=result.num_samples,
+            num_samples=reported_samples(plan, result.num_samples),
             base_model_hash=plan.model_hash,
             model_name=plan.model_name,
             dp=announcement,
@@ -413,9 +561,9 @@ class DeviceRuntime:
         if dp is not None and device.ledger is not None:
             device.ledger.record(dp)  # before sending: a crash after the send must not under-count
         self._publish_update(device, plan, frame)
-        device.answered.add((plan.round, plan.attempt))
+        device.screen.answer(plan)
         device.save_state()
-        device.publish_status("online", round_number=plan.round)
+        device.publish_status("online", round_number=plan.round, run_id=plan.run_id)
         log.info(
             "%s: round %d sent %d bytes (%d samples, loss %.4f, %.1fs)",
             device.device_id, plan.round, len(frame), result.num_samples, result.loss, result.seconds,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol
 
-from fedmqtt.schema import DPMode, DPPlan, Phase, Plan, Status
+from fedmqtt.schema import DeviceStatus, DPMode, DPPlan, Phase, Plan, Status
 
 # How much a device remembers; old runs and rounds fall out first (insertion order).
 MAX_ANSWERS = 256
@@ -118,6 +118,25 @@ def newer_plan(candidate: Plan, than: Plan) -> bool:
     if candidate.run_id == than.run_id:
         return (candidate.round, candidate.attempt) > (than.round, than.attempt)
     return candidate.issued_at > than.issued_at
+
+
+def foreign_instance(status: DeviceStatus, *, device: str, instance: str, since: float) -> bool:
+    """Whether a status seen on this device's own status topic shows another process using the same device id.
+
+    It does when another instance published it, stamped no earlier than ``since`` (this process's start: the
+    previous process's retained leftover, or a message it left queued in the MQTT session, is older), saying
+    the device is up (a clean exit's ``offline`` and the last will are no conflict). Two processes with one
+    client id share one MQTT session, so neither receives the other's statuses live; each sees the other's
+    retained status every time it reconnects and subscribes again.
+    """
+    return (
+        status.device == device
+        and status.instance is not None
+        and status.instance != instance
+        and status.state != "offline"
+        and status.ts is not None
+        and status.ts >= since
+    )
 
 
 def _remember(mapping: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
