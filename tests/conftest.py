@@ -247,3 +247,15 @@ def data_mirror(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Dat
         yield mirror
     finally:
         mirror.close()
+
+
+# --- make_job: a coordinator subprocess, a view of its job and played devices (tests/harness.py) ---
+
+
+@pytest.fixture
+def make_job(tmp_path: Path, topic_prefix: str, mqtt_client: MqttClientFactory) -> Iterator[Callable[[str], Any]]:
+    """``make_job(broker_url)`` -> a :class:`harness.Job` (its coordinators stopped at teardown, logs printed)."""
+    from harness import job_maker  # imports torch: only for the tests that use it
+
+    with job_maker(tmp_path, topic_prefix, mqtt_client) as make:
+        yield make
