@@ -96,6 +96,7 @@ def mqtt_client() -> Iterator[MqttClientFactory]:
         manual_ack: bool = False,
         on_connected: Callable[[bool], None] | None = None,
         connect_timeout: float = 10.0,
+        on_disconnected: Callable[[str, bool], None] | None = None,
         **settings: Any,
     ) -> MqttConnection:
         settings.setdefault("clean_start", True)
@@ -105,6 +106,7 @@ def mqtt_client() -> Iterator[MqttClientFactory]:
             subscriptions=subscriptions,
             manual_ack=manual_ack,
             on_connected=on_connected,
+            on_disconnected=on_disconnected,
         )
         made.append(connection)
         connection.connect(timeout=connect_timeout)

@@ -487,6 +487,7 @@ _UNSUPPORTED_PROTOCOL = 0x84
 
 
 _SESSION_TAKEN_OVER = 0x8E
+SHORT_LIVED_SECONDS = 10.0
 
 
 def _reason(packet_type: int, name: str) -> ReasonCode:
@@ -521,6 +522,10 @@ class MqttConnection:
         self.settings = settings
         self._on_disconnected = on_disconnected
         self.taken_over = 0
+        # Connections lost soon after they were made (another process with our client id, a broker that drops
+        # us at once): each one doubles the reconnect delay, so two clients on one id do not fight every second.
+        self._connected_at: float | None = None
+        self._short_lived = 0
         self._broker = settings.broker
         self._on_message = on_message
         self._manual_ack = manual_ack
@@ -815,6 +820,7 @@ class MqttConnection:
             self._connack = reason
             self._connected = True
             self._connects += 1
+            self._connected_at = time.monotonic()
             self._broker_max_packet = getattr(properties, "MaximumPacketSize", None)
             if first:
                 self._initial_sub_mid = mid
@@ -843,6 +849,7 @@ class MqttConnection:
         taken_over = getattr(reason, "value", None) == _SESSION_TAKEN_OVER
         if taken_over:
             self.taken_over += 1
+        self._adapt_reconnect_delay(client)
         if was_connected and not self._closed:
             logger.warning("lost the connection to %s: %s; reconnecting", self._broker, reason)
             if self._on_disconnected is not None:
@@ -851,6 +858,17 @@ class MqttConnection:
                 except Exception:
                     self.callback_errors += 1
                     logger.exception("on_disconnected callback failed")
+
+    def _adapt_reconnect_delay(self, client: paho.Client) -> None:
+        s = self.settings
+        lived = None if self._connected_at is None else time.monotonic() - self._connected_at
+        if lived is None:
+            return
+        self._short_lived = self._short_lived + 1 if lived < SHORT_LIVED_SECONDS else 0
+        delay = min(s.reconnect_max_delay, s.reconnect_min_delay * 2 ** min(self._short_lived, 16))
+        if self._short_lived == 0:
+            delay = s.reconnect_min_delay
+        client.reconnect_delay_set(min_delay=delay, max_delay=max(delay, s.reconnect_max_delay))  # type: ignore[arg-type]
 
     def _handle_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         topic = message.topic
