@@ -582,11 +582,11 @@ class CoordinatorService:
         if device is None:
             return  # a status or presence message: dropped (logged); nothing was counted from it
         progress = self._progress
+        if progress.accepted:
+            return  # the round machine counted it and the strategy holds it: it stays accepted
         where = self._quarantine(device, item.payload, summary)
         if progress.folded:
             self._refold_from_spool(f"an internal error interrupted folding {device}'s update ({summary})")
-        if progress.accepted:
-            return  # the round machine already counted it: it stays accepted
         try:
             self._refuse(
                 device,
