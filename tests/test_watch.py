@@ -556,3 +556,23 @@ def test_watch_says_clearly_when_the_broker_is_unreachable() -> None:
     assert result.returncode == 1
     assert "fedmqtt watch: error:" in result.stderr
     assert "127.0.0.1:1" in result.stderr
+
+
+def test_watch_with_the_default_protocol_works_on_both_brokers(
+    broker_url: str, topic_prefix: str, mqtt_client: Any
+) -> None:
+    """The README's "A job by hand" runs `fedmqtt watch` with no --mqtt-version against the embedded broker: the
+    default (auto) must fall back to 3.1.1 there, as every other command does."""
+    topics = Topics(job=JOB, prefix=topic_prefix)
+    publisher = mqtt_client(broker_url)
+    publisher.publish(topics.status, to_json(status(round=1, deadline=time.time() + 60)), qos=1, retain=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedmqtt.cli", "watch", "--broker", broker_url, "--job", JOB, "--prefix", topic_prefix,
+         "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert JOB in result.stdout

@@ -712,8 +712,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
     g.add_argument(
         "--mqtt-version",
-        choices=("5", "3.1.1"),
-        help="MQTT protocol of every client (default 5; 3.1.1 with the embedded broker)",
+        choices=("auto", "5", "3.1.1"),
+        help="MQTT protocol of every client (default 5 on Mosquitto or --broker; 3.1.1 with the embedded broker; "
+        "auto detects it)",
     )
     g.add_argument("--username")
     g.add_argument("--password")

@@ -524,7 +524,7 @@ def client_settings(
     url: str,
     *,
     client_id: str,
-    mqtt_version: str = "5",
+    mqtt_version: str = "auto",
     username: str | None = None,
     password: str | None = None,
     tls_ca: str | None = None,
@@ -642,9 +642,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
     parser.add_argument(
         "--mqtt-version",
-        choices=("5", "3.1.1"),
-        default="5",
-        help="MQTT protocol version (the embedded broker needs 3.1.1)",
+        choices=("auto", "5", "3.1.1"),
+        default="auto",
+        help="MQTT protocol version (default auto: 5, falling back to 3.1.1 as the embedded broker needs)",
     )
     parser.add_argument("--username", help="broker user name")
     parser.add_argument("--password", help="broker password")
