@@ -87,3 +87,24 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_state(bad)
+
+
+def test_toml_strategy_params_keep_their_types(tmp_path: Path) -> None:
+    """`strategy_params = {nesterov = true}` used to fail as "must be true or false, got 1.0" (coerced to float)."""
+    toml = tmp_path / "job.toml"
+    toml.write_text(
+        'job = "j"\nrounds = 1\nmin_updates = 1\nstrategy = "fedavgm"\n'
+        "strategy_params = {nesterov = true, momentum = 0.9, server_lr = 1}\n"
+    )
+    config = load_config(toml, {})
+    assert config.strategy_params == {"nesterov": True, "momentum": 0.9, "server_lr": 1}
+    toml.write_text('job = "j"\nrounds = 1\nmin_updates = 5\nstrategy = "krum"\nstrategy_params = {f = 1}\n')
+    assert load_config(toml, {}).strategy_params == {"f": 1}
+
+
+def test_bad_strategy_params_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nesterov"):
+        load_config(None, {"job": "j", "rounds": 1, "min_updates": 1, "strategy": "fedavgm",
+                           "strategy_params": {"nesterov": 1.0}})  # fmt: skip
+    with pytest.raises(ConfigError, match="has no parameter 'bogus'"):
+        load_config(None, {"job": "j", "rounds": 1, "min_updates": 1, "strategy_params": {"bogus": 1}})

@@ -54,7 +54,8 @@ class CoordinatorConfig(BaseModel):
     seed: int = 0
 
     strategy: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmed-mean", "krum"] = "fedavg"
-    strategy_params: dict[str, float] = Field(default_factory=dict)
+    # bool | int | float keeps TOML's types (nesterov = true, f = 1); the strategy validates each one itself.
+    strategy_params: dict[str, bool | int | float] = Field(default_factory=dict)
     model: str = "cnn"
     dataset: Literal["mnist", "fashion-mnist"] = "mnist"
     eval_data: Path | None = None
@@ -116,6 +117,12 @@ class CoordinatorConfig(BaseModel):
             raise ValueError(f"downlink: {exc.detail}") from None
         if down.topk is not None or down.error_feedback:
             raise ValueError("downlink: a global model is sent whole: use float32, float16 or int8 (no topk, no ef)")
+        from fedmqtt.coordinator.aggregation import build_strategy
+
+        try:  # the strategy's own parameter schema, before any model is built or broker dialled
+            build_strategy(self.strategy, **self.strategy_params)
+        except ConfigError as exc:
+            raise ValueError(f"strategy_params: {exc}") from None
         if self.min_devices is not None and self.min_devices < self.min_updates:
             raise ValueError("min_devices: must be >= min_updates (a round could never close)")
         if self.devices_per_round is not None and self.devices_per_round < self.min_updates:
