@@ -1,4 +1,4 @@
-"""Atomic checkpoints of server or device state: one ``.npz`` file, written then renamed.
+"""Atomic checkpoints of server or device state: one ``.npz`` file, written then renamed (:mod:`fedmqtt.atomic`).
 
 State is a nested dict of JSON values and numpy arrays. Arrays are stored as npz members and the rest as one
 JSON document, so a checkpoint never goes through pickle and loads without executing anything.
@@ -7,15 +7,16 @@ JSON document, so a checkpoint never goes through pickle and loads without execu
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedmqtt.atomic import atomic_file, write_atomic
 from fedmqtt.errors import FedmqttError
+
+__all__ = ["CheckpointError", "load_state", "save_state", "write_atomic"]
 
 _STATE_KEY = "__state__"
 _ARRAY_MARK = "__array__"
@@ -50,21 +51,12 @@ def _join(value: Any, arrays: Any) -> Any:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (temp file in the same directory, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``state`` to ``path`` atomically and durably (:func:`fedmqtt.atomic.atomic_file`)."""
     arrays: dict[str, np.ndarray] = {}
     document = json.dumps(_split(state, arrays), allow_nan=True)
     arrays[_STATE_KEY] = np.frombuffer(document.encode("utf-8"), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -81,18 +73,3 @@ def load_state(path: Path) -> dict[str, Any]:
     if not isinstance(result, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a state dictionary")
     return result
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes atomically (temp file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

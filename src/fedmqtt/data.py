@@ -26,7 +26,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 import urllib.request
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from fedmqtt.atomic import PUBLIC, atomic_file
 from fedmqtt.errors import ConfigError, FedmqttError
 
 DATASETS = ("mnist", "fashion-mnist")
@@ -421,34 +421,28 @@ def _fetch(url: str, remote: RemoteFile, directory: Path, progress: Any) -> Path
     verified file ever carries the real name.
     """
     request = urllib.request.Request(url, headers={"User-Agent": "fedmqtt (dataset download)"})
-    handle, temporary = tempfile.mkstemp(prefix=f".{remote.name}.", suffix=".part", dir=directory)
-    try:
-        sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-        size = 0
-        task = progress.add_task(remote.name, total=remote.size)
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            while chunk := response.read(_CHUNK):
-                size += len(chunk)
-                sha256.update(chunk)
-                md5.update(chunk)
-                if size > remote.size:  # not the published file; stop before a hostile source fills the disk
-                    break
-                out.write(chunk)
-                progress.update(task, advance=len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
+    final = directory / remote.name
+    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    size = 0
+    task = progress.add_task(remote.name, total=remote.size)
+    # The originals are public data: 0644. Raising inside the block removes the temporary file.
+    with (
+        atomic_file(final, mode=PUBLIC) as out,
+        urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response,
+    ):
+        while chunk := response.read(_CHUNK):
+            size += len(chunk)
+            sha256.update(chunk)
+            md5.update(chunk)
+            if size > remote.size:  # not the published file; stop before a hostile source fills the disk
+                break
+            out.write(chunk)
+            progress.update(task, advance=len(chunk))
         if size < remote.size:  # http.client does not raise IncompleteRead on a read(n) cut short
             raise OSError(f"the transfer ended after {size} of {remote.size} bytes")
         if size != remote.size or sha256.hexdigest() != remote.sha256 or md5.hexdigest() != remote.md5:
             raise DatasetChecksumMismatch(remote, url, size, sha256.hexdigest(), md5.hexdigest())
-        final = directory / remote.name
-        os.chmod(temporary, 0o644)  # mkstemp made it 0600; the originals are public data
-        os.replace(temporary, final)
-        return final
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    return final
 
 
 def download_dataset(

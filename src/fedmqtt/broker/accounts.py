@@ -24,6 +24,7 @@ import subprocess
 from pathlib import Path
 from typing import Literal
 
+from fedmqtt.atomic import PRIVATE, write_atomic
 from fedmqtt.broker.errors import AccountError, MissingTool
 from fedmqtt.errors import InvalidIdentifier
 from fedmqtt.topics import AclRule, coordinator_acl, device_acl, validate_id, validate_prefix, watcher_acl
@@ -73,12 +74,9 @@ def render_acl(prefix: str, *, coordinator_user: str = COORDINATOR_USER, watcher
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read (Mosquitto 2 warns about, and later refuses, readable secrets)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(path, 0o600)
+    """Write a file only its owner can read (Mosquitto 2 warns about, and later refuses, readable secrets),
+    atomically: a Mosquitto reloading its configuration never reads half a file."""
+    write_atomic(path, text.encode("utf-8"), mode=PRIVATE)
 
 
 def generate_password() -> str:

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedmqtt.checkpoint import write_atomic
+from fedmqtt.atomic import write_atomic
 from fedmqtt.errors import ConfigError
 from fedmqtt.privacy.accountant import epsilon_of, history_state, load_history_state
 from fedmqtt.privacy.errors import BudgetExceeded, PrivacyStateError
