@@ -30,7 +30,6 @@ from fedmqtt.arrays import ModelArrays, flatten, manifest_of, unflatten
 from fedmqtt.coordinator.errors import AggregationError, StateDictError
 from fedmqtt.errors import ConfigError
 
-STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmed-mean", "krum")
 
 # ---------------------------------------------------------------------------------------------------
 # Parameter validation
@@ -97,6 +96,16 @@ class Strategy(ABC):
         self._count = 0
         self._open = True
         self._begin(self._global)
+
+    @property
+    def min_updates(self) -> int:
+        """The fewest updates this strategy, as configured, aggregates meaningfully. The job configuration
+        checks ``--min-updates`` and ``--min-updates-at-deadline`` against it before round 1."""
+        return 1
+
+    def requirement(self) -> str:
+        """Why :attr:`min_updates` is what it is, for error messages."""
+        return f"{self.name} aggregates any number of updates"
 
     @property
     def count(self) -> int:
@@ -573,6 +582,21 @@ class TrimmedMean(_Buffered):
         super().__init__()
         self.beta = _number(f"{self.name}.beta", beta, low=0.0, high=0.5, high_open=True)
 
+    @property
+    def min_updates(self) -> int:
+        if self.beta == 0.0:
+            return 1
+        n = max(1, math.ceil(1.0 / self.beta))
+        while math.floor(self.beta * n) < 1:
+            n += 1
+        return n
+
+    def requirement(self) -> str:
+        return (
+            f"trimmed-mean with beta={self.beta:g} drops floor(beta * n) updates from each end, none with fewer "
+            f"than {self.min_updates} updates (raise beta or the update counts)"
+        )
+
     def _combine(self, flats: list[np.ndarray]) -> np.ndarray:
         n = len(flats)
         cut = math.floor(self.beta * n)
@@ -599,6 +623,16 @@ class Krum(_Buffered):
         super().__init__()
         self.f = _integer(f"{self.name}.f", f, low=0)
         self.m = _integer(f"{self.name}.m", m, low=1)
+
+    @property
+    def min_updates(self) -> int:
+        return max(2 * self.f + 3, self.m + self.f)
+
+    def requirement(self) -> str:
+        return (
+            f"krum with f={self.f}, m={self.m} needs at least {self.min_updates} updates "
+            "(n >= 2f + 3 and m <= n - f)"
+        )
 
     def scores(self, updates: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
         """Krum scores of ``updates`` (lower = more central)."""
@@ -639,10 +673,11 @@ class Krum(_Buffered):
 # Construction by name
 # ---------------------------------------------------------------------------------------------------
 
+# The one list of strategies: the CLI's choices, the job configuration and the docs read it.
 _STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, Median, TrimmedMean, Krum)
 }
-assert tuple(_STRATEGIES) == STRATEGY_NAMES
+STRATEGY_NAMES: tuple[str, ...] = tuple(_STRATEGIES)
 
 
 def strategy_parameters(name: str) -> dict[str, Any]:

@@ -1,164 +1,363 @@
-"""The coordinator's job configuration: one pydantic model, filled from a TOML file and/or CLI flags.
+"""The coordinator's job configuration: the one place that validates a job.
 
-Flags override the file. Everything is validated before the coordinator connects to a broker, and a bad value
-is refused with :class:`fedmqtt.errors.ConfigError` naming the field.
+:class:`CoordinatorConfig` is a pydantic model; its fields are the only list of the coordinator's settings. The
+flags of ``fedmqtt coordinator`` and ``fedmqtt simulate``, the TOML keys of ``--config`` and the ``FEDMQTT_*``
+environment variables are derived from them (:mod:`fedmqtt.settings`), as is docs/configuration.md. Precedence:
+flags > environment > TOML > defaults. Everything is checked before a model is built or a broker dialled, and
+errors name settings by their flags, every missing or bad one at once.
+
+Differential privacy is one optional section, :class:`DPSettings` (``config.dp``; ``None`` = DP off), set with the
+``--dp-*`` flags, ``[coordinator.dp]`` in TOML or ``FEDMQTT_DP_*``.
 """
 
 from __future__ import annotations
 
-import re
-import tomllib
+import argparse
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from fedmqtt import settings as S
 from fedmqtt.errors import ConfigError
-from fedmqtt.paths import input_dir_problem, input_file_problem, output_dir_problem
+from fedmqtt.mqtt.settings import BrokerSettings
+from fedmqtt.paths import input_dir_problem, output_dir_problem
 from fedmqtt.schema import ID_PATTERN, MAX_SAMPLES_LIMIT, CodecSpec, DPMode, MessageError
 from fedmqtt.topics import DEFAULT_PREFIX
 
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmed-mean", "krum")
-ROBUST_STRATEGIES = ("median", "trimmed-mean", "krum")
+# One megabyte for every size flag (--max-update-mb here, --max-packet-mb of the broker): 10^6 bytes.
+MB = 1_000_000
+
+CONNECTION = "broker connection"
+ROUNDS = "rounds"
+TRAINING = "model and training"
+LIMITS = "update limits"
+DURABILITY = "durability"
+PRIVACY = "differential privacy"
 
 
-class CoordinatorConfig(BaseModel):
+def _strategy_names() -> Sequence[str]:
+    from fedmqtt.coordinator.aggregation import STRATEGY_NAMES
+
+    return STRATEGY_NAMES
+
+
+def _model_names() -> Sequence[str]:
+    from fedmqtt.models import MODEL_NAMES
+
+    return MODEL_NAMES
+
+
+def _parse_strategy_params(text: str) -> dict[str, bool | int | float]:
+    from fedmqtt.coordinator.aggregation import parse_strategy_params
+
+    return parse_strategy_params(text)
+
+
+def _parse_names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _info(help: str, **kwargs: Any) -> dict[str, Any]:
+    return {"description": help, "json_schema_extra": S.opt(**kwargs)}
+
+
+class DPSettings(BaseModel):
+    """Client-level differential privacy of a job (DP-FedAvg); see docs/privacy.md."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Annotated[
+        DPMode,
+        Field(**_info("where the Gaussian noise is added (off: no DP)", group=PRIVACY, section_switch=True)),
+    ]
+    clip: Annotated[float, Field(gt=0, allow_inf_nan=False, **_info("L2 clip bound C of each update", group=PRIVACY))]
+    noise_multiplier: Annotated[
+        float,
+        Field(gt=0, allow_inf_nan=False, **_info("noise multiplier sigma (> 0: sigma = 0 has no finite epsilon)",
+                                                 group=PRIVACY)),
+    ]  # fmt: skip
+    sample_rate: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            le=1,
+            **_info(
+                "Poisson sampling rate q of devices per round",
+                group=PRIVACY,
+                default_text="--devices-per-round / --dp-population (1 with every device selected)",
+            ),
+        ),
+    ] = None
+    delta: Annotated[
+        float | None,
+        Field(gt=0, lt=1, **_info("delta of (epsilon, delta)", group=PRIVACY, default_text="1/population^1.1")),
+    ] = None
+    target_epsilon: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            allow_inf_nan=False,
+            **_info("stop before a round would exceed this epsilon", group=PRIVACY, flag="--target-epsilon"),
+        ),
+    ] = None
+    population: Annotated[
+        int | None,
+        Field(gt=1, **_info("number of devices in the population (for the default delta and sample rate)",
+                            group=PRIVACY, default_text="min-updates / sample rate")),
+    ] = None  # fmt: skip
+    adaptive_clip: Annotated[
+        float | None,
+        Field(gt=0, lt=1, **_info("target quantile for adaptive clipping (needs --dp-mode central)", group=PRIVACY)),
+    ] = None
+
+
+class CoordinatorConfig(BrokerSettings):
     """Everything a coordinator needs to run one federated job."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    broker: str = "mqtt://127.0.0.1:1883"
-    job: Annotated[str, Field(pattern=ID_PATTERN)]
-    prefix: str = DEFAULT_PREFIX
-    mqtt_version: Literal["5", "3.1.1", "auto"] = "auto"
-    username: str | None = None
-    password: str | None = None
-    tls_ca: Path | None = None
-    client_id: str | None = None
+    # -- broker connection: --broker --username --password --password-file --tls-ca --mqtt-version, their
+    # types and checks are inherited from fedmqtt.mqtt.settings.BrokerSettings (stated there once).
+    job: Annotated[str, Field(pattern=ID_PATTERN, **_info("job id (one topic level)", group=CONNECTION))]
+    prefix: Annotated[str, Field(**_info("topic prefix", group=CONNECTION))] = DEFAULT_PREFIX
+    client_id: Annotated[
+        str | None, Field(**_info("MQTT client id", group=CONNECTION, default_text="fedmqtt-coordinator-JOB"))
+    ] = None
 
-    rounds: Annotated[int, Field(gt=0)]
-    min_updates: Annotated[int, Field(gt=0)]
-    round_timeout: Annotated[float, Field(gt=0)] = 120.0
-    devices_per_round: Annotated[int, Field(gt=0)] | None = None
-    min_devices: Annotated[int, Field(gt=0)] | None = None
-    min_updates_at_deadline: Annotated[int, Field(gt=0)] | None = None
-    max_attempts: Annotated[int, Field(gt=0)] = 3
-    seed: int = 0
+    # -- rounds
+    rounds: Annotated[int, Field(gt=0, **_info("rounds to run", group=ROUNDS))]
+    min_updates: Annotated[int, Field(gt=0, **_info("accepted updates that close a round (quorum)", group=ROUNDS))]
+    round_timeout: Annotated[
+        float, Field(gt=0, allow_inf_nan=False, **_info("seconds until a round's deadline", group=ROUNDS))
+    ] = 120.0
+    devices_per_round: Annotated[
+        int | None, Field(gt=0, **_info("devices selected per round", group=ROUNDS, default_text="all online"))
+    ] = None
+    min_devices: Annotated[
+        int | None,
+        Field(gt=0, **_info("devices online before a round opens", group=ROUNDS, default_text="--min-updates")),
+    ] = None
+    min_updates_at_deadline: Annotated[
+        int | None,
+        Field(
+            gt=0,
+            **_info(
+                "updates enough to close a round at its deadline",
+                group=ROUNDS,
+                default_text="1, or the fewest the strategy needs (krum: 2f + 3)",
+            ),
+        ),
+    ] = None
+    max_attempts: Annotated[int, Field(gt=0, **_info("attempts per round before the job stops", group=ROUNDS))] = 3
+    seed: Annotated[int, Field(**_info("seed of the model and of the selection (not under DP)", group=ROUNDS))] = 0
 
-    strategy: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmed-mean", "krum"] = "fedavg"
+    # -- model and training
+    strategy: Annotated[
+        str, Field(**_info("aggregation strategy", group=TRAINING, choices=_strategy_names, metavar="NAME"))
+    ] = "fedavg"
     # bool | int | float keeps TOML's types (nesterov = true, f = 1); the strategy validates each one itself.
-    strategy_params: dict[str, bool | int | float] = Field(default_factory=dict)
-    model: str = "cnn"
-    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
-    eval_data: Path | None = None
-    checkpoint_dir: Path | None = None
-    resume: bool = False
+    strategy_params: Annotated[
+        dict[str, bool | int | float],
+        Field(
+            default_factory=dict,
+            **_info(
+                "strategy parameters, e.g. server_lr=0.5,momentum=0.9 (TOML: a table)",
+                group=TRAINING,
+                parse=_parse_strategy_params,
+                metavar="K=V,...",
+            ),
+        ),
+    ]
+    model: Annotated[str, Field(**_info("model", group=TRAINING, choices=_model_names, metavar="NAME"))] = "cnn"
+    dataset: Annotated[Literal["mnist", "fashion-mnist"], Field(**_info("data set", group=TRAINING))] = "mnist"
+    eval_data: Annotated[
+        Path | None,
+        Field(**_info("directory of the IDX files; evaluates on the test split each round", group=TRAINING)),
+    ] = None
+    local_epochs: Annotated[int, Field(gt=0, **_info("local epochs per round", group=TRAINING))] = 1
+    batch_size: Annotated[int, Field(gt=0, **_info("local batch size", group=TRAINING))] = 50
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False, **_info("local learning rate", group=TRAINING))] = 0.05
+    prox_mu: Annotated[
+        float | None, Field(ge=0, allow_inf_nan=False, **_info("FedProx proximal term mu", group=TRAINING))
+    ] = None
+    uplink: Annotated[
+        str, Field(**_info("device update codec, e.g. int8, float16, topk:0.01+int8+ef", group=TRAINING))
+    ] = "int8"
+    downlink: Annotated[
+        str, Field(**_info("global-model codec (float16 halves what each device downloads)", group=TRAINING))
+    ] = "float32"
+    trainable: Annotated[
+        tuple[str, ...] | None,
+        Field(
+            **_info(
+                "train only these tensors (comma-separated names)",
+                group=TRAINING,
+                parse=_parse_names,
+                metavar="NAMES",
+                default_text="all",
+            )
+        ),
+    ] = None
 
-    local_epochs: Annotated[int, Field(gt=0)] = 1
-    batch_size: Annotated[int, Field(gt=0)] = 50
-    lr: Annotated[float, Field(gt=0)] = 0.05
-    prox_mu: Annotated[float, Field(ge=0)] | None = None
-    uplink: str = "int8"
-    downlink: str = "float32"
-    trainable: tuple[str, ...] | None = None
-    max_update_mb: Annotated[float, Field(gt=0)] = 64.0
-    # Hostile-field bounds: the largest sample count (FedAvg weight) one update may claim, and an optional L2 bound
-    # on update norms for jobs without DP (DP jobs are bounded by the clip).
-    max_samples: Annotated[int, Field(gt=0, le=MAX_SAMPLES_LIMIT)] = 10_000_000
-    max_update_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    # -- update limits (hostile-field bounds)
+    max_update_mb: Annotated[
+        float,
+        Field(gt=0, allow_inf_nan=False, **_info("largest update frame accepted, in MB (10^6 bytes)", group=LIMITS)),
+    ] = 64.0
+    max_samples: Annotated[
+        int, Field(gt=0, le=MAX_SAMPLES_LIMIT, **_info("largest sample count (FedAvg weight) an update may claim",
+                                                       group=LIMITS))
+    ] = 10_000_000  # fmt: skip
+    max_update_norm: Annotated[
+        float | None,
+        Field(gt=0, allow_inf_nan=False, **_info("refuse updates whose L2 norm exceeds this (jobs without DP)",
+                                                 group=LIMITS)),
+    ] = None  # fmt: skip
+
+    # -- durability
+    checkpoint_dir: Annotated[Path | None, Field(**_info("directory for checkpoints", group=DURABILITY))] = None
+    resume: Annotated[bool, Field(**_info("continue from the last checkpoint", group=DURABILITY))] = False
     # Seconds a last will waits after the coordinator's own reconnect (a restarted broker publishes the wills of
     # clients that never died), and that the deadline is held after a reconnect so queued updates can arrive.
-    reconnect_grace: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 10.0
-    take_over: bool = False
+    reconnect_grace: Annotated[
+        float,
+        Field(ge=0, allow_inf_nan=False, **_info(
+            "seconds after a reconnect during which last wills wait and the deadline is held", group=DURABILITY)),
+    ] = 10.0  # fmt: skip
+    take_over: Annotated[
+        bool,
+        Field(**_info("start even if another coordinator is alive on this job; the other one stops", group=DURABILITY)),
+    ] = False
 
-    dp_mode: DPMode = DPMode.OFF
-    dp_clip: Annotated[float, Field(gt=0)] | None = None
-    dp_noise_multiplier: Annotated[float, Field(ge=0)] | None = None
-    dp_delta: Annotated[float, Field(gt=0, lt=1)] | None = None
-    target_epsilon: Annotated[float, Field(gt=0)] | None = None
-    dp_sample_rate: Annotated[float, Field(gt=0, le=1)] | None = None
-    dp_population: Annotated[int, Field(gt=0)] | None = None
-    dp_adaptive_clip: Annotated[float, Field(gt=0, lt=1)] | None = None
+    # -- differential privacy: None = off
+    dp: DPSettings | None = None
 
-    quiet: bool = False
+    quiet: Annotated[bool, Field(**_info("no live progress display"))] = False
 
-    @field_validator("tls_ca", "eval_data", "checkpoint_dir")
+    # ------------------------------------------------------------------------------------ checks
+
+    @field_validator("dp", mode="before")
+    @classmethod
+    def _dp_off(cls, value: Any) -> Any:
+        if isinstance(value, Mapping) and str(getattr(value.get("mode"), "value", value.get("mode"))) == "off":
+            others = [k for k in value if k != "mode"]
+            if others:
+                flags = ", ".join(_flag(("dp", k)) for k in others)
+                raise ValueError(f"{flags}: need{'s' if len(others) == 1 else ''} --dp-mode device, local or central")
+            return None
+        if isinstance(value, Mapping) and "mode" not in value:
+            flags = ", ".join(_flag(("dp", k)) for k in value)
+            raise ValueError(f"{flags}: need{'s' if len(value) == 1 else ''} --dp-mode device, local or central")
+        return value
+
+    @field_validator("eval_data", "checkpoint_dir")
     @classmethod
     def _usable_path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        # Refused here, before a model is built or a broker is dialled: "checkpoint_dir: --checkpoint-dir ckpt
-        # is a file, not a directory".
+        # Refused here, before a model is built or a broker is dialled: "--checkpoint-dir: ckpt is a file, not
+        # a directory".
         if value is None:
             return None
-        from fedmqtt.mqtt import tls_ca_problem
-
-        check = {"tls_ca": tls_ca_problem, "eval_data": input_dir_problem, "checkpoint_dir": output_dir_problem}
+        check = {"eval_data": input_dir_problem, "checkpoint_dir": output_dir_problem}
         problem = check[str(info.field_name)](value)
         if problem is not None:
-            raise ValueError(f"--{str(info.field_name).replace('_', '-')} {value} {problem}")
+            raise ValueError(f"{value} {problem}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        names = _model_names()
+        if value not in names:
+            raise ValueError(f"unknown model {value!r}; choose one of {', '.join(names)}")
+        return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        names = _strategy_names()
+        if value not in names:
+            raise ValueError(f"unknown strategy {value!r}; choose one of {', '.join(names)}")
+        return value
+
+    @field_validator("uplink", "downlink")
+    @classmethod
+    def _codec(cls, value: str, info: ValidationInfo) -> str:
+        try:
+            codec = CodecSpec.parse(value)
+        except MessageError as exc:
+            raise ValueError(exc.detail) from None
+        if info.field_name == "downlink" and (codec.topk is not None or codec.error_feedback):
+            raise ValueError("a global model is sent whole: use float32, float16 or int8 (no topk, no ef)")
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> CoordinatorConfig:
-        try:
-            codec = CodecSpec.parse(self.uplink)
-        except MessageError as exc:
-            raise ValueError(f"uplink: {exc.detail}") from None
-        try:
-            down = CodecSpec.parse(self.downlink)
-        except MessageError as exc:
-            raise ValueError(f"downlink: {exc.detail}") from None
-        if down.topk is not None or down.error_feedback:
-            raise ValueError("downlink: a global model is sent whole: use float32, float16 or int8 (no topk, no ef)")
         from fedmqtt.coordinator.aggregation import build_strategy
 
         try:  # the strategy's own parameter schema, before any model is built or broker dialled
-            build_strategy(self.strategy, **self.strategy_params)
+            strategy = build_strategy(self.strategy, **self.strategy_params)
         except ConfigError as exc:
-            raise ValueError(f"strategy_params: {exc}") from None
+            raise ValueError(f"--strategy-params: {exc}") from None
         if self.min_devices is not None and self.min_devices < self.min_updates:
-            raise ValueError("min_devices: must be >= min_updates (a round could never close)")
+            raise ValueError(f"--min-devices: must be >= --min-updates ({self.min_updates}): a round could never close")
         if self.devices_per_round is not None and self.devices_per_round < self.min_updates:
-            raise ValueError("devices_per_round: must be >= min_updates (a round could never reach its quorum)")
+            raise ValueError(
+                f"--devices-per-round: must be >= --min-updates ({self.min_updates}): a round could never reach "
+                "its quorum"
+            )
         if self.min_updates_at_deadline is not None and self.min_updates_at_deadline > self.min_updates:
-            raise ValueError("min_updates_at_deadline: must be <= min_updates")
+            raise ValueError(f"--min-updates-at-deadline: must be <= --min-updates ({self.min_updates})")
+        # The strategy's own requirement (Krum: n >= 2f + 3; trimmed mean: something to trim), before round 1.
+        need = strategy.min_updates
+        if self.min_updates < need:
+            raise ValueError(f"--min-updates: {self.min_updates} is too few: {strategy.requirement()}")
+        if self.min_updates_at_deadline is not None and self.min_updates_at_deadline < need:
+            raise ValueError(
+                f"--min-updates-at-deadline: {self.min_updates_at_deadline} is too few: {strategy.requirement()}"
+            )
+        if self.min_updates_at_deadline is None:  # resolved here: every reader sees the number the job uses
+            object.__setattr__(self, "min_updates_at_deadline", need)
         if self.resume and self.checkpoint_dir is None:
-            raise ValueError("checkpoint_dir: --resume needs a checkpoint_dir")
-        if self.dp_mode is not DPMode.OFF:
-            if self.dp_clip is None or self.dp_noise_multiplier is None:
-                raise ValueError("dp_clip: dp_mode needs dp_clip and dp_noise_multiplier")
-            if self.dp_noise_multiplier <= 0:
-                raise ValueError("dp_noise_multiplier: must be > 0 with DP on (sigma = 0 gives no finite epsilon)")
-            if self.dp_adaptive_clip is not None and self.dp_mode is not DPMode.CENTRAL:
-                raise ValueError(
-                    "dp_adaptive_clip: needs dp_mode central (the clip bit reaches the coordinator unnoised)"
-                )
-            if self.dp_sample_rate is None:
-                raise ValueError(
-                    "dp_sample_rate: dp_mode needs dp_sample_rate: DP rounds select devices by Poisson sampling with rate q"
-                )
-            if self.trainable is not None:
-                raise ValueError(
-                    "trainable: head-only training cannot be combined with DP yet (devices would noise the "
-                    "frozen tensors too); see the privacy benchmark for the simulated head-only results"
-                )
-            if self.strategy in ROBUST_STRATEGIES:
-                raise ValueError(f"strategy: {self.strategy} is not compatible with DP (unbounded sensitivity)")
-            if codec.error_feedback:
-                raise ValueError(
-                    "uplink: error feedback ('ef') cannot be combined with DP: the residual would "
-                    "escape the clipping bound"
-                )
-        elif self.target_epsilon is not None or self.dp_adaptive_clip is not None:
-            raise ValueError("dp_mode: target_epsilon / dp_adaptive_clip need dp_mode device, local or central")
+            raise ValueError("--resume: needs --checkpoint-dir")
+        if self.dp is not None:
+            self._check_dp(self.dp)
         return self
+
+    def _check_dp(self, dp: DPSettings) -> None:
+        from fedmqtt.privacy import check_adaptive_clip_compatible, check_dp_compatible
+
+        try:
+            check_dp_compatible(self.strategy, dp.mode)
+            if dp.adaptive_clip is not None:
+                check_adaptive_clip_compatible(dp.mode)
+        except ConfigError as exc:
+            raise ValueError(f"{_flag_of_name(exc.field)}: {exc.message}") from None
+        if self.trainable is not None:
+            raise ValueError(
+                "--trainable: head-only training cannot be combined with DP yet (devices would noise the frozen "
+                "tensors too); see the privacy benchmark for the simulated head-only results"
+            )
+        if CodecSpec.parse(self.uplink).error_feedback:
+            raise ValueError(
+                "--uplink: error feedback ('ef') cannot be combined with DP: the residual would escape the "
+                "clipping bound"
+            )
+        if dp.sample_rate is None:
+            # Defaulted from the selection when the population is known; refused up front otherwise.
+            if dp.population is None:
+                raise ValueError(
+                    f"--dp-sample-rate: required with --dp-mode {dp.mode.value} unless --dp-population is given "
+                    "(the rate then defaults to --devices-per-round / --dp-population)"
+                )
+            selected = self.devices_per_round or dp.population
+            if selected > dp.population:
+                raise ValueError(f"--devices-per-round: {selected} is above --dp-population ({dp.population})")
+            object.__setattr__(self, "dp", dp.model_copy(update={"sample_rate": selected / dp.population}))
+
+    # ------------------------------------------------------------------------------------ derived values
 
     @property
     def uplink_codec(self) -> CodecSpec:
@@ -172,36 +371,65 @@ class CoordinatorConfig(BaseModel):
     def effective_min_devices(self) -> int:
         return self.min_devices or self.min_updates
 
+    @property
+    def dp_mode(self) -> DPMode:
+        """``dp.mode``, or OFF without a DP section (a read-only convenience; the settings live in ``dp``)."""
+        return DPMode.OFF if self.dp is None else self.dp.mode
 
-def load_config(toml_path: Path | None, overrides: dict[str, Any]) -> CoordinatorConfig:
-    """Merge a TOML file (optional) with CLI overrides (None values are 'not given') and validate."""
-    data: dict[str, Any] = {}
-    if toml_path is not None:
-        problem = input_file_problem(toml_path)
-        if problem is not None:
-            raise ConfigError("config", f"--config {toml_path} {problem}")
-        try:
-            with open(toml_path, "rb") as fh:
-                raw = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError("config", f"--config {toml_path} cannot be read ({exc.strerror or exc})") from None
-        except UnicodeDecodeError:
-            raise ConfigError("config", f"--config {toml_path} is not valid TOML: it is not UTF-8 text") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("config", f"--config {toml_path} is not valid TOML: {exc}") from None
-        # Accept either top-level keys or a [coordinator] table; dashes or underscores.
-        table = raw.get("coordinator", raw)
-        if not isinstance(table, dict):
-            raise ConfigError("config", f"--config {toml_path}: 'coordinator' must be a table ([coordinator])")
-        data.update({k.replace("-", "_"): v for k, v in table.items()})
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return CoordinatorConfig.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ())) or "config"
-        msg = first["msg"].removeprefix("Value error, ")
-        named = re.match(r"^([a-z_]+): (.*)$", msg, re.S)
-        if field == "config" and named:  # a check across fields names the field it blames
-            field, msg = named.group(1), named.group(2)
-        raise ConfigError(field, msg) from None
+    @property
+    def max_update_bytes(self) -> int:
+        return int(self.max_update_mb * MB)
+
+
+SETTINGS: list[S.Setting] = S.settings_of(CoordinatorConfig)
+
+
+def _flag(path: tuple[str, ...]) -> str:
+    return next((s.flag for s in SETTINGS if s.path == path), "--" + "-".join(path).replace("_", "-"))
+
+
+def _flag_of_name(name: str) -> str:
+    return S.flag_spelling(name, SETTINGS)
+
+
+def load_config(
+    toml_path: Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    flags: Mapping[tuple[str, ...], Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> CoordinatorConfig:
+    """Validate a job from its sources: flags > environment (``FEDMQTT_*``; ``env`` defaults to os.environ) >
+    TOML file > defaults. ``overrides`` takes flat field names (``dp_clip`` for ``--dp-clip``, None = not given).
+    Raises :class:`fedmqtt.settings.SettingsError` naming every bad or missing setting by its flag."""
+    given: dict[tuple[str, ...], Any] = dict(flags or {})
+    by_name = {s.flag[2:].replace("-", "_"): s for s in SETTINGS} | {s.name: s for s in SETTINGS}
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        setting = by_name.get(name)
+        if setting is None:
+            raise ConfigError(name, "is not a coordinator setting")
+        given[setting.path] = value
+    return S.load(
+        CoordinatorConfig,
+        flags=given,
+        env=os.environ if env is None else env,
+        toml=toml_path,
+        toml_table="coordinator",
+        settings=SETTINGS,
+        env_skip=("password",),  # BrokerSettings reads $FEDMQTT_PASSWORD itself, after the other sources
+    )
+
+
+def config_from_args(
+    args: argparse.Namespace, *, env: Mapping[str, str] | None = None, toml_path: Path | None = None
+) -> CoordinatorConfig:
+    """The job of parsed flags (dest = setting name, as :func:`fedmqtt.settings.add_flags` makes them)."""
+    return load_config(toml_path, flags=S.from_flags(args, SETTINGS), env=env)
+
+
+def write_config(config: CoordinatorConfig, path: Path, *, exclude: Sequence[str] = ("password",)) -> Path:
+    """Write ``config`` as a ``[coordinator]`` TOML file that :func:`load_config` reads back to the same job."""
+    path.write_text(S.to_toml(config, "coordinator", exclude=exclude), encoding="utf-8")
+    return path
