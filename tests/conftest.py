@@ -24,7 +24,7 @@ import pytest
 from fedmqtt.broker.embedded import EmbeddedBroker
 from fedmqtt.broker.errors import MissingTool
 from fedmqtt.broker.mosquitto import MosquittoBroker, mosquitto_binary
-from fedmqtt.mqtt import ClientSettings, MessageCallback, MqttConnection, parse_broker_url
+from fedmqtt.mqtt import PROTOCOLS, ClientSettings, MessageCallback, MqttConnection, parse_broker_url
 
 REQUIRE_MOSQUITTO_ENV = "FEDMQTT_REQUIRE_MOSQUITTO"
 
@@ -37,6 +37,14 @@ def require_mosquitto() -> None:
         if os.environ.get(REQUIRE_MOSQUITTO_ENV) == "1":
             pytest.fail(f"{exc} (and {REQUIRE_MOSQUITTO_ENV}=1 requires it)")
         pytest.skip(f"{exc}; set {REQUIRE_MOSQUITTO_ENV}=1 to make this a failure")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_protocol_cache() -> Iterator[None]:
+    """Each test detects MQTT versions afresh: a port a test's broker used may be another broker's in the next."""
+    PROTOCOLS.forget()
+    yield
+    PROTOCOLS.forget()
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +109,7 @@ def mqtt_client() -> Iterator[MqttClientFactory]:
     ) -> MqttConnection:
         settings.setdefault("clean_start", True)
         connection = MqttConnection(
-            ClientSettings(url=url, client_id=client_id or unique_client_id(), **settings),
+            ClientSettings.from_url(url, client_id=client_id or unique_client_id(), **settings),
             on_message=on_message,
             subscriptions=subscriptions,
             manual_ack=manual_ack,

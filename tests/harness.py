@@ -193,7 +193,7 @@ class JobView:
         self.coordinator: CoordinatorProcess | None = None
         self.parse_errors: list[str] = []
         self.connection = MqttConnection(
-            ClientSettings(url=broker_url, client_id=f"view-{uuid.uuid4().hex[:10]}", clean_start=True),
+            ClientSettings.from_url(broker_url, client_id=f"view-{uuid.uuid4().hex[:10]}", clean_start=True),
             on_message=self._on_message,
             subscriptions=[
                 (topics.events, 1),

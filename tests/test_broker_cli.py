@@ -150,7 +150,7 @@ def run_foreground(args: list[str], tmp_path: Path, stop: signal.Signals) -> tup
             ready = process.stdout.readline()
             assert "listening on" in ready, ready + log.read_text()
             url = ready.split("listening on ")[1].split()[0].rstrip(";")
-            with MqttConnection(ClientSettings(url, "cli-" + uuid.uuid4().hex[:6])) as client:
+            with MqttConnection(ClientSettings.from_url(url, "cli-" + uuid.uuid4().hex[:6])) as client:
                 client.publish("cli/test", b"hello")
             process.send_signal(stop)
             code = process.wait(15)

@@ -19,8 +19,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fedmqtt.broker.embedded import EmbeddedBroker, PacketFramer, amqtt_config
 from fedmqtt.broker.errors import BrokerError, BrokerStartError
 from fedmqtt.broker.net import find_free_port, mqtt_probe
-from fedmqtt.mqtt import ClientSettings, Inbox, MqttConnection, PayloadTooLarge, SubscriptionRefused
+from fedmqtt.mqtt import ClientSettings, MqttConnection, PayloadTooLarge, SubscriptionRefused
 from fedmqtt.topics import Topics
+from inbox import Inbox
 
 MqttClientFactory = Callable[..., MqttConnection]
 
@@ -41,7 +42,7 @@ def test_start_and_stop_leave_no_threads_or_sockets() -> None:
     threads, fds = set(threading.enumerate()), open_fds()
     with EmbeddedBroker() as broker:
         assert broker.running and broker.url == f"mqtt://127.0.0.1:{broker.port}"
-        with MqttConnection(ClientSettings(broker.url, "c-" + uuid.uuid4().hex[:8])) as client:
+        with MqttConnection(ClientSettings.from_url(broker.url, "c-" + uuid.uuid4().hex[:8])) as client:
             client.publish("a/b", b"x")
         port = broker.port
     assert not broker.running
@@ -55,7 +56,7 @@ def test_stop_closes_connected_clients() -> None:
     broker = EmbeddedBroker()
     broker.start()
     client = MqttConnection(
-        ClientSettings(broker.url, "c-" + uuid.uuid4().hex[:8], reconnect_min_delay=5.0, reconnect_max_delay=5.0)
+        ClientSettings.from_url(broker.url, "c-" + uuid.uuid4().hex[:8], reconnect_min_delay=5.0, reconnect_max_delay=5.0)
     )
     client.connect()
     try:
@@ -189,7 +190,7 @@ def test_refused_subscriptions_raise(mqtt_client: MqttClientFactory) -> None:
         assert "prohibited" not in connection.subscriptions
         assert connection.subscribe("allowed/other", 0) == 0
         refused_at_connect = MqttConnection(
-            ClientSettings(broker.url, "c-" + uuid.uuid4().hex[:8]), subscriptions=[("prohibited", 1)]
+            ClientSettings.from_url(broker.url, "c-" + uuid.uuid4().hex[:8]), subscriptions=[("prohibited", 1)]
         )
         with pytest.raises(SubscriptionRefused):
             refused_at_connect.connect()

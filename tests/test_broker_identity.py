@@ -18,8 +18,9 @@ import pytest
 
 from fedmqtt.broker.accounts import COORDINATOR_USER, WATCHER_USER
 from fedmqtt.broker.mosquitto import MosquittoBroker
-from fedmqtt.mqtt import ClientSettings, Inbox, MqttConnection, PublishRefused, parse_broker_url
+from fedmqtt.mqtt import ClientSettings, MqttConnection, PublishRefused, parse_broker_url
 from fedmqtt.topics import Topics
+from inbox import Inbox
 
 if TYPE_CHECKING:
     from conftest import SecureBroker
@@ -102,7 +103,7 @@ def connections() -> Iterator[_Connections]:
 
 def _coordinator_settings(url: str, topics: Topics, protocol: str = "5") -> ClientSettings:
     # The client id `fedmqtt coordinator` picks (coordinator.service), with its persistent session.
-    return ClientSettings(
+    return ClientSettings.from_url(
         url,
         client_id=f"fedmqtt-coordinator-{topics.job}",
         protocol=protocol,  # type: ignore[arg-type]
@@ -117,7 +118,7 @@ def _queue_an_update_for_the_offline_coordinator(
     """The coordinator subscribes with a persistent session and goes away; d1 publishes an update then."""
     settings = _coordinator_settings(auth.url_for(COORDINATOR_USER), topics, protocol)
     connections.open(settings, subscriptions=[(topics.updates_filter, 1)]).close()
-    device = connections.open(ClientSettings(auth.url_for("d1"), client_id="d1-sender", clean_start=True))
+    device = connections.open(ClientSettings.from_url(auth.url_for("d1"), client_id="d1-sender", clean_start=True))
     device.publish(topics.update("d1"), b"queued update", qos=1)
     device.close()
     return settings
@@ -140,7 +141,7 @@ def test_a_device_using_the_coordinators_client_id_neither_disconnects_it_nor_wi
     auth = auth_broker
     topics = Topics(job=_job())
     settings = _coordinator_settings(auth.url_for(COORDINATOR_USER), topics)
-    impostor = ClientSettings(auth.url_for("d2"), client_id=settings.client_id, protocol="5", clean_start=True)
+    impostor = ClientSettings.from_url(auth.url_for("d2"), client_id=settings.client_id, protocol="5", clean_start=True)
 
     # While the coordinator is connected: the impostor's CONNECT does not take its connection over.
     drops: list[str] = []
@@ -161,7 +162,7 @@ def test_a_device_using_the_coordinators_client_id_neither_disconnects_it_nor_wi
 
     # While the coordinator is away: an update is queued in its session; a clean start under its client id by
     # another account does not wipe that session.
-    device = connections.open(ClientSettings(auth.url_for("d1"), client_id="d1-sender", clean_start=True))
+    device = connections.open(ClientSettings.from_url(auth.url_for("d1"), client_id="d1-sender", clean_start=True))
     device.publish(topics.update("d1"), b"queued update", qos=1)
     device.close()
     connections.open(impostor).close()
@@ -190,10 +191,10 @@ def test_one_connection_per_account_a_second_one_takes_the_first_over(
     url = auth_broker.url_for("d1")
     drops: list[str] = []
     first = connections.open(
-        ClientSettings(url, client_id="fedmqtt-job-a-d1", protocol="5", clean_start=True),
+        ClientSettings.from_url(url, client_id="fedmqtt-job-a-d1", protocol="5", clean_start=True),
         on_disconnected=lambda reason, _: drops.append(reason),
     )
-    second = connections.open(ClientSettings(url, client_id="fedmqtt-job-b-d1", protocol="5", clean_start=True))
+    second = connections.open(ClientSettings.from_url(url, client_id="fedmqtt-job-b-d1", protocol="5", clean_start=True))
     assert second.is_connected
     assert _wait_until(lambda: len(drops) == 1), "the first connection of the account was not closed"
     first.close()  # before its reconnect takes the account's connection back

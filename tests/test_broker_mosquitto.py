@@ -29,13 +29,13 @@ from fedmqtt.errors import InvalidIdentifier
 from fedmqtt.mqtt import (
     AuthenticationRefused,
     BrokerUnreachable,
-    Inbox,
     MqttConnection,
     PayloadTooLarge,
     PublishRefused,
     TlsError,
 )
 from fedmqtt.topics import Topics, coordinator_acl, device_acl, watcher_acl
+from inbox import Inbox
 
 if TYPE_CHECKING:
     from conftest import SecureBroker
@@ -196,7 +196,7 @@ def test_wrong_password_unknown_user_and_anonymous_are_refused(secure_mosquitto:
         secure.url_for("nobody", "x"),
         secure.url_for(None),
     ):
-        connection = MqttConnection(ClientSettings(url, "c-" + uuid.uuid4().hex[:8], tls_ca=secure.ca_file))
+        connection = MqttConnection(ClientSettings.from_url(url, "c-" + uuid.uuid4().hex[:8], tls_ca=secure.ca_file))
         with pytest.raises(AuthenticationRefused, match="refused") as info:
             connection.connect(timeout=5)
         assert "wrong password" not in str(info.value)
@@ -298,10 +298,10 @@ def test_tls_needs_the_ca_and_plain_tcp_to_the_tls_port_fails(
     via_localhost = tls_url.replace("127.0.0.1", "localhost")  # the certificate names both
     assert mqtt_client(via_localhost, tls_ca=secure.ca_file).is_connected
 
-    without_ca = MqttConnection(ClientSettings(tls_url, "c-" + uuid.uuid4().hex[:8]))
+    without_ca = MqttConnection(ClientSettings.from_url(tls_url, "c-" + uuid.uuid4().hex[:8]))
     with pytest.raises(TlsError, match="certificate verify failed"):
         without_ca.connect(timeout=5)
-    plain = MqttConnection(ClientSettings(tls_url.replace("mqtts://", "mqtt://"), "c-" + uuid.uuid4().hex[:8]))
+    plain = MqttConnection(ClientSettings.from_url(tls_url.replace("mqtts://", "mqtt://"), "c-" + uuid.uuid4().hex[:8]))
     with pytest.raises(BrokerUnreachable, match="TLS port"):
         plain.connect(timeout=3)
 
@@ -316,7 +316,7 @@ def test_an_added_device_is_accepted_after_sighup(secure_mosquitto: SecureBroker
     url = secure.url_for(device_id, password)
 
     def connect() -> MqttConnection:
-        connection = MqttConnection(ClientSettings(url, device_id, tls_ca=secure.ca_file, clean_start=True))
+        connection = MqttConnection(ClientSettings.from_url(url, device_id, tls_ca=secure.ca_file, clean_start=True))
         connection.connect(timeout=5)
         return connection
 

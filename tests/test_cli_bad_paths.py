@@ -203,7 +203,7 @@ def test_coordinator_garbage_eval_data_is_one_line_before_connecting(bad_files: 
 
 def test_a_good_ca_file_passes_and_each_bad_one_says_why(bad_files: Path) -> None:
     check_tls_ca(bad_files / "tls" / "ca.crt")
-    ClientSettings("mqtts://127.0.0.1:8883", "c1", tls_ca=str(bad_files / "tls" / "ca.crt"))
+    ClientSettings.from_url("mqtts://127.0.0.1:8883", "c1", tls_ca=str(bad_files / "tls" / "ca.crt"))
     for name, why in [
         ("missing.crt", "does not exist"),
         ("adir", "is a directory, not a file"),
@@ -212,12 +212,12 @@ def test_a_good_ca_file_passes_and_each_bad_one_says_why(bad_files: Path) -> Non
         ("badpem.crt", "holds no certificate that can be loaded"),
     ]:
         with pytest.raises(TlsError, match=f"^--tls-ca: .*{re.escape(name)} {why}"):
-            ClientSettings("mqtts://127.0.0.1:8883", "c1", tls_ca=str(bad_files / name))
+            ClientSettings.from_url("mqtts://127.0.0.1:8883", "c1", tls_ca=str(bad_files / name))
 
 
 def test_a_ca_file_with_a_plain_tcp_url_is_refused_when_the_settings_are_made(bad_files: Path) -> None:
     with pytest.raises(TlsError, match="not a TLS URL; use mqtts://"):
-        ClientSettings("mqtt://127.0.0.1:1883", "c1", tls_ca=str(bad_files / "tls" / "ca.crt"))
+        ClientSettings.from_url("mqtt://127.0.0.1:1883", "c1", tls_ca=str(bad_files / "tls" / "ca.crt"))
 
 
 def test_output_dir_check_accepts_creatable_paths_and_creates_nothing(tmp_path: Path) -> None:

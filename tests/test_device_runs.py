@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from fedmqtt.codecs import encode_frame, model_hash, peek_header
-from fedmqtt.mqtt import Inbox, MqttConnection, ReceivedMessage
+from fedmqtt.mqtt import MqttConnection
 from fedmqtt.schema import (
     TOKEN_PATTERN,
     CodecSpec,
@@ -31,6 +31,7 @@ from fedmqtt.schema import (
     to_json,
 )
 from fedmqtt.topics import Topics
+from inbox import Inbox, ReceivedMessage
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mosquitto]
 

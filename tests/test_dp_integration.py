@@ -33,9 +33,10 @@ import pytest
 
 from fedmqtt.broker.mosquitto import MosquittoBroker
 from fedmqtt.codecs import decode_frame
-from fedmqtt.mqtt import Inbox, MqttConnection
+from fedmqtt.mqtt import MqttConnection
 from fedmqtt.schema import DeviceStatus, DPMode, Event, EventType, PrivacyLedger, RoundSummary, from_json
 from fedmqtt.topics import Topics
+from inbox import Inbox
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mosquitto]
 

@@ -272,8 +272,8 @@ class ReconnectingDevice:
         self.instance = new_token()
         offline = to_json(DeviceStatus(device=device, state="offline", instance=self.instance))
         self.connection = MqttConnection(
-            ClientSettings(
-                url=url, client_id=f"{device}-{uuid.uuid4().hex[:6]}", clean_start=False, reconnect_max_delay=1.0,
+            ClientSettings.from_url(
+                url, client_id=f"{device}-{uuid.uuid4().hex[:6]}", clean_start=False, reconnect_max_delay=1.0,
                 will=Will(topics.device_status(device), offline),
             ),
             on_connected=lambda session_present: self._connected.set(),

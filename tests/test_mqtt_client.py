@@ -17,17 +17,16 @@ from fedmqtt.broker.mosquitto import MosquittoBroker
 from fedmqtt.mqtt import (
     BrokerUnreachable,
     ClientSettings,
-    Inbox,
     InvalidTopic,
     MqttConnection,
     MqttError,
     NotConnected,
     PayloadTooLarge,
     ProtocolUnsupported,
-    ReceivedMessage,
     Will,
 )
 from fedmqtt.topics import Topics
+from inbox import Inbox, ReceivedMessage
 
 MqttClientFactory = Callable[..., MqttConnection]
 
@@ -262,7 +261,7 @@ def test_publish_validates_and_close_is_final(broker_url: str, mqtt_client: Mqtt
 
 
 def test_publish_before_connect_is_refused(broker_url: str) -> None:
-    connection = MqttConnection(ClientSettings(broker_url, f"c-{uuid.uuid4().hex[:10]}"))
+    connection = MqttConnection(ClientSettings.from_url(broker_url, f"c-{uuid.uuid4().hex[:10]}"))
     with pytest.raises(NotConnected, match="connect"):
         connection.publish("a/b", b"x")
 
@@ -289,7 +288,7 @@ def _will_script(url: str, client_id: str, topic: str) -> str:
         f"""
         import os, signal, sys
         from fedmqtt.mqtt import ClientSettings, MqttConnection, Will
-        settings = ClientSettings({url!r}, {client_id!r}, will=Will({topic!r}, b"offline", qos=1, retain=True))
+        settings = ClientSettings.from_url({url!r}, {client_id!r}, will=Will({topic!r}, b"offline", qos=1, retain=True))
         connection = MqttConnection(settings)
         connection.connect()
         print("connected", flush=True)
@@ -337,7 +336,7 @@ def test_last_will_fires_on_a_crash_but_not_on_close(
 def test_unreachable_broker_is_reported_after_the_timeout() -> None:
     from fedmqtt.broker.net import find_free_port
 
-    connection = MqttConnection(ClientSettings(f"mqtt://127.0.0.1:{find_free_port()}", "nobody"))
+    connection = MqttConnection(ClientSettings.from_url(f"mqtt://127.0.0.1:{find_free_port()}", "nobody"))
     started = time.monotonic()
     with pytest.raises(BrokerUnreachable, match="cannot reach the MQTT broker"):
         connection.connect(timeout=1.0)
@@ -345,7 +344,7 @@ def test_unreachable_broker_is_reported_after_the_timeout() -> None:
 
 
 def test_mqtt5_only_against_the_embedded_broker_fails_clearly(embedded_broker: EmbeddedBroker) -> None:
-    connection = MqttConnection(ClientSettings(embedded_broker.url, f"c-{uuid.uuid4().hex[:10]}", protocol="5"))
+    connection = MqttConnection(ClientSettings.from_url(embedded_broker.url, f"c-{uuid.uuid4().hex[:10]}", protocol="5"))
     with pytest.raises(BrokerUnreachable, match=r"3\.1\.1 only"):
         connection.connect(timeout=1.5)
     assert issubclass(ProtocolUnsupported, MqttError)
@@ -368,4 +367,4 @@ def test_strict_routing_drops_retained_messages_amqtt_sends_for_other_sessions(
 
 def test_will_requires_valid_topic() -> None:
     with pytest.raises(InvalidTopic):
-        ClientSettings("mqtt://h", "c", will=Will("", b"x"))
+        ClientSettings.from_url("mqtt://h", "c", will=Will("", b"x"))

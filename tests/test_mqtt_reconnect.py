@@ -11,8 +11,9 @@ from collections.abc import Callable
 import pytest
 
 from fedmqtt.broker.mosquitto import MosquittoBroker
-from fedmqtt.mqtt import Inbox, MqttConnection, NotConnected
+from fedmqtt.mqtt import MqttConnection, NotConnected
 from fedmqtt.topics import Topics
+from inbox import Inbox
 
 pytestmark = pytest.mark.mosquitto
 

@@ -135,10 +135,13 @@ def test_to_url_and_parse_round_trip(scheme: str, host: str, port: int, username
 
 
 def test_settings_validate_their_fields() -> None:
-    ok = ClientSettings("mqtt://h", "c1")
+    ok = ClientSettings.from_url("mqtt://h", "c1")
     assert ok.protocol == "auto" and ok.clean_start is False and ok.broker.port == 1883
+    with pytest.raises(MqttError, match="invalid broker URL"):
+        ClientSettings.from_url("nope", "c1")
+    with pytest.raises(MqttError, match="must be a parsed BrokerURL"):
+        ClientSettings("mqtt://h", "c1")  # type: ignore[arg-type]
     bad: list[tuple[dict[str, object], str]] = [
-        ({"url": "nope"}, "invalid broker URL"),
         ({"client_id": ""}, "invalid client id"),
         ({"protocol": "4"}, "invalid MQTT protocol"),
         ({"session_expiry": -1}, "session_expiry"),
@@ -152,7 +155,7 @@ def test_settings_validate_their_fields() -> None:
         ({"will": Will("a/b", b"x", qos=3)}, "will's QoS"),
     ]
     for changes, message in bad:
-        fields: dict[str, object] = {"url": "mqtt://h", "client_id": "c1", **changes}
+        fields: dict[str, object] = {"broker": parse_broker_url("mqtt://h"), "client_id": "c1", **changes}
         with pytest.raises(MqttError, match=message):
             ClientSettings(**fields)  # type: ignore[arg-type]
 

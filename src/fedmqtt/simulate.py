@@ -29,11 +29,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from fedmqtt.errors import ConfigError, FedmqttError
 from fedmqtt.paths import require_input_dir, require_output_dir
 from fedmqtt.topics import DEFAULT_PREFIX, Topics, validate_id, validate_prefix
+
+if TYPE_CHECKING:
+    from fedmqtt.mqtt.settings import BrokerSettings
 
 DEVICE_ID_PREFIX = "dev-"
 # Without --devices-per-process, devices are spread over at most this many processes.
@@ -186,24 +189,31 @@ def plan_simulation(
         raise ConfigError("--timeout", "must be > 0 seconds")
     if args.embedded and args.broker:
         raise ConfigError("--embedded", "cannot be combined with --broker (which broker should it use?)")
-    from fedmqtt.mqtt import check_tls_ca
+    from fedmqtt.mqtt.settings import broker_settings_from_args
+
+    # The broker flags (URL, credentials, CA file), before anything starts; the password is resolved here once
+    # (--password, --password-file, the URL or $FEDMQTT_PASSWORD) and reaches the children by their environment.
+    connection = broker_settings_from_args(args, env=env)
 
     # Every file flag is checked here, before a broker or a child starts (the children would only fail later).
     require_output_dir("--out", args.out)
     require_output_dir("--checkpoint-dir", args.checkpoint_dir)
     require_input_dir("--data-dir", args.data_dir)
-    check_tls_ca(args.tls_ca)
     from fedmqtt.data import resolve_data_dir
 
     data_dir = resolve_data_dir(args.data_dir, args.dataset, env=env)
+    # auto (the default) detects the version of a given broker; a broker simulate starts itself is known.
+    mqtt_version: str = connection.mqtt_version
     if args.broker:
-        broker, mqtt_version = args.broker, args.mqtt_version or "5"
+        broker = connection.broker.with_credentials(None, None).to_url()
     elif args.embedded or not _mosquitto_available():
-        broker, mqtt_version = "embedded", "3.1.1"
-        if args.mqtt_version == "5":
+        broker = "embedded"
+        if mqtt_version == "5":
             raise ConfigError("--mqtt-version", "the embedded broker speaks MQTT 3.1.1 only")
+        mqtt_version = "3.1.1"
     else:
-        broker, mqtt_version = "mosquitto", args.mqtt_version or "5"
+        broker = "mosquitto"
+        mqtt_version = "5" if mqtt_version == "auto" else mqtt_version
     extra = tuple(
         (flag, str(getattr(args, dest))) for dest, flag, _ in _PASSTHROUGH if getattr(args, dest, None) is not None
     )
@@ -233,9 +243,9 @@ def plan_simulation(
         mqtt_version=mqtt_version,
         extra_coordinator_flags=extra,
         timeout=args.timeout,
-        username=args.username,
-        password=args.password,
-        tls_ca=args.tls_ca,
+        username=connection.url.username,
+        password=connection.url.password,
+        tls_ca=None if connection.tls_ca is None else str(connection.tls_ca),
     )
 
 
@@ -245,15 +255,20 @@ def _mosquitto_available() -> bool:
     return shutil.which("mosquitto") is not None
 
 
+def broker_settings(plan: SimulationPlan, url: str) -> BrokerSettings:
+    """The run's broker (``url``: the one given or started) with the plan's credentials, CA file and protocol."""
+    from fedmqtt.mqtt.settings import BrokerSettings
+
+    fields = {"broker": url, "username": plan.username, "password": plan.password, "tls_ca": plan.tls_ca}
+    data = {k: v for k, v in fields.items() if v is not None}
+    # The password was resolved by plan_simulation: no environment fallback here.
+    return BrokerSettings.model_validate({**data, "mqtt_version": plan.mqtt_version}, context={"env": {}})
+
+
 def _connection_flags(plan: SimulationPlan, url: str) -> list[str]:
-    flags = ["--broker", url, "--job", plan.job, "--prefix", plan.prefix, "--mqtt-version", plan.mqtt_version]
-    if plan.username is not None:
-        flags += ["--username", plan.username]
-    if plan.password is not None:
-        flags += ["--password", plan.password]
-    if plan.tls_ca is not None:
-        flags += ["--tls-ca", plan.tls_ca]
-    return flags
+    # Never the password: a child's argv is visible to every user (ps, /proc/PID/cmdline). child_environment
+    # passes it as $FEDMQTT_PASSWORD.
+    return [*broker_settings(plan, url).child_args(), "--job", plan.job, "--prefix", plan.prefix]
 
 
 def fedmqtt_command(python: str = sys.executable) -> list[str]:
@@ -551,16 +566,10 @@ def _run(
     from fedmqtt.watch import client_settings, collect_snapshot, open_watch, random_client_id
 
     topics = holder.state.topics
-    env = child_environment(os.environ, plan.threads_per_process)
     with start_broker(plan) as url:
-        settings = client_settings(
-            url,
-            client_id=random_client_id("sim"),
-            mqtt_version=plan.mqtt_version,
-            username=plan.username,
-            password=plan.password,
-            tls_ca=plan.tls_ca,
-        )
+        connection = broker_settings(plan, url)
+        env = {**child_environment(os.environ, plan.threads_per_process), **connection.child_env()}
+        settings = client_settings(connection, client_id=random_client_id("sim"))
         watcher = open_watch(settings, holder)
         # Children stop while the broker still runs, so that devices can say goodbye (offline status).
         try:
@@ -703,22 +712,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", help="directory for the report and logs (default: runs/JOB)")
     p.add_argument("--timeout", type=float, help="give up (and stop everything) after this many seconds")
     g = p.add_argument_group("broker")
-    g.add_argument("--broker", help="use this broker URL instead of starting one")
     g.add_argument(
         "--embedded",
         action="store_true",
         help="start the embedded (amqtt, MQTT 3.1.1) broker even if Mosquitto is installed",
     )
     g.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
-    g.add_argument(
-        "--mqtt-version",
-        choices=("auto", "5", "3.1.1"),
-        help="MQTT protocol of every client (default 5 on Mosquitto or --broker; 3.1.1 with the embedded broker; "
-        "auto detects it)",
+    from fedmqtt.mqtt.settings import add_broker_flags
+
+    add_broker_flags(
+        g,
+        broker_help="use this broker instead of starting one (default: start Mosquitto if installed, else the "
+        "embedded broker; simulate then knows the MQTT version it speaks)",
     )
-    g.add_argument("--username")
-    g.add_argument("--password")
-    g.add_argument("--tls-ca", help="CA certificate file for an mqtts:// --broker")
     g = p.add_argument_group("processes")
     g.add_argument(
         "--devices-per-process",

@@ -52,7 +52,7 @@ from fedmqtt.schema import (
 from fedmqtt.topics import DEFAULT_PREFIX, Topics
 
 if TYPE_CHECKING:
-    from fedmqtt.mqtt import ClientSettings, MqttConnection
+    from fedmqtt.mqtt import BrokerSettings, ClientSettings, MqttConnection
 
 RECENT_EVENTS = 8
 _MB = 1_000_000.0
@@ -520,28 +520,9 @@ class StateHolder:
             return self._state
 
 
-def client_settings(
-    url: str,
-    *,
-    client_id: str,
-    mqtt_version: str = "auto",
-    username: str | None = None,
-    password: str | None = None,
-    tls_ca: str | None = None,
-) -> ClientSettings:
+def client_settings(broker: BrokerSettings, *, client_id: str) -> ClientSettings:
     """Settings for a read-only observer: a clean session that the broker forgets on disconnect."""
-    from fedmqtt.mqtt import ClientSettings, parse_broker_url
-
-    if username is not None:
-        url = parse_broker_url(url).with_credentials(username, password).to_url(include_password=True)
-    return ClientSettings(
-        url=url,
-        client_id=client_id,
-        protocol=mqtt_version,  # type: ignore[arg-type]
-        clean_start=True,
-        session_expiry=0,
-        tls_ca=tls_ca,
-    )
+    return broker.client_settings(client_id, clean_start=True, session_expiry=0)
 
 
 def random_client_id(kind: str) -> str:
@@ -596,15 +577,11 @@ def _console_for_stdout() -> Console:
 
 
 def run_watch(args: argparse.Namespace) -> int:
+    from fedmqtt.mqtt.settings import broker_settings_from_args
+
+    broker = broker_settings_from_args(args)  # refused here, before any connection
     topics = Topics(job=args.job, prefix=args.prefix)
-    settings = client_settings(
-        args.broker,
-        client_id=random_client_id("watch"),
-        mqtt_version=args.mqtt_version,
-        username=args.username,
-        password=args.password,
-        tls_ca=args.tls_ca,
-    )
+    settings = client_settings(broker, client_id=random_client_id("watch"))
     console = _console_for_stdout()
     if args.once:
         state = collect_snapshot(settings, topics, wait_s=args.wait, connect_timeout=args.connect_timeout)
@@ -637,20 +614,6 @@ def run_watch(args: argparse.Namespace) -> int:
         connection.close()
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """The broker connection flags shared by watch and simulate."""
-    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
-    parser.add_argument(
-        "--mqtt-version",
-        choices=("auto", "5", "3.1.1"),
-        default="auto",
-        help="MQTT protocol version (default auto: 5, falling back to 3.1.1 as the embedded broker needs)",
-    )
-    parser.add_argument("--username", help="broker user name")
-    parser.add_argument("--password", help="broker password")
-    parser.add_argument("--tls-ca", help="CA certificate file for mqtts:// brokers")
-
-
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "watch",
@@ -658,9 +621,11 @@ def register(subparsers: Any) -> None:
         description="Subscribe to a job's status, events, round summaries, device statuses and privacy "
         "ledger and show them live. Works on a run started elsewhere, and when joining late.",
     )
-    parser.add_argument("--broker", required=True, help="broker URL, e.g. mqtt://127.0.0.1:1883")
-    parser.add_argument("--job", required=True, help="job id")
-    add_connection_arguments(parser)
+    from fedmqtt.mqtt.settings import add_broker_flags
+
+    add_broker_flags(parser.add_argument_group("broker"), broker_required=True)
+    parser.add_argument("--job", required=True, help="job id (required)")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
     parser.add_argument(
         "--once",
         action="store_true",

@@ -31,7 +31,15 @@ from fedmqtt.coordinator.config import CoordinatorConfig
 from fedmqtt.coordinator.errors import AggregationError, CoordinatorConflict
 from fedmqtt.coordinator.presence import InstanceTracker, live_rival
 from fedmqtt.errors import FedmqttError
-from fedmqtt.mqtt import ClientSettings, MqttConnection, NotConnected, PublishTimeout, Will, parse_broker_url
+from fedmqtt.mqtt import (
+    BROKER_FLAGS,
+    BrokerSettings,
+    ClientSettings,
+    MqttConnection,
+    NotConnected,
+    PublishTimeout,
+    Will,
+)
 from fedmqtt.schema import (
     CodecSpec,
     CoordinatorPresence,
@@ -248,15 +256,14 @@ class CoordinatorService:
 
     def _settings(self) -> ClientSettings:
         c = self.config
-        url = parse_broker_url(c.broker)
-        if c.username is not None:
-            url = url.with_credentials(c.username, c.password)
-        return ClientSettings(
-            url=url.to_url(include_password=True),
-            client_id=c.client_id or f"fedmqtt-coordinator-{c.job}",
-            protocol=c.mqtt_version,
+        broker = (
+            c
+            if isinstance(c, BrokerSettings)
+            else BrokerSettings.model_validate({k: v for k in BROKER_FLAGS if (v := getattr(c, k, None)) is not None})
+        )
+        return broker.client_settings(
+            c.client_id or f"fedmqtt-coordinator-{c.job}",
             clean_start=False,
-            tls_ca=str(c.tls_ca) if c.tls_ca else None,
             will=Will(self.topics.coordinator, to_json(self._presence("offline")), qos=1, retain=True),
             # No max_message_bytes: the connection would drop an oversized update silently (no event, no count);
             # _handle_update refuses it as malformed and reports it. The broker's max packet size bounds memory.

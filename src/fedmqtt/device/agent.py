@@ -36,15 +36,13 @@ from fedmqtt.device.screening import (
 )
 from fedmqtt.errors import FedmqttError
 from fedmqtt.mqtt import (
-    ClientSettings,
+    BrokerSettings,
     ConnectionRefused,
     MqttConnection,
     MqttError,
-    ProtocolName,
     PublishRefused,
     TlsError,
     Will,
-    parse_broker_url,
 )
 from fedmqtt.schema import (
     DeviceState,
@@ -87,13 +85,9 @@ def duplicate_id_message(device_id: str) -> str:
 
 @dataclass(frozen=True)
 class DeviceOptions:
-    broker: str
+    broker: BrokerSettings  # the validated broker flags (fedmqtt.mqtt.broker_settings_from_args)
     job: str
     prefix: str = "fedmqtt"
-    mqtt_version: ProtocolName = "auto"
-    username: str | None = None
-    password: str | None = None
-    tls_ca: str | None = None
     state_dir: Path | None = None
     privacy_budget: float | None = None
     exit_on_finish: bool = False
@@ -142,17 +136,11 @@ class VirtualDevice:
     def connect(self, timeout: float) -> None:
         opts = self.runtime.options
         topics = self.runtime.topics
-        url = parse_broker_url(opts.broker)
-        if opts.username is not None:
-            url = url.with_credentials(opts.username, opts.password)
         offline = DeviceStatus(device=self.device_id, state="offline", instance=self.runtime.instance)
-        settings = ClientSettings(
-            url=url.to_url(include_password=True),
-            client_id=f"fedmqtt-{opts.job}-{self.device_id}",
-            protocol=opts.mqtt_version,
+        settings = opts.broker.client_settings(
+            f"fedmqtt-{opts.job}-{self.device_id}",
             clean_start=False,
             session_expiry=opts.session_expiry,
-            tls_ca=opts.tls_ca,
             will=Will(topics.device_status(self.device_id), to_json(offline), qos=1, retain=True),
         )
         self.conn = MqttConnection(

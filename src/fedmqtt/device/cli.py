@@ -12,13 +12,13 @@ from typing import Any
 
 from fedmqtt.errors import ConfigError
 from fedmqtt.paths import require_input_dir, require_output_dir
-from fedmqtt.topics import DEFAULT_PREFIX, validate_id
+from fedmqtt.topics import DEFAULT_PREFIX, validate_id, validate_prefix
 
 log = logging.getLogger("fedmqtt.device")
 
 
 def register(subparsers: Any) -> None:
-    from fedmqtt.coordinator.cli import add_connection_flags
+    from fedmqtt.mqtt.settings import add_broker_flags
 
     p = subparsers.add_parser(
         "device",
@@ -27,7 +27,9 @@ def register(subparsers: Any) -> None:
         "--data-dir, as a real board does; --partition/--num-parts/--part pick one part of a shared data set "
         "for simulations; --id-prefix/--parts packs several virtual devices into one process.",
     )
-    add_connection_flags(p)
+    add_broker_flags(p.add_argument_group("broker"), broker_required=True)
+    p.add_argument("--job", required=True, help="job id (one topic level) (required)")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
     ident = p.add_mutually_exclusive_group()
     ident.add_argument("--id", help="device id (also its MQTT username when the broker has auth on)")
     ident.add_argument("--id-prefix", help="virtual devices: ids PREFIX0000, PREFIX0001, ... for --parts A:B")
@@ -83,14 +85,14 @@ def device_ids_and_parts(args: argparse.Namespace) -> list[tuple[str, int | None
 
 
 def run_device(args: argparse.Namespace) -> int:
-    if not args.broker or not args.job:
-        raise ConfigError("broker" if not args.broker else "job", "is required")
-    validate_id("job id", args.job)
-    devices = device_ids_and_parts(args)
-    from fedmqtt.mqtt import MAX_CLIENTS_PER_PROCESS, check_tls_ca
+    from fedmqtt.mqtt import MAX_CLIENTS_PER_PROCESS
+    from fedmqtt.mqtt.settings import broker_settings_from_args
 
-    # Files first, before torch is imported, the data set read or the broker dialled.
-    check_tls_ca(args.tls_ca)
+    # Every flag and file first, before torch is imported, the data set read or the broker dialled.
+    broker = broker_settings_from_args(args)
+    validate_id("job id", args.job)
+    validate_prefix(args.prefix)
+    devices = device_ids_and_parts(args)
     require_input_dir("--data-dir", args.data_dir or None)
     require_output_dir("--state-dir", args.state_dir)
 
@@ -111,13 +113,9 @@ def run_device(args: argparse.Namespace) -> int:
         parts = partition(dataset.labels.numpy(), PartitionSpec.parse(args.partition), args.num_parts, args.seed)
 
     options = DeviceOptions(
-        broker=args.broker,
+        broker=broker,
         job=args.job,
-        prefix=args.prefix or DEFAULT_PREFIX,
-        mqtt_version=args.mqtt_version or "auto",
-        username=args.username,
-        password=args.password,
-        tls_ca=str(args.tls_ca) if args.tls_ca else None,
+        prefix=args.prefix,
         state_dir=args.state_dir,
         privacy_budget=args.privacy_budget,
         exit_on_finish=args.exit_on_finish,
@@ -134,7 +132,7 @@ def run_device(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     try:
         runtime.connect_all(timeout=args.connect_timeout)
-        log.info("%d device(s) connected to %s", len(devices), args.broker)
+        log.info("%d device(s) connected to %s", len(devices), broker.url)
         return runtime.run()
     finally:
         runtime.close()

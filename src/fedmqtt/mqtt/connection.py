@@ -16,25 +16,24 @@ It wraps paho-mqtt 2.x (``CallbackAPIVersion.VERSION2``) and adds what fedmqtt r
   descriptors above 1023) and a refusal to publish packets larger than the broker accepts (Mosquitto disconnects
   a client that sends one, and paho would resend it after every reconnect, forever).
 
-Callbacks run on paho's network thread: they only deliver. Hand messages to another thread (:class:`Inbox` is a
-ready-made thread-safe queue) and never call ``publish()``/``subscribe()`` from inside a callback.
+With ``protocol="auto"`` the MQTT version is detected once per process and broker (host, port, TLS) and
+remembered in :data:`PROTOCOLS`: a thousand devices in one process make one probe, not a thousand.
+
+Callbacks run on paho's network thread: they only deliver. Hand messages to another thread (a queue) and never
+call ``publish()``/``subscribe()`` from inside a callback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import re
 import socket
 import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal, NamedTuple
-from urllib.parse import quote, unquote, urlsplit
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -42,10 +41,25 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fedmqtt.errors import FedmqttError
-from fedmqtt.paths import input_file_problem
+from fedmqtt.mqtt.errors import (
+    AuthenticationRefused,
+    BrokerUnreachable,
+    ConnectionRefused,
+    MqttError,
+    NotConnected,
+    PayloadTooLarge,
+    ProtocolUnsupported,
+    PublishRefused,
+    PublishTimeout,
+    SubscriptionRefused,
+    TlsError,
+    TooManyClients,
+)
+from fedmqtt.mqtt.settings import ClientSettings
+from fedmqtt.mqtt.topic_names import topic_matches, validate_topic_filter, validate_topic_name
+from fedmqtt.mqtt.url import BrokerURL
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fedmqtt.mqtt")
 
 #: The most live :class:`MqttConnection` objects one process may hold. paho's network loop watches its sockets
 #: with ``select()``, which cannot watch file descriptors above 1023; each connection uses three (its socket and
@@ -55,241 +69,14 @@ MAX_CLIENTS_PER_PROCESS = 250
 #: ``select()`` cannot watch a file descriptor at or above this number (FD_SETSIZE on Linux).
 SELECT_FD_LIMIT = 1024
 
-DEFAULT_PORT = 1883
-DEFAULT_TLS_PORT = 8883
-
 #: Both fedmqtt brokers refuse packets above this by default (``fedmqtt broker --max-packet-mb``). An MQTT 5
 #: broker announces its own limit in CONNACK; on MQTT 3.1.1 it cannot, so the client assumes this one.
 DEFAULT_MAX_PACKET_SIZE = 32 * 1024 * 1024
-
-ProtocolName = Literal["5", "3.1.1", "auto"]
 
 # Worst-case bytes a PUBLISH packet adds around its payload besides the topic: fixed header (1 + up to 4 length
 # bytes), topic length (2), packet id (2) and a small MQTT 5 property block.
 _PUBLISH_OVERHEAD = 16
 _MQTT_MAX_PAYLOAD = 268_435_455
-
-
-# --- errors ----------------------------------------------------------------------------------------------------
-
-
-class MqttError(FedmqttError):
-    """Base class of the errors raised by :mod:`fedmqtt.mqtt`."""
-
-
-class InvalidBrokerURL(MqttError):
-    """A broker URL cannot be used. The password, if any, is masked in the message."""
-
-    def __init__(self, url: str, reason: str) -> None:
-        super().__init__(
-            f"invalid broker URL {_mask_password(url)!r}: {reason} "
-            "(write it as mqtt://[USER[:PASSWORD]@]HOST[:PORT] or mqtts://... for TLS)"
-        )
-        self.reason = reason
-
-
-class InvalidTopic(MqttError):
-    """A topic name or subscription filter is not valid MQTT."""
-
-
-class BrokerUnreachable(MqttError):
-    """No CONNACK from the broker within the connect timeout (refused TCP connection, wrong port, TLS port used
-    without ``mqtts://``, firewall...)."""
-
-
-class ConnectionRefused(MqttError):
-    """The broker answered CONNECT with a failure reason code."""
-
-    def __init__(self, message: str, reason: ReasonCode) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class AuthenticationRefused(ConnectionRefused):
-    """Bad username or password, missing credentials on a broker without anonymous access, or not authorised."""
-
-
-class ProtocolUnsupported(ConnectionRefused):
-    """The broker does not speak the requested MQTT version (the embedded amqtt broker speaks 3.1.1 only)."""
-
-
-class TlsError(MqttError):
-    """The TLS handshake failed (unknown CA, wrong host name, plain-TCP port used with ``mqtts://``...)."""
-
-
-class NotConnected(MqttError):
-    """The operation needs a live connection and there is none (yet, or any more)."""
-
-
-class PublishRefused(MqttError):
-    """The broker acknowledged a publish with a failure reason code (MQTT 5 only; 0x87 = not authorised)."""
-
-    def __init__(self, topic: str, reason: ReasonCode) -> None:
-        super().__init__(
-            f"the broker refused the publish to {topic!r}: {reason} (0x{reason.value:02X}); "
-            "check the account's ACL (a device may write only its own update and status topics)"
-        )
-        self.topic = topic
-        self.reason = reason
-
-
-class PublishTimeout(MqttError):
-    """No acknowledgement within the timeout. A QoS 1/2 message stays queued in the client and is sent after a
-    reconnect; the caller cannot know whether the broker already has it."""
-
-
-class PayloadTooLarge(MqttError):
-    """A message is larger than the broker's (or the client's) maximum packet size; it was not sent."""
-
-    def __init__(self, topic: str, packet_bytes: int, limit: int) -> None:
-        super().__init__(
-            f"a {packet_bytes}-byte packet to {topic!r} exceeds the maximum packet size of {limit} bytes; "
-            "compress the update harder or raise the broker's max_packet_size (fedmqtt broker --max-packet-mb)"
-        )
-        self.topic = topic
-        self.packet_bytes = packet_bytes
-        self.limit = limit
-
-
-class SubscriptionRefused(MqttError):
-    """The broker refused a subscription in its SUBACK."""
-
-    def __init__(self, topic_filter: str, reason: ReasonCode) -> None:
-        super().__init__(f"the broker refused the subscription to {topic_filter!r}: {reason}")
-        self.topic_filter = topic_filter
-        self.reason = reason
-
-
-class TooManyClients(MqttError):
-    """This process already holds the most MQTT connections its network loop can watch."""
-
-
-# --- broker URLs -----------------------------------------------------------------------------------------------
-
-_SCHEMES: dict[str, tuple[bool, int]] = {
-    "mqtt": (False, DEFAULT_PORT),
-    "tcp": (False, DEFAULT_PORT),
-    "mqtts": (True, DEFAULT_TLS_PORT),
-    "ssl": (True, DEFAULT_TLS_PORT),
-}
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
-_PASSWORD_IN_URL_RE = re.compile(r"(//[^/@:]*:)[^/@]*@")
-
-
-def _mask_password(url: str) -> str:
-    return _PASSWORD_IN_URL_RE.sub(r"\1***@", url)
-
-
-@dataclass(frozen=True)
-class BrokerURL:
-    """Where a broker listens and how to log in. ``str()`` masks the password; ``to_url()`` can include it."""
-
-    scheme: str
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-    @property
-    def tls(self) -> bool:
-        return _SCHEMES[self.scheme][0]
-
-    def with_credentials(self, username: str | None, password: str | None) -> BrokerURL:
-        """The same broker with other credentials (None, None logs in anonymously)."""
-        if password is not None and username is None:
-            raise InvalidBrokerURL(str(self), "a password needs a username")
-        return replace(self, username=username, password=password)
-
-    def to_url(self, *, include_password: bool = False) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        userinfo = ""
-        if self.username is not None:
-            userinfo = quote(self.username, safe="")
-            if self.password is not None:
-                userinfo += ":" + (quote(self.password, safe="") if include_password else "***")
-            userinfo += "@"
-        return f"{self.scheme}://{userinfo}{host}:{self.port}"
-
-    def __str__(self) -> str:
-        return self.to_url(include_password=False)
-
-
-def parse_broker_url(url: str) -> BrokerURL:
-    """Parse ``mqtt://[USER[:PASSWORD]@]HOST[:PORT]`` (schemes mqtt/tcp: plain TCP, default port 1883;
-    mqtts/ssl: TLS, default port 8883). USER and PASSWORD are percent-decoded. Raises :class:`InvalidBrokerURL`."""
-    if not isinstance(url, str) or not url.strip():
-        raise InvalidBrokerURL(str(url), "the URL is empty")
-    if url != url.strip() or any(ch.isspace() for ch in url):
-        raise InvalidBrokerURL(url, "the URL contains white space")
-    if "://" not in url:
-        raise InvalidBrokerURL(url, "the scheme is missing")
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
-        raise InvalidBrokerURL(url, str(exc)) from None
-    scheme = parts.scheme.lower()
-    if scheme not in _SCHEMES:
-        raise InvalidBrokerURL(url, f"unsupported scheme {parts.scheme!r}; use one of {sorted(_SCHEMES)}")
-    if parts.path not in ("", "/"):
-        raise InvalidBrokerURL(url, f"a broker URL has no path (got {parts.path!r})")
-    if parts.query or parts.fragment or url.endswith(("?", "#")):
-        raise InvalidBrokerURL(url, "a broker URL has no query or fragment")
-    host = parts.hostname
-    if not host:
-        raise InvalidBrokerURL(url, "the host is missing")
-    if not (_HOSTNAME_RE.match(host) or (":" in host and parts.netloc.rpartition("@")[2].startswith("["))):
-        raise InvalidBrokerURL(url, f"{host!r} is not a host name or IP address")
-    try:
-        port = parts.port
-    except ValueError:
-        raise InvalidBrokerURL(url, "the port must be a number from 1 to 65535") from None
-    if port is None:
-        if parts.netloc.endswith(":"):
-            raise InvalidBrokerURL(url, "the port is empty")
-        port = _SCHEMES[scheme][1]
-    if not 1 <= port <= 65535:
-        raise InvalidBrokerURL(url, "the port must be a number from 1 to 65535")
-    username = unquote(parts.username) if parts.username is not None else None
-    password = unquote(parts.password) if parts.password is not None else None
-    if username == "" and password is not None:
-        raise InvalidBrokerURL(url, "a password needs a username")
-    if username == "":
-        raise InvalidBrokerURL(url, "the username is empty")
-    return BrokerURL(scheme=scheme, host=host, port=port, username=username, password=password)
-
-
-# --- topics --------------------------------------------------------------------------------------------------
-
-
-def validate_topic_name(topic: str) -> str:
-    """A topic a message is published to: non-empty, no wildcards, no NUL, at most 65535 UTF-8 bytes."""
-    if not isinstance(topic, str) or not topic:
-        raise InvalidTopic(f"invalid topic {topic!r}: it must not be empty")
-    if "+" in topic or "#" in topic:
-        raise InvalidTopic(f"invalid topic {topic!r}: wildcards (+, #) are allowed only in subscriptions")
-    if "\x00" in topic or len(topic.encode("utf-8")) > 65535:
-        raise InvalidTopic(f"invalid topic {topic!r}: no NUL characters, at most 65535 bytes")
-    return topic
-
-
-def validate_topic_filter(topic_filter: str) -> str:
-    """A subscription filter: ``+`` fills one whole level, ``#`` only the whole last level."""
-    if not isinstance(topic_filter, str) or not topic_filter:
-        raise InvalidTopic(f"invalid subscription filter {topic_filter!r}: it must not be empty")
-    levels = topic_filter.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            raise InvalidTopic(f"invalid subscription filter {topic_filter!r}: '#' must be the whole last level")
-        if "+" in level and level != "+":
-            raise InvalidTopic(f"invalid subscription filter {topic_filter!r}: '+' must fill a whole level")
-    if "\x00" in topic_filter or len(topic_filter.encode("utf-8")) > 65535:
-        raise InvalidTopic(f"invalid subscription filter {topic_filter!r}: no NUL characters, at most 65535 bytes")
-    return topic_filter
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT matching, including the rule that ``+``/``#`` at the first level do not match ``$`` topics."""
-    return bool(paho.topic_matches_sub(topic_filter, topic))
 
 
 # --- the process-wide connection budget -------------------------------------------------------------------------
@@ -331,153 +118,68 @@ class ConnectionBudget:
 CONNECTION_BUDGET = ConnectionBudget(MAX_CLIENTS_PER_PROCESS)
 
 
-# --- settings ----------------------------------------------------------------------------------------------------
+# --- the protocol each broker speaks ----------------------------------------------------------------------------
+
+Endpoint = tuple[str, int, bool]
 
 
-@dataclass(frozen=True)
-class Will:
-    """The last will: published by the broker if the client vanishes without a normal DISCONNECT."""
+class ProtocolCache:
+    """The MQTT version each broker (host, port, TLS) answered, detected once per process (thread-safe).
 
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
+    Concurrent connections to one broker wait for a single probe instead of each sending their own. An entry is
+    dropped when the version it names is refused (:meth:`forget`); ``probes`` counts the probes made."""
 
+    def __init__(self) -> None:
+        self._known: dict[Endpoint, MQTTProtocolVersion] = {}
+        self._probing: dict[Endpoint, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self.probes = 0
 
-def tls_ca_problem(path: str | os.PathLike[str]) -> str | None:
-    """What is wrong with a CA certificate file (worded to follow its path), or None when it loads."""
-    problem = input_file_problem(path)
-    if problem is not None:
-        return problem
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=os.fspath(path))
-    except ssl.SSLError as exc:
-        with open(path, "rb") as fh:
-            pem = b"-----BEGIN CERTIFICATE-----" in fh.read(1 << 20)
-        if not pem:
-            return (
-                "is not a PEM certificate (no -----BEGIN CERTIFICATE----- block; a DER file converts with "
-                "`openssl x509 -inform der -in FILE -out ca.pem`)"
-            )
-        return f"holds no certificate that can be loaded ({exc.reason or exc})"
-    except (OSError, ValueError) as exc:
-        return f"cannot be read ({exc})"
-    return None
+    def get(self, endpoint: Endpoint) -> MQTTProtocolVersion | None:
+        with self._lock:
+            return self._known.get(endpoint)
 
+    def detect(
+        self, endpoint: Endpoint, deadline: float, probe: Callable[[], MQTTProtocolVersion]
+    ) -> MQTTProtocolVersion:
+        """The remembered version, else ``probe()``'s answer (remembered). One probe per endpoint at a time."""
+        with self._lock:
+            known = self._known.get(endpoint)
+            if known is not None:
+                return known
+            gate = self._probing.setdefault(endpoint, threading.Lock())
+        # Wait for another thread's probe until our own deadline; past it, probe ourselves.
+        acquired = gate.acquire(timeout=max(deadline - time.monotonic(), 0.0))
+        try:
+            known = self.get(endpoint)
+            if known is not None:
+                return known
+            version = probe()
+            with self._lock:
+                self.probes += 1
+                self._known[endpoint] = version
+            return version
+        finally:
+            if acquired:
+                gate.release()
 
-def check_tls_ca(path: str | os.PathLike[str] | None) -> None:
-    """Raise :class:`TlsError` naming ``--tls-ca`` and the file unless it is a loadable CA certificate."""
-    if path is not None and (problem := tls_ca_problem(path)) is not None:
-        raise TlsError(f"--tls-ca: {path} {problem}")
-
-
-@dataclass(frozen=True)
-class ClientSettings:
-    """How to connect. ``url`` may carry credentials (``mqtt://user:pass@host:port``).
-
-    ``protocol``: "5", "3.1.1", or "auto" (MQTT 5, falling back to 3.1.1 when the broker answers "unsupported
-    protocol version", as the embedded amqtt broker does). With ``clean_start=False`` the session (subscriptions
-    and QoS 1 messages queued while offline) survives a disconnect for ``session_expiry`` seconds on MQTT 5; on
-    3.1.1 this is ``clean_session=False`` and the broker decides how long it keeps the session.
-    ``max_packet_size`` caps outgoing packets (the broker's own limit from CONNACK applies too, when it sends
-    one); ``max_message_bytes`` drops (and counts) incoming payloads above it.
-    """
-
-    url: str
-    client_id: str
-    protocol: ProtocolName = "auto"
-    clean_start: bool = False
-    session_expiry: int = 3600
-    keepalive: int = 30
-    tls_ca: str | None = None
-    reconnect_min_delay: float = 1.0
-    reconnect_max_delay: float = 30.0
-    will: Will | None = None
-    max_inflight: int = 20
-    max_packet_size: int | None = None
-    max_message_bytes: int | None = None
-
-    def __post_init__(self) -> None:
-        broker = parse_broker_url(self.url)
-        check_tls_ca(self.tls_ca)
-        if self.tls_ca is not None and not broker.tls:
-            raise TlsError(f"--tls-ca: a CA file was given but {broker} is not a TLS URL; use mqtts://")
-        if not isinstance(self.client_id, str) or not self.client_id or len(self.client_id.encode()) > 65535:
-            raise MqttError(f"invalid client id {self.client_id!r}: give every client a stable, non-empty id")
-        if self.protocol not in ("5", "3.1.1", "auto"):
-            raise MqttError(f"invalid MQTT protocol {self.protocol!r}: use '5', '3.1.1' or 'auto'")
-        if self.session_expiry < 0 or self.session_expiry > 0xFFFFFFFF:
-            raise MqttError("session_expiry must be from 0 to 4294967295 seconds")
-        if not 0 < self.keepalive <= 65535:
-            raise MqttError("keepalive must be from 1 to 65535 seconds")
-        if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
-            raise MqttError("reconnect delays must satisfy 0 < reconnect_min_delay <= reconnect_max_delay")
-        if self.max_inflight < 1:
-            raise MqttError("max_inflight must be >= 1")
-        for name in ("max_packet_size", "max_message_bytes"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise MqttError(f"{name} must be a positive number of bytes")
-        if self.will is not None:
-            validate_topic_name(self.will.topic)
-            if self.will.qos not in (0, 1, 2):
-                raise MqttError("the will's QoS must be 0, 1 or 2")
-
-    @property
-    def broker(self) -> BrokerURL:
-        return parse_broker_url(self.url)
+    def forget(self, endpoint: Endpoint | None = None) -> None:
+        """Forget one broker's version, or (None) every broker's."""
+        with self._lock:
+            if endpoint is None:
+                self._known.clear()
+            else:
+                self._known.pop(endpoint, None)
 
 
-# --- received messages -------------------------------------------------------------------------------------------
+#: The versions this process has detected (``protocol="auto"``).
+PROTOCOLS = ProtocolCache()
 
 
-class ReceivedMessage(NamedTuple):
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    mid: int
+# --- message callbacks -------------------------------------------------------------------------------------------
 
 
 MessageCallback = Callable[[str, bytes, int, bool, int], None]
-
-
-class Inbox:
-    """A thread-safe queue of received messages; pass it as ``on_message`` and read it from another thread."""
-
-    def __init__(self) -> None:
-        self._messages: list[ReceivedMessage] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
-        with self._cond:
-            self._messages.append(ReceivedMessage(topic, payload, qos, retain, mid))
-            self._cond.notify_all()
-
-    @property
-    def messages(self) -> list[ReceivedMessage]:
-        with self._cond:
-            return list(self._messages)
-
-    def topics(self) -> list[str]:
-        return [m.topic for m in self.messages]
-
-    def wait_for(self, count: int = 1, *, topic: str | None = None, timeout: float = 10.0) -> list[ReceivedMessage]:
-        """Wait until ``count`` messages (on ``topic``, if given) arrived; return them. Raises TimeoutError."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                found = [m for m in self._messages if topic is None or m.topic == topic]
-                if len(found) >= count:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(
-                        f"{len(found)} of {count} messages"
-                        + (f" on {topic!r}" if topic else "")
-                        + f" arrived within {timeout} s"
-                    )
-                self._cond.wait(left)
 
 
 # --- the connection ----------------------------------------------------------------------------------------------
@@ -612,9 +314,19 @@ class MqttConnection:
         self._started = True
         deadline = time.monotonic() + timeout
         try:
-            if self.settings.protocol == "auto":
-                self._protocol = self._detect_protocol(deadline)
-            self._attempt(deadline)
+            if self.settings.protocol != "auto":
+                self._attempt(deadline)
+                return
+            endpoint = self._broker.endpoint
+            self._protocol = PROTOCOLS.detect(endpoint, deadline, lambda: self._detect_protocol(deadline))
+            try:
+                self._attempt(deadline)
+            except ProtocolUnsupported:
+                # The remembered answer is stale (another broker now listens there): ask once more.
+                PROTOCOLS.forget(endpoint)
+                self._dispose_client()
+                self._protocol = PROTOCOLS.detect(endpoint, deadline, lambda: self._detect_protocol(deadline))
+                self._attempt(deadline)
         except BaseException:
             self._dispose_client()
             self._release_budget()
@@ -754,7 +466,7 @@ class MqttConnection:
             clean_session=None if self._protocol == paho.MQTTv5 else s.clean_start,
             manual_ack=self._manual_ack,
         )
-        paho_logger = logging.getLogger(f"{__name__}.paho")
+        paho_logger = logging.getLogger("fedmqtt.mqtt.paho")
         if paho_logger.isEnabledFor(logging.DEBUG):  # paho logs every dropped connection as an ERROR as well
             client.enable_logger(paho_logger)
         self._configure_transport(client)
