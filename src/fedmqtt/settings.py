@@ -34,6 +34,8 @@ from fedmqtt.errors import ConfigError, FedmqttError
 from fedmqtt.paths import input_file_problem
 
 ENV_PREFIX = "FEDMQTT_"
+#: One megabyte for every size setting (--max-update-mb of the coordinator, --max-packet-mb of the broker).
+MB = 1_000_000
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -69,6 +71,7 @@ class Setting:
     info: FieldInfo
     opt: Opt
     section_required: bool = False  # required inside an optional section (needed when the section is on)
+    switch_flag: str | None = None  # the flag that turns this field's section on (--dp-mode)
 
     @property
     def name(self) -> str:
@@ -93,7 +96,7 @@ class Setting:
 
     @property
     def required(self) -> bool:
-        return self.info.is_required() and not self.section_required
+        return self.info.is_required() and not self.section_required and not self.opt.section_switch
 
     @property
     def default(self) -> Any:
@@ -114,8 +117,10 @@ class Setting:
         """The default as --help and the docs show it."""
         if self.required:
             return "required"
+        if self.opt.section_switch:
+            return "off"
         if self.section_required:
-            return f"required with a {self.path[0]} section"
+            return f"required with {self.switch_flag or 'its section'}"
         if self.opt.default_text is not None:
             return self.opt.default_text
         value = self.default
@@ -197,8 +202,10 @@ def settings_of(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[Se
     for name, info in model.model_fields.items():
         section = _section_model(info.annotation)
         if section is not None:
-            for s in settings_of(section, (*prefix, name)):
-                out.append(Setting(s.path, s.info, s.opt, section_required=s.info.is_required()))
+            inner = settings_of(section, (*prefix, name))
+            switch = next((s.flag for s in inner if s.opt.section_switch), None)
+            for s in inner:
+                out.append(Setting(s.path, s.info, s.opt, section_required=s.info.is_required(), switch_flag=switch))
             continue
         out.append(Setting((*prefix, name), info, _opt_of(info)))
     return out
@@ -407,8 +414,7 @@ def validate(
                 problems.append(("", message))
             elif setting is not None:
                 if message == "required" and setting.section_required:
-                    switch = next((o for o in settings if o.path[:-1] == loc[:-1] and o.opt.section_switch), None)
-                    message = f"required with {switch.flag}" if switch is not None else message
+                    message = setting.default_display()
                 problems.append((setting.flag, message))
             else:
                 problems.append((".".join(loc) or "configuration", message))

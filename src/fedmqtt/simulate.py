@@ -31,9 +31,13 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
+from fedmqtt import settings as S
+from fedmqtt.coordinator.config import SETTINGS as COORDINATOR_SETTINGS
+from fedmqtt.coordinator.config import CoordinatorConfig, write_config
 from fedmqtt.errors import ConfigError, FedmqttError
+from fedmqtt.mqtt.settings import BROKER_FLAGS
 from fedmqtt.paths import require_input_dir, require_output_dir
-from fedmqtt.topics import DEFAULT_PREFIX, Topics, validate_id, validate_prefix
+from fedmqtt.topics import Topics
 
 if TYPE_CHECKING:
     from fedmqtt.mqtt.settings import BrokerSettings
@@ -120,35 +124,33 @@ class SimulationPlan:
     out_dir: str
     broker: str  # "mosquitto", "embedded" or the URL given with --broker
     mqtt_version: str
-    # Coordinator flags passed through only when given (flag -> value).
-    extra_coordinator_flags: tuple[tuple[str, str], ...] = ()
+    # The coordinator's job, validated before anything starts; written to OUT/coordinator.toml for --config.
+    coordinator: CoordinatorConfig | None = None
     timeout: float | None = None
     username: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     tls_ca: str | None = None
 
     def report_config(self) -> dict[str, Any]:
-        config = asdict(self)
+        config = asdict(dataclasses.replace(self, coordinator=None))
         config.pop("password")
-        config["extra_coordinator_flags"] = dict(self.extra_coordinator_flags)
+        if self.coordinator is not None:
+            config["coordinator"] = self.coordinator.model_dump(mode="json", exclude=set(BROKER_FLAGS))
         return config
 
 
-# Coordinator flags that simulate only passes through (dest, flag, type).
-_PASSTHROUGH: tuple[tuple[str, str, type], ...] = (
-    ("min_updates_at_deadline", "--min-updates-at-deadline", int),
-    ("max_attempts", "--max-attempts", int),
-    ("strategy", "--strategy", str),
-    ("prox_mu", "--prox-mu", float),
-    ("downlink", "--downlink", str),
-    ("checkpoint_dir", "--checkpoint-dir", str),
-    ("dp_mode", "--dp-mode", str),
-    ("dp_clip", "--dp-clip", float),
-    ("dp_noise_multiplier", "--dp-noise-multiplier", float),
-    ("dp_delta", "--dp-delta", float),
-    ("target_epsilon", "--target-epsilon", float),
-    ("dp_sample_rate", "--dp-sample-rate", float),
-)
+# The coordinator settings simulate offers, derived from CoordinatorConfig: all but those simulate sets itself
+# (the broker connection, which it starts or is given; --eval-data from --data-dir; output and take-over).
+_NOT_OFFERED = {*BROKER_FLAGS, "client_id", "eval_data", "quiet", "resume", "take_over", "reconnect_grace"}
+SIMULATE_SETTINGS: list[S.Setting] = [s for s in COORDINATOR_SETTINGS if s.name not in _NOT_OFFERED]
+# Defaults simulate derives from --devices (shown in --help; the rest are the coordinator's own defaults).
+_SIMULATE_DEFAULTS = {
+    "job": "sim-YYYYmmdd-HHMMSS",
+    "min_updates": "all selected devices",
+    "min_devices": "--devices",
+    "dp_population": "--devices",
+}
+CONFIG_FILE = "coordinator.toml"
 
 
 def plan_simulation(
@@ -162,29 +164,24 @@ def plan_simulation(
     """Validate the flags and resolve every default. Raises :class:`ConfigError` naming the flag."""
     if args.devices < 1:
         raise ConfigError("--devices", f"must be >= 1, got {args.devices}")
-    if args.rounds < 1:
-        raise ConfigError("--rounds", f"must be >= 1, got {args.rounds}")
-    job = args.job or time.strftime("sim-%Y%m%d-%H%M%S", time.localtime(now))
-    validate_id("job id", job)
-    validate_prefix(args.prefix)
+    given = {**S.from_env(env, SIMULATE_SETTINGS), **S.from_flags(args, SIMULATE_SETTINGS)}
+    job = str(given.get(("job",)) or time.strftime("sim-%Y%m%d-%H%M%S", time.localtime(now)))
     requested = args.devices_per_process
     per_process = check_devices_per_process(
         default_devices_per_process(args.devices, cpu_count) if requested is None else requested,
         max_clients_per_process,
     )
     ranges = device_ranges(args.devices, per_process)
-    per_round = args.devices_per_round
+    per_round = _int_or_none(given.get(("devices_per_round",)), "--devices-per-round")
     if per_round is not None and not 1 <= per_round <= args.devices:
         raise ConfigError("--devices-per-round", f"must be between 1 and --devices ({args.devices})")
     selectable = per_round or args.devices
-    min_updates = args.min_updates if args.min_updates is not None else selectable
+    min_updates = _int_or_none(given.get(("min_updates",)), "--min-updates") or selectable
     if not 1 <= min_updates <= selectable:
         raise ConfigError("--min-updates", f"must be between 1 and the devices selected per round ({selectable})")
-    min_devices = args.min_devices if args.min_devices is not None else args.devices
+    min_devices = _int_or_none(given.get(("min_devices",)), "--min-devices") or args.devices
     if not min_updates <= min_devices <= args.devices:
         raise ConfigError("--min-devices", f"must be between --min-updates ({min_updates}) and --devices")
-    if args.round_timeout <= 0:
-        raise ConfigError("--round-timeout", "must be > 0 seconds")
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout", "must be > 0 seconds")
     if args.embedded and args.broker:
@@ -197,11 +194,18 @@ def plan_simulation(
 
     # Every file flag is checked here, before a broker or a child starts (the children would only fail later).
     require_output_dir("--out", args.out)
-    require_output_dir("--checkpoint-dir", args.checkpoint_dir)
     require_input_dir("--data-dir", args.data_dir)
+    # The coordinator's whole job, validated here (a bad --strategy or DP setting fails before a broker or a
+    # process starts). simulate's own defaults sit below the environment and the flags.
+    defaults: dict[tuple[str, ...], Any] = {("job",): job, ("min_updates",): min_updates, ("min_devices",): min_devices}
+    if str(given.get(("dp", "mode"), "off")) != "off":
+        defaults[("dp", "population")] = args.devices  # the sample rate then defaults to per_round / devices
+    data = S.merge(defaults, given, {("quiet",): True})
+    coordinator = S.validate(CoordinatorConfig, data, COORDINATOR_SETTINGS, context={"env": {}})
     from fedmqtt.data import resolve_data_dir
 
-    data_dir = resolve_data_dir(args.data_dir, args.dataset, env=env)
+    data_dir = resolve_data_dir(args.data_dir, coordinator.dataset, env=env)
+    coordinator = coordinator.model_copy(update={"eval_data": data_dir})
     # auto (the default) detects the version of a given broker; a broker simulate starts itself is known.
     mqtt_version: str = connection.mqtt_version
     if args.broker:
@@ -214,39 +218,46 @@ def plan_simulation(
     else:
         broker = "mosquitto"
         mqtt_version = "5" if mqtt_version == "auto" else mqtt_version
-    extra = tuple(
-        (flag, str(getattr(args, dest))) for dest, flag, _ in _PASSTHROUGH if getattr(args, dest, None) is not None
-    )
+    c = coordinator
     return SimulationPlan(
         job=job,
-        prefix=args.prefix,
+        prefix=c.prefix,
         devices=args.devices,
-        rounds=args.rounds,
+        rounds=c.rounds,
         devices_per_process=per_process,
         device_processes=len(ranges),
         threads_per_process=max(1, cpu_count // len(ranges)),
         min_updates=min_updates,
         min_devices=min_devices,
-        round_timeout=args.round_timeout,
+        round_timeout=c.round_timeout,
         devices_per_round=per_round,
-        dataset=args.dataset,
+        dataset=c.dataset,
         data_dir=str(data_dir),
         partition=args.partition,
-        model=args.model,
-        local_epochs=args.local_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        uplink=args.uplink,
-        seed=args.seed,
+        model=c.model,
+        local_epochs=c.local_epochs,
+        batch_size=c.batch_size,
+        lr=c.lr,
+        uplink=c.uplink,
+        seed=c.seed,
         out_dir=str(Path(args.out) if args.out else Path("runs") / job),
         broker=broker,
         mqtt_version=mqtt_version,
-        extra_coordinator_flags=extra,
+        coordinator=coordinator,
         timeout=args.timeout,
         username=connection.url.username,
         password=connection.url.password,
         tls_ca=None if connection.tls_ca is None else str(connection.tls_ca),
     )
+
+
+def _int_or_none(value: Any, flag: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(flag, f"must be an integer, got {value!r}") from None
 
 
 def _mosquitto_available() -> bool:
@@ -275,28 +286,23 @@ def fedmqtt_command(python: str = sys.executable) -> list[str]:
     return [python, "-m", "fedmqtt.cli"]
 
 
-def coordinator_command(plan: SimulationPlan, url: str, python: str = sys.executable) -> list[str]:
-    argv = [*fedmqtt_command(python), "coordinator", *_connection_flags(plan, url)]
-    argv += [
-        "--rounds", str(plan.rounds),
-        "--min-updates", str(plan.min_updates),
-        "--min-devices", str(plan.min_devices),
-        "--round-timeout", f"{plan.round_timeout:g}",
-        "--model", plan.model,
-        "--dataset", plan.dataset,
-        "--eval-data", plan.data_dir,
-        "--local-epochs", str(plan.local_epochs),
-        "--batch-size", str(plan.batch_size),
-        "--lr", f"{plan.lr:g}",
-        "--uplink", plan.uplink,
-        "--seed", str(plan.seed),
-        "--quiet",
-    ]  # fmt: skip
-    if plan.devices_per_round is not None:
-        argv += ["--devices-per-round", str(plan.devices_per_round)]
-    for flag, value in plan.extra_coordinator_flags:
-        argv += [flag, value]
-    return argv
+def coordinator_command(plan: SimulationPlan, url: str, config: Path, python: str = sys.executable) -> list[str]:
+    """The coordinator runs the job simulate validated (``config``, written by :func:`write_coordinator_config`);
+    only the broker flags of the run's broker are added."""
+    return [*fedmqtt_command(python), "coordinator", "--config", str(config), *broker_settings(plan, url).child_args()]
+
+
+def write_coordinator_config(plan: SimulationPlan, out_dir: Path) -> Path:
+    """OUT/coordinator.toml: the whole job, without the broker connection (flags) or the password (never)."""
+    assert plan.coordinator is not None
+    return write_config(plan.coordinator, out_dir / CONFIG_FILE, exclude=tuple(BROKER_FLAGS))
+
+
+def coordinator_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without the coordinator's FEDMQTT_* settings: simulate already folded them into the config file,
+    and in the child they would override it (flags > environment > file)."""
+    names = {s.env for s in COORDINATOR_SETTINGS if s.name != "password"}
+    return {k: v for k, v in env.items() if k not in names}
 
 
 def device_command(plan: SimulationPlan, url: str, first: int, end: int, python: str = sys.executable) -> list[str]:
@@ -573,8 +579,12 @@ def _run(
         watcher = open_watch(settings, holder)
         # Children stop while the broker still runs, so that devices can say goodbye (offline status).
         try:
+            config_path = write_coordinator_config(plan, out_dir)
             coordinator = supervisor.start(
-                "coordinator", coordinator_command(plan, url), out_dir / "coordinator.log", env
+                "coordinator",
+                coordinator_command(plan, url, config_path),
+                out_dir / "coordinator.log",
+                coordinator_environment(env),
             )
             devices = [
                 supervisor.start(f"devices-{k}", device_command(plan, url, a, b), out_dir / f"devices-{k}.log", env)
@@ -707,8 +717,6 @@ def register(subparsers: Any) -> None:
         "the rounds live, and write report.json and report.png into --out.",
     )
     p.add_argument("--devices", type=int, required=True, help="number of devices")
-    p.add_argument("--rounds", type=int, required=True, help="number of rounds")
-    p.add_argument("--job", help="job id (default: sim-YYYYmmdd-HHMMSS)")
     p.add_argument("--out", help="directory for the report and logs (default: runs/JOB)")
     p.add_argument("--timeout", type=float, help="give up (and stop everything) after this many seconds")
     g = p.add_argument_group("broker")
@@ -717,7 +725,6 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="start the embedded (amqtt, MQTT 3.1.1) broker even if Mosquitto is installed",
     )
-    g.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
     from fedmqtt.mqtt.settings import add_broker_flags
 
     add_broker_flags(
@@ -732,33 +739,9 @@ def register(subparsers: Any) -> None:
         help="devices packed into one process, each its own MQTT client "
         f"(default: two processes per core, at most {DEFAULT_MAX_DEVICE_PROCESSES})",
     )
-    g = p.add_argument_group("rounds (coordinator)")
-    g.add_argument("--min-updates", type=int, help="updates that close a round (default: all selected)")
-    g.add_argument("--min-devices", type=int, help="devices online before round 1 (default: --devices)")
-    g.add_argument("--round-timeout", type=float, default=300.0, help="seconds per round (default: %(default)s)")
-    g.add_argument("--devices-per-round", type=int, help="devices selected per round (default: all)")
-    g.add_argument("--min-updates-at-deadline", type=int)
-    g.add_argument("--max-attempts", type=int)
-    g.add_argument("--strategy")
-    g.add_argument("--checkpoint-dir")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("model and training")
-    g.add_argument("--model", default="cnn", help="cnn, seed-cnn, mlp (default: %(default)s)")
-    g.add_argument("--local-epochs", type=int, default=1)
-    g.add_argument("--batch-size", type=int, default=50)
-    g.add_argument("--lr", type=float, default=0.05)
-    g.add_argument("--prox-mu", type=float)
-    g.add_argument("--uplink", default="int8", help="update codec (default: %(default)s)")
-    g.add_argument("--downlink", help="global-model codec (coordinator default float32; float16 halves it)")
-    g = p.add_argument_group("differential privacy (coordinator flags)")
-    g.add_argument("--dp-mode", choices=("off", "device", "local", "central"))
-    g.add_argument("--dp-clip", type=float)
-    g.add_argument("--dp-noise-multiplier", type=float)
-    g.add_argument("--dp-delta", type=float)
-    g.add_argument("--target-epsilon", type=float)
-    g.add_argument("--dp-sample-rate", type=float)
+    # Every coordinator setting that makes sense here, derived from CoordinatorConfig (same defaults).
+    S.add_flags(p, SIMULATE_SETTINGS, default_override=_SIMULATE_DEFAULTS)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
     g.add_argument(
         "--data-dir", help="IDX files (default: $FEDMQTT_DATA, else ~/.cache/fedmqtt/DATASET, downloaded if missing)"
     )

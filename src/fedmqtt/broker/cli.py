@@ -14,10 +14,10 @@ from pathlib import Path
 
 from fedmqtt.errors import ConfigError
 from fedmqtt.paths import require_input_file, require_output_dir
+from fedmqtt.settings import MB
 from fedmqtt.topics import DEFAULT_PREFIX
 
 DEFAULT_CONFIG_DIR = Path(".fedmqtt") / "broker"
-_MIB = 1024 * 1024
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--tls", action="store_true", help="TLS listener (Mosquitto; see gen-certs)")
     parser.add_argument("--auth", action="store_true", help="require accounts and apply the ACL (Mosquitto)")
     parser.add_argument(
-        "--max-packet-mb", type=float, default=32.0, help="largest MQTT packet accepted, in MiB (default 32)"
+        "--max-packet-mb", type=float, default=32.0, help="largest MQTT packet accepted, in MB (10^6 bytes, as --max-update-mb; default 32)"
     )
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix the ACL covers (default fedmqtt)")
     parser.add_argument("--certfile", type=Path, help="server certificate (default CONFIG_DIR/tls/server.crt)")
@@ -85,9 +85,9 @@ def _add_config_dir(parser: argparse.ArgumentParser, default: object) -> None:
 
 
 def run_broker(args: argparse.Namespace) -> int:
-    max_packet_size = int(args.max_packet_mb * _MIB)
-    if max_packet_size < 1024:
-        raise ConfigError("--max-packet-mb", "must be at least 0.001 (1 KiB)")
+    max_packet_size = int(args.max_packet_mb * MB)
+    if max_packet_size < 1000:
+        raise ConfigError("--max-packet-mb", "must be at least 0.001 (1000 bytes)")
     use_mosquitto = args.mosquitto or (not args.embedded and _mosquitto_installed())
     if not use_mosquitto:
         for flag, value in (("--auth", args.auth), ("--tls", args.tls), ("--certfile", args.certfile)):

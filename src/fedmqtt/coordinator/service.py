@@ -203,47 +203,47 @@ class CoordinatorService:
             min_updates_at_deadline=c.min_updates_at_deadline or 1,
             max_attempts=c.max_attempts,
             seed=self._selection_seed,
-            sample_rate=c.dp_sample_rate if c.dp_mode is not DPMode.OFF else None,
+            sample_rate=c.dp.sample_rate if c.dp is not None else None,
             max_samples=c.max_samples,
         )
 
     def _build_accountant(self) -> Any:
         c = self.config
-        if c.dp_mode is DPMode.OFF:
+        if c.dp is None:
             return None
         from fedmqtt.privacy import JobAccountant, default_delta
 
-        assert c.dp_noise_multiplier is not None and c.dp_sample_rate is not None
-        population = c.dp_population or max(c.effective_min_devices, round(c.min_updates / c.dp_sample_rate))
-        delta = c.dp_delta or default_delta(population)
+        dp = c.dp
+        assert dp.sample_rate is not None  # resolved by CoordinatorConfig
+        population = dp.population or max(c.effective_min_devices, round(c.min_updates / dp.sample_rate))
+        delta = dp.delta or default_delta(population)
         return JobAccountant(
-            noise_multiplier=c.dp_noise_multiplier,
-            sample_rate=c.dp_sample_rate,
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=dp.sample_rate,
             delta=delta,
-            target_epsilon=c.target_epsilon,
+            target_epsilon=dp.target_epsilon,
         )
 
     def _build_adaptive_clip(self) -> Any:
         c = self.config
-        if c.dp_adaptive_clip is None:
+        if c.dp is None or c.dp.adaptive_clip is None:
             return None
         from fedmqtt.privacy import AdaptiveClip, recommended_count_noise_std, update_noise_multiplier
 
-        assert c.dp_clip is not None and c.dp_noise_multiplier is not None
         count_noise_std = recommended_count_noise_std(c.min_updates)
-        update_noise_multiplier(c.dp_noise_multiplier, count_noise_std)  # refuses a quorum too small for it
-        return AdaptiveClip(c.dp_clip, c.dp_adaptive_clip, count_noise_std=count_noise_std)
+        update_noise_multiplier(c.dp.noise_multiplier, count_noise_std)  # refuses a quorum too small for it
+        return AdaptiveClip(c.dp.clip, c.dp.adaptive_clip, count_noise_std=count_noise_std)
 
     def _update_noise_multiplier(self) -> float:
         """sigma for the update sum: the configured one, less what the clip-bit count uses (adaptive clipping),
         so that the round as a whole still runs at the configured sigma (Andrew et al. 2021)."""
         c = self.config
-        assert c.dp_noise_multiplier is not None
+        assert c.dp is not None
         if self.adaptive_clip is None:
-            return float(c.dp_noise_multiplier)
+            return float(c.dp.noise_multiplier)
         from fedmqtt.privacy import update_noise_multiplier
 
-        return update_noise_multiplier(c.dp_noise_multiplier, self.adaptive_clip.count_noise_std)
+        return update_noise_multiplier(c.dp.noise_multiplier, self.adaptive_clip.count_noise_std)
 
     def _load_eval_set(self) -> Any:
         if self.config.eval_data is None:
@@ -652,7 +652,7 @@ class CoordinatorService:
     ) -> None:
         now = self.clock()
         progress = self._progress
-        if len(payload) > self.config.max_update_mb * 1e6:
+        if len(payload) > self.config.max_update_bytes:
             self._refuse(device, None, RefusalReason.MALFORMED, f"frame of {len(payload)} bytes exceeds the limit")
             return
         try:
@@ -706,7 +706,7 @@ class CoordinatorService:
         # largest body any codec writes takes under 10 (top-k of float32 values or int8 values with per-channel
         # scales, plus varint indices). A bound of 4 x --max-update-mb alone refused every update of a model
         # larger than that, however small its frame.
-        return max(int(self.config.max_update_mb * 4e6), 10 * self.numel)
+        return max(4 * self.config.max_update_bytes, 10 * self.numel)
 
     def _check_dp_bound(self, header: FrameHeader, update: A.ModelArrays) -> str | None:
         if self.config.dp_mode is DPMode.OFF or self.plan is None or self.plan.dp is None:
@@ -733,7 +733,7 @@ class CoordinatorService:
             handler(action)
 
     def _on_OpenRound(self, a: Any) -> None:
-        if self.accountant is not None and self.config.target_epsilon is not None and self.accountant.would_exceed():
+        if self.accountant is not None and self.accountant.target_epsilon is not None and self.accountant.would_exceed():
             # e.g. after an empty Poisson draw was charged: never open a round that would pass the target
             self._execute(self.machine.stop(self._budget_reason(), self.clock()))
             return
@@ -760,18 +760,18 @@ class CoordinatorService:
     def _make_plan(self, a: Any) -> Plan:
         c = self.config
         dp: DPPlan | None = None
-        if c.dp_mode is not DPMode.OFF:
+        if c.dp is not None:
             from fedmqtt.privacy import device_noise_std
 
-            assert c.dp_clip is not None and c.dp_noise_multiplier is not None and c.dp_sample_rate is not None
+            assert c.dp.sample_rate is not None  # resolved by CoordinatorConfig
             clip = self._current_clip()
             dp = DPPlan(
-                mode=c.dp_mode,
+                mode=c.dp.mode,
                 clip=clip,
-                noise_multiplier=c.dp_noise_multiplier,
-                device_noise_std=device_noise_std(c.dp_mode, c.dp_noise_multiplier, clip, c.min_updates),
+                noise_multiplier=c.dp.noise_multiplier,
+                device_noise_std=device_noise_std(c.dp.mode, c.dp.noise_multiplier, clip, c.min_updates),
                 expected_updates=c.min_updates,
-                sample_rate=c.dp_sample_rate,
+                sample_rate=c.dp.sample_rate,
                 delta=self.accountant.delta,
             )
         return Plan(
@@ -797,8 +797,8 @@ class CoordinatorService:
     def _current_clip(self) -> float:
         if self.adaptive_clip is not None:
             return float(self.adaptive_clip.clip)
-        assert self.config.dp_clip is not None
-        return float(self.config.dp_clip)
+        assert self.config.dp is not None
+        return float(self.config.dp.clip)
 
     def _on_UpdateAccepted(self, a: Any) -> None:
         self._event(EventType.UPDATE_ACCEPTED, round=a.round, device=a.device, detail=f"{a.num_samples} samples")
@@ -943,10 +943,10 @@ class CoordinatorService:
         c = self.config
         from fedmqtt.privacy import add_gaussian_noise, central_noise_std, secure_generator, topup_noise_std
 
-        assert c.dp_noise_multiplier is not None
+        assert c.dp is not None
         clip = self.plan.dp.clip if self.plan is not None and self.plan.dp is not None else self._current_clip()
         central = central_noise_std(c.dp_mode, self._update_noise_multiplier(), clip)
-        topup = topup_noise_std(c.dp_mode, c.dp_noise_multiplier, clip, c.min_updates, received)
+        topup = topup_noise_std(c.dp_mode, c.dp.noise_multiplier, clip, c.min_updates, received)
         std = float(np.hypot(central, topup))
         if std <= 0:
             return None
@@ -958,16 +958,16 @@ class CoordinatorService:
         from fedmqtt.privacy import effective_noise_multiplier
 
         c = self.config
-        assert c.dp_noise_multiplier is not None
+        assert c.dp is not None
         z = effective_noise_multiplier(
-            c.dp_mode, c.dp_noise_multiplier, c.min_updates, received, topped_up=c.dp_mode is DPMode.DEVICE
+            c.dp_mode, c.dp.noise_multiplier, c.min_updates, received, topped_up=c.dp_mode is DPMode.DEVICE
         )
         self.accountant.step(noise_multiplier=z)
         epsilon = self.accountant.epsilon
         return None if np.isinf(epsilon) else float(epsilon)
 
     def _budget_exhausted(self) -> bool:
-        if self.accountant is None or self.config.target_epsilon is None:
+        if self.accountant is None or self.accountant.target_epsilon is None:
             return False
         if self.machine.round >= self.config.rounds:
             return False
@@ -975,7 +975,7 @@ class CoordinatorService:
 
     def _budget_reason(self) -> str:
         return (
-            f"privacy budget: one more round would exceed target epsilon {self.config.target_epsilon:g} "
+            f"privacy budget: one more round would exceed target epsilon {self.accountant.target_epsilon:g} "
             f"(spent {self.accountant.epsilon:.3f} at delta {self.accountant.delta:.2e})"
         )
 
