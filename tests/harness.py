@@ -343,10 +343,11 @@ class Job:
     def topics(self) -> Topics:
         return self.view.topics
 
-    def start(self, *flags: str, with_job_flags: bool = True) -> CoordinatorProcess:
-        """Start a coordinator for this job; ``flags`` add to (and may override) the connection flags."""
+    def start(self, *flags: str, with_job_flags: bool = True, verbose: bool = False) -> CoordinatorProcess:
+        """Start a coordinator for this job; ``flags`` add to (and may override) the connection flags;
+        ``verbose``: INFO logging in its log."""
         base = ["--broker", self.broker_url, "--job", self.name, "--prefix", self.prefix] if with_job_flags else []
-        argv = fedmqtt_argv("coordinator", *base, "--model", MODEL, "--quiet", *flags)
+        argv = fedmqtt_argv(*(["-v"] if verbose else []), "coordinator", *base, "--model", MODEL, "--quiet", *flags)
         process = CoordinatorProcess(argv, self.tmp_path / f"coordinator-{len(self.processes)}.log")
         self.processes.append(process)
         self.view.coordinator = process
