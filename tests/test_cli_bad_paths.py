@@ -89,7 +89,10 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("coordinator", [*TLS_COORDINATOR, "--tls-ca", "garbage.bin"], "--tls-ca", "garbage.bin"),
     ("coordinator", [*TLS_COORDINATOR, "--tls-ca", "badpem.crt"], "--tls-ca", "badpem.crt"),
     ("coordinator", [*TLS_COORDINATOR, "--tls-ca", "tls/server.key"], "--tls-ca", "tls/server.key"),
+    ("coordinator", [*COORDINATOR, "--username", "u", "--password-file", "missing.pw"], "--password-file", "missing.pw"),
+    ("coordinator", [*COORDINATOR, "--username", "u", "--password-file", "adir"], "--password-file", "adir"),
     # device
+    ("device", [*DEVICE, "--username", "u", "--password-file", "garbage.bin"], "--password-file", "garbage.bin"),
     ("device", [*DEVICE, "--data-dir", "missing"], "--data-dir", "missing"),
     ("device", [*DEVICE, "--data-dir", "afile"], "--data-dir", "afile"),
     ("device", [*DEVICE, "--data-dir", "adir"], "--data-dir", "adir"),  # no IDX files in it
@@ -103,8 +106,10 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("watch", [*WATCH, "--tls-ca", "adir"], "--tls-ca", "adir"),
     ("watch", [*WATCH, "--tls-ca", "garbage.bin"], "--tls-ca", "garbage.bin"),
     ("watch", [*WATCH, "--tls-ca", "badpem.crt"], "--tls-ca", "badpem.crt"),
+    ("watch", [*WATCH, "--username", "u", "--password-file", "adir"], "--password-file", "adir"),
     # simulate: checked in plan_simulation, before a broker or a child starts
     ("simulate", [*SIMULATE, "--out", "afile"], "--out", "afile"),
+    ("simulate", [*SIMULATE, "--username", "u", "--password-file", "missing.pw"], "--password-file", "missing.pw"),
     ("simulate", [*SIMULATE, "--out", "afile/x"], "--out", "afile/x"),
     ("simulate", [*SIMULATE, "--checkpoint-dir", "afile"], "--checkpoint-dir", "afile"),
     ("simulate", [*SIMULATE, "--checkpoint-dir", "afile/x"], "--checkpoint-dir", "afile/x"),

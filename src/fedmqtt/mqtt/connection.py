@@ -71,7 +71,7 @@ SELECT_FD_LIMIT = 1024
 
 #: Both fedmqtt brokers refuse packets above this by default (``fedmqtt broker --max-packet-mb``). An MQTT 5
 #: broker announces its own limit in CONNACK; on MQTT 3.1.1 it cannot, so the client assumes this one.
-DEFAULT_MAX_PACKET_SIZE = 32 * 1024 * 1024
+DEFAULT_MAX_PACKET_SIZE = 32_000_000  # 32 MB (10^6 bytes: the unit of --max-packet-mb and --max-update-mb)
 
 # Worst-case bytes a PUBLISH packet adds around its payload besides the topic: fixed header (1 + up to 4 length
 # bytes), topic length (2), packet id (2) and a small MQTT 5 property block.
@@ -126,8 +126,10 @@ Endpoint = tuple[str, int, bool]
 class ProtocolCache:
     """The MQTT version each broker (host, port, TLS) answered, detected once per process (thread-safe).
 
-    Concurrent connections to one broker wait for a single probe instead of each sending their own. An entry is
-    dropped when the version it names is refused (:meth:`forget`); ``probes`` counts the probes made."""
+    Concurrent connections to one broker wait for a single probe instead of each sending their own; ``probes``
+    counts the answers learnt. An answer holds for the life of the process, as paho's reconnects keep the version
+    they started with: a broker replaced by one of another MQTT version on the same address needs a restart of
+    its clients (or :meth:`forget`)."""
 
     def __init__(self) -> None:
         self._known: dict[Endpoint, MQTTProtocolVersion] = {}
@@ -164,10 +166,11 @@ class ProtocolCache:
                 gate.release()
 
     def forget(self, endpoint: Endpoint | None = None) -> None:
-        """Forget one broker's version, or (None) every broker's."""
+        """Forget one broker's version, or (None) every broker's and the count of probes."""
         with self._lock:
             if endpoint is None:
                 self._known.clear()
+                self.probes = 0
             else:
                 self._known.pop(endpoint, None)
 
@@ -314,19 +317,10 @@ class MqttConnection:
         self._started = True
         deadline = time.monotonic() + timeout
         try:
-            if self.settings.protocol != "auto":
-                self._attempt(deadline)
-                return
-            endpoint = self._broker.endpoint
-            self._protocol = PROTOCOLS.detect(endpoint, deadline, lambda: self._detect_protocol(deadline))
-            try:
-                self._attempt(deadline)
-            except ProtocolUnsupported:
-                # The remembered answer is stale (another broker now listens there): ask once more.
-                PROTOCOLS.forget(endpoint)
-                self._dispose_client()
+            if self.settings.protocol == "auto":
+                endpoint = self._broker.endpoint
                 self._protocol = PROTOCOLS.detect(endpoint, deadline, lambda: self._detect_protocol(deadline))
-                self._attempt(deadline)
+            self._attempt(deadline)
         except BaseException:
             self._dispose_client()
             self._release_budget()

@@ -261,7 +261,8 @@ class BrokerSettings(BaseModel):
     ``model_validate`` to read ``$FEDMQTT_PASSWORD`` from another mapping than ``os.environ``.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # hide_input_in_errors: a ValidationError printed whole must not show a password.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     broker: BrokerUrlField = parse_broker_url(DEFAULT_BROKER)
     username: UsernameField = None
