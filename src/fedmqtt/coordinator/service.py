@@ -32,8 +32,6 @@ from fedmqtt.coordinator.errors import AggregationError, CoordinatorConflict
 from fedmqtt.coordinator.presence import InstanceTracker, live_rival
 from fedmqtt.errors import FedmqttError
 from fedmqtt.mqtt import (
-    BROKER_FLAGS,
-    BrokerSettings,
     ClientSettings,
     MqttConnection,
     NotConnected,
@@ -255,13 +253,8 @@ class CoordinatorService:
         return load_dataset(c.dataset, directory, train=False)
 
     def _settings(self) -> ClientSettings:
-        c = self.config
-        broker = (
-            c
-            if isinstance(c, BrokerSettings)
-            else BrokerSettings.model_validate({k: v for k in BROKER_FLAGS if (v := getattr(c, k, None)) is not None})
-        )
-        return broker.client_settings(
+        c = self.config  # a BrokerSettings: the broker URL, credentials, CA file and protocol, checked once
+        return c.client_settings(
             c.client_id or f"fedmqtt-coordinator-{c.job}",
             clean_start=False,
             will=Will(self.topics.coordinator, to_json(self._presence("offline")), qos=1, retain=True),
