@@ -646,7 +646,8 @@ class RoundMachine:
         """
         actions: list[Action] = []
         for device, until in list(self._suspect.items()):
-            if now >= until:
+            # While the adapter's own link is in doubt, no will takes effect: it may be a broker shutting down.
+            if now >= until and not hold_deadline:
                 del self._suspect[device]
                 actions += self._run(
                     EventName.DEVICE_STATUS, lambda a, d=device: self._on_device_status(d, "offline", now, a)

@@ -74,6 +74,8 @@ REPLAY_MARKER = "replaying"
 # How long the coordinator listens for the job's retained presence and status before it decides whether
 # another coordinator runs the job.
 PROBE_SECONDS = 1.5
+# How long a last will waits before it shrinks a round, even when our own connection looks fine.
+WILL_SETTLE_SECONDS = 2.0
 _MAX_DETAIL = 2000  # schema.Event.detail's max_length
 
 # Map decode failures to the refusal reasons the events topic reports.
@@ -336,7 +338,9 @@ class CoordinatorService:
             return received_at + grace
         if link.up_at is not None and received_at <= link.up_at + grace:
             return link.up_at + grace
-        return None
+        # A broker that shuts down publishes the wills of every client first and only then closes our socket:
+        # each will settles briefly, and does not take effect while our own link is in doubt (see tick).
+        return received_at + min(WILL_SETTLE_SECONDS, grace)
 
     def _holding_deadline(self) -> bool:
         link = self._link
