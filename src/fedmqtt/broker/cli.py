@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from fedmqtt.errors import ConfigError
+from fedmqtt.mqtt import DEFAULT_MAX_PACKET_SIZE
 from fedmqtt.paths import require_input_file, require_output_dir
 from fedmqtt.settings import MB
 from fedmqtt.topics import DEFAULT_PREFIX
@@ -39,7 +40,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--tls", action="store_true", help="TLS listener (Mosquitto; see gen-certs)")
     parser.add_argument("--auth", action="store_true", help="require accounts and apply the ACL (Mosquitto)")
     parser.add_argument(
-        "--max-packet-mb", type=float, default=32.0, help="largest MQTT packet accepted, in MB (10^6 bytes, as --max-update-mb; default 32)"
+        "--max-packet-mb",
+        type=float,
+        default=DEFAULT_MAX_PACKET_SIZE / MB,
+        help="largest MQTT packet accepted, in MB (10^6 bytes, as --max-update-mb; default %(default)g)",
     )
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix the ACL covers (default fedmqtt)")
     parser.add_argument("--certfile", type=Path, help="server certificate (default CONFIG_DIR/tls/server.crt)")
