@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from fedmqtt.mqtt import BrokerSettings
 from fedmqtt.topics import Topics
 from fedmqtt.watch import StateHolder, WatchState, client_settings, open_watch, random_client_id
 
@@ -94,7 +95,8 @@ class Job:
         )  # fmt: skip
 
     def watch(self) -> None:
-        settings = client_settings(self.broker_url, client_id=random_client_id("e2e"), mqtt_version=self.version)
+        broker = BrokerSettings.model_validate({"broker": self.broker_url, "mqtt_version": self.version})
+        settings = client_settings(broker, client_id=random_client_id("e2e"))
         self.watcher = open_watch(settings, self.holder)
 
     @property
