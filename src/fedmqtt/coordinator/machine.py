@@ -15,6 +15,10 @@ Lifecycle (one job)::
                     +------------------- next round; too few online <------ aggregation_done ----------+
                                          next round; enough online: TRAINING;  after the last: FINISHED
     NEW, WAITING, TRAINING, AGGREGATING --stop(reason)--> STOPPED
+    NEW, WAITING, AGGREGATING --the next round would exceed the round budget (privacy)--> STOPPED
+
+A stop says why (:class:`StopCause`): the privacy budget is a rule of the job, a round that failed too often is
+a failure; the adapter derives its exit code from the cause.
 
 Which events each phase allows, and which phases each may lead to, is the single table
 :data:`TRANSITIONS`; anything else raises :class:`~fedmqtt.coordinator.errors.IllegalEvent` and leaves
@@ -207,9 +211,23 @@ class JobFinished:
     reason: str
 
 
+class StopCause(StrEnum):
+    """Why a job stopped before its last round: the adapter's exit code comes from this, never from the text."""
+
+    PRIVACY_BUDGET = "privacy_budget"  # the next round would pass --target-epsilon: a rule of the job, exit 0
+    ROUND_FAILURES = "round_failures"  # a round failed max_attempts times
+    EXTERNAL = "external"  # stop() from outside the machine
+
+    @property
+    def by_rule(self) -> bool:
+        """The job ended as configured (not a failure)."""
+        return self is StopCause.PRIVACY_BUDGET
+
+
 @dataclass(frozen=True)
 class JobStopped:
     reason: str
+    cause: StopCause = StopCause.EXTERNAL
 
 
 @dataclass(frozen=True)
@@ -320,7 +338,7 @@ _S = Stage
 _E = EventName
 # Opening a round can chain through empty Poisson draws to the end of the job, and a failure can end in
 # a retry (TRAINING), a wait for devices (WAITING) or a stop; hence these result sets.
-_OPEN_RESULTS = frozenset({_S.WAITING, _S.TRAINING, _S.FINISHED})
+_OPEN_RESULTS = frozenset({_S.WAITING, _S.TRAINING, _S.FINISHED, _S.STOPPED})  # STOPPED: out of round budget
 _ROUND_RESULTS = frozenset({_S.TRAINING, _S.AGGREGATING, _S.WAITING, _S.STOPPED, _S.FINISHED})
 _QUIET = frozenset({_E.DEVICE_STATUS, _E.TICK, _E.REFUSE_UPDATE})
 
@@ -375,6 +393,8 @@ class _SavedState(BaseModel):
     refused_round: dict[RefusalReason, int]
     refused_total: dict[RefusalReason, int]
     end_reason: str | None
+    # None: running or finished, or a checkpoint written before causes were recorded.
+    end_cause: StopCause | None = None
     rng: dict[str, Any]
 
 
@@ -416,6 +436,11 @@ class RoundMachine:
         self._refused_round: Counter[RefusalReason] = Counter()
         self._refused_total: Counter[RefusalReason] = Counter()
         self._end_reason: str | None = None
+        self._end_cause: StopCause | None = None
+        # Rounds that may still open before the job stops (None: no limit), and the stop reason then: the
+        # privacy budget, set by the adapter from its privacy policy (see set_round_budget).
+        self._budget: int | None = None
+        self._budget_reason = ""
         self._rng = np.random.Generator(np.random.PCG64(config.seed))
         # Devices whose last will arrived while the broker connection was in doubt (a broker restart publishes
         # the wills of clients that never died): device -> when the will takes effect unless it comes back.
@@ -485,6 +510,29 @@ class RoundMachine:
     @property
     def end_reason(self) -> str | None:
         return self._end_reason
+
+    @property
+    def end_cause(self) -> StopCause | None:
+        """Why the job stopped (None while it runs and after it finished)."""
+        return self._end_cause
+
+    @property
+    def round_budget(self) -> int | None:
+        return self._budget
+
+    def set_round_budget(self, rounds: int | None, reason: str = "") -> None:
+        """Allow only ``rounds`` more rounds to open (None: no limit); when the next would be one too many,
+        the job stops with ``JobStopped(reason, StopCause.PRIVACY_BUDGET)`` instead.
+
+        The privacy policy states how many rounds at the planned noise fit under the target ε
+        (:meth:`fedmqtt.privacy.policy.RoundPrivacy.budget`). Each empty Poisson draw uses one (the adapter
+        charges it at the planned noise); after a round is aggregated and accounted, the adapter sets the
+        budget again before :meth:`aggregation_done`. Not an event: it changes nothing until a round opens.
+        """
+        if rounds is not None:
+            _require_int("rounds", rounds, 0)
+        self._budget = rounds
+        self._budget_reason = reason or "privacy budget: no round left"
 
     def snapshot(self, now: float) -> Status:
         """The retained status message (without privacy and metrics: the adapter adds those)."""
@@ -676,9 +724,9 @@ class RoundMachine:
             EventName.AGGREGATION_FAILED, lambda actions: self._fail(now, f"aggregation failed: {reason}", actions)
         )
 
-    def stop(self, reason: str, now: float) -> list[Action]:
-        """End the job from outside (e.g. the privacy budget is spent)."""
-        return self._run(EventName.STOP, lambda actions: self._stop(reason, actions))
+    def stop(self, reason: str, now: float, cause: StopCause = StopCause.EXTERNAL) -> list[Action]:
+        """End the job from outside."""
+        return self._run(EventName.STOP, lambda actions: self._stop(reason, actions, cause))
 
     # -- the one place that enforces the table -----------------------------------------------------
 
@@ -698,6 +746,8 @@ class RoundMachine:
     # -- handlers --------------------------------------------------------------------------------
 
     def _on_start(self, now: float, actions: list[Action]) -> None:
+        if self._out_of_budget(actions):  # not even round 1 fits
+            return
         self._stage = Stage.WAITING
         self._round = 1
         self._attempts = 0
@@ -808,8 +858,17 @@ class RoundMachine:
                     skipped=True,
                 )
             )
-            if not self._advance(now, actions):
+            if self._budget is not None:
+                self._budget = max(0, self._budget - 1)  # the draw is charged at the planned noise
+            if not self._advance(now, actions) or self._out_of_budget(actions):
                 return
+
+    def _out_of_budget(self, actions: list[Action]) -> bool:
+        """Stop before opening a round the budget has no room for."""
+        if self._budget is None or self._budget > 0:
+            return False
+        self._stop(self._budget_reason, actions, StopCause.PRIVACY_BUDGET)
+        return True
 
     def _close(self, now: float, closed_by: Literal["quorum", "deadline"], actions: list[Action]) -> None:
         assert self._opened_at is not None
@@ -839,6 +898,7 @@ class RoundMachine:
                 f"round {self._round} failed {self._attempts} time(s) (max_attempts={self.config.max_attempts}); "
                 f"last failure: {reason}",
                 actions,
+                StopCause.ROUND_FAILURES,
             )
             return
         self._stage = Stage.WAITING
@@ -861,14 +921,17 @@ class RoundMachine:
         return True
 
     def _next_round(self, now: float, actions: list[Action]) -> None:
+        if self._round < self.config.rounds and self._out_of_budget(actions):
+            return  # stopped on the round just aggregated: the next one would pass the budget
         if self._advance(now, actions):
             self._open_or_wait(now, actions)
 
-    def _stop(self, reason: str, actions: list[Action]) -> None:
+    def _stop(self, reason: str, actions: list[Action], cause: StopCause = StopCause.EXTERNAL) -> None:
         self._stage = Stage.STOPPED
         self._deadline = None
         self._end_reason = reason
-        actions.append(JobStopped(reason))
+        self._end_cause = cause
+        actions.append(JobStopped(reason, cause))
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -891,6 +954,7 @@ class RoundMachine:
             refused_round=dict(self._refused_round),
             refused_total=dict(self._refused_total),
             end_reason=self._end_reason,
+            end_cause=self._end_cause,
             rng={
                 "bit_generator": rng["bit_generator"],
                 "state": str(rng["state"]["state"]),
@@ -948,6 +1012,10 @@ class RoundMachine:
         self._refused_round = Counter(saved.refused_round)
         self._refused_total = Counter(saved.refused_total)
         self._end_reason = saved.end_reason
+        self._end_cause = saved.end_cause
+        if saved.stage is Stage.STOPPED and saved.end_cause is None:  # written before causes were recorded
+            legacy = (saved.end_reason or "").startswith("privacy budget")
+            self._end_cause = StopCause.PRIVACY_BUDGET if legacy else StopCause.ROUND_FAILURES
         self._rng = rng
 
     @classmethod

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import queue
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,13 +20,13 @@ from typing import Any
 import numpy as np
 
 from fedmqtt import arrays as A
-from fedmqtt.checkpoint import load_state, save_state, write_atomic
 from fedmqtt.codecs import decode_frame, encode_frame, model_hash, peek_header
 from fedmqtt.codecs import errors as codec_errors
 from fedmqtt.coordinator import machine as M
 from fedmqtt.coordinator import numeric
 from fedmqtt.coordinator.aggregation import Strategy, build_strategy
 from fedmqtt.coordinator.config import CoordinatorConfig
+from fedmqtt.coordinator.durability import CHECKPOINT_FILE, QUARANTINE_DIR, REPLAY_MARKER, SPOOL_DIR, Durability
 from fedmqtt.coordinator.errors import AggregationError, CoordinatorConflict
 from fedmqtt.coordinator.presence import InstanceTracker, live_rival
 from fedmqtt.errors import FedmqttError
@@ -38,12 +37,11 @@ from fedmqtt.mqtt import (
     PublishTimeout,
     Will,
 )
+from fedmqtt.privacy.policy import RoundPrivacy, check_update_norm
 from fedmqtt.schema import (
     CodecSpec,
     CoordinatorPresence,
     DeviceStatus,
-    DPMode,
-    DPPlan,
     Event,
     EventType,
     FrameHeader,
@@ -52,8 +50,6 @@ from fedmqtt.schema import (
     Metrics,
     Phase,
     Plan,
-    PrivacyLedger,
-    PrivacySpent,
     RefusalReason,
     RoundSummary,
     Status,
@@ -65,12 +61,16 @@ from fedmqtt.topics import Topics
 
 log = logging.getLogger("fedmqtt.coordinator")
 
+# The process exit code of a job that stopped before its last round, by cause (a finished job exits 0).
+EXIT_CODES: dict[M.StopCause, int] = {
+    M.StopCause.PRIVACY_BUDGET: 0,  # a rule of the job: it ended as configured
+    M.StopCause.ROUND_FAILURES: 3,
+    M.StopCause.EXTERNAL: 3,
+}
+
+__all__ = ["CHECKPOINT_FILE", "COORDINATOR_ID", "QUARANTINE_DIR", "REPLAY_MARKER", "SPOOL_DIR", "CoordinatorService"]
+
 COORDINATOR_ID = "coordinator"
-CHECKPOINT_FILE = "coordinator.npz"
-SPOOL_DIR = "spool"
-QUARANTINE_DIR = "quarantine"
-# Names the spooled frame being replayed: found at start-up, it is the frame that ended the last process.
-REPLAY_MARKER = "replaying"
 # How long the coordinator listens for the job's retained presence and status before it decides whether
 # another coordinator runs the job.
 PROBE_SECONDS = 1.5
@@ -159,10 +159,15 @@ class CoordinatorService:
         self.strategy: Strategy = build_strategy(config.strategy, **config.strategy_params)
         # DP rounds draw devices from a secret seed: a selection anyone could recompute from a known seed would
         # undo the amplification by sampling that the accountant counts on (the state is checkpointed anyway).
-        self._selection_seed = config.seed if config.dp_mode is DPMode.OFF else secrets.randbits(63)
+        self._selection_seed = config.seed if config.dp is None else secrets.randbits(63)
         self.machine = M.RoundMachine(self._round_config())
-        self.accountant = self._build_accountant()
-        self.adaptive_clip = self._build_adaptive_clip()
+        # DP jobs: plan, norm bound, server noise, accounting, adaptive clip and budget (fedmqtt.privacy.policy).
+        self.privacy: RoundPrivacy | None = None
+        if config.dp is not None:
+            self.privacy = RoundPrivacy.from_settings(
+                config.dp, expected_updates=config.min_updates, min_devices=config.effective_min_devices
+            )
+        self.files = Durability(config.checkpoint_dir)  # checkpoint, spool, quarantine (no-ops without a dir)
         self._unclipped = 0  # clip bits of this round's accepted updates (adaptive clipping)
         self._eval_set = self._load_eval_set()
 
@@ -207,43 +212,16 @@ class CoordinatorService:
             max_samples=c.max_samples,
         )
 
-    def _build_accountant(self) -> Any:
-        c = self.config
-        if c.dp is None:
-            return None
-        from fedmqtt.privacy import JobAccountant, default_delta
+    def _set_round_budget(self) -> None:
+        """Tell the machine how many more rounds fit under --target-epsilon (it stops the job before one that
+        would not); the privacy policy decides."""
+        budget = self.privacy.budget(self.config.rounds - self.machine.round) if self.privacy is not None else None
+        self.machine.set_round_budget(budget.rounds if budget else None, budget.reason if budget else "")
 
-        dp = c.dp
-        assert dp.sample_rate is not None  # resolved by CoordinatorConfig
-        population = dp.population or max(c.effective_min_devices, round(c.min_updates / dp.sample_rate))
-        delta = dp.delta or default_delta(population)
-        return JobAccountant(
-            noise_multiplier=dp.noise_multiplier,
-            sample_rate=dp.sample_rate,
-            delta=delta,
-            target_epsilon=dp.target_epsilon,
-        )
-
-    def _build_adaptive_clip(self) -> Any:
-        c = self.config
-        if c.dp is None or c.dp.adaptive_clip is None:
-            return None
-        from fedmqtt.privacy import AdaptiveClip, recommended_count_noise_std, update_noise_multiplier
-
-        count_noise_std = recommended_count_noise_std(c.min_updates)
-        update_noise_multiplier(c.dp.noise_multiplier, count_noise_std)  # refuses a quorum too small for it
-        return AdaptiveClip(c.dp.clip, c.dp.adaptive_clip, count_noise_std=count_noise_std)
-
-    def _update_noise_multiplier(self) -> float:
-        """sigma for the update sum: the configured one, less what the clip-bit count uses (adaptive clipping),
-        so that the round as a whole still runs at the configured sigma (Andrew et al. 2021)."""
-        c = self.config
-        assert c.dp is not None
-        if self.adaptive_clip is None:
-            return float(c.dp.noise_multiplier)
-        from fedmqtt.privacy import update_noise_multiplier
-
-        return update_noise_multiplier(c.dp.noise_multiplier, self.adaptive_clip.count_noise_std)
+    def _weight(self, header: FrameHeader) -> float:
+        # DP rounds weight every update the same; otherwise the sample count, bounded by the plan (screened), so
+        # the float conversion is exact.
+        return self.privacy.update_weight if self.privacy is not None else float(header.num_samples)
 
     def _load_eval_set(self) -> Any:
         if self.config.eval_data is None:
@@ -293,12 +271,13 @@ class CoordinatorService:
             for item in deferred:
                 self._handle(item)
             while self.exit_code is None:
+                next_item: _Inbound | None
                 try:
-                    item = self._inbox.get(timeout=0.2)
+                    next_item = self._inbox.get(timeout=0.2)
                 except queue.Empty:
-                    item = None
-                if item is not None:
-                    self._handle(item)
+                    next_item = None
+                if next_item is not None:
+                    self._handle(next_item)
                 if self.exit_code is None:
                     hold = self._holding_deadline() or self._backlog_before_deadline()
                     self._execute(self.machine.tick(self.clock(), hold_deadline=hold))
@@ -463,9 +442,9 @@ class CoordinatorService:
         self.exit_code = 0
 
     def _checkpointed_run_id(self) -> str | None:
-        if not self.config.resume or self.config.checkpoint_dir is None or not self._checkpoint_path().exists():
+        if not self.config.resume or not self.files.has_checkpoint():
             return None
-        run_id = load_state(self._checkpoint_path()).get("run_id")
+        run_id = self.files.load().get("run_id")
         return str(run_id) if run_id else None
 
     def _clear_previous_run(self) -> None:
@@ -486,12 +465,12 @@ class CoordinatorService:
 
     def _startup(self) -> None:
         now = self.clock()
-        if self.config.resume and self._checkpoint_path().exists():
+        if self.config.resume and self.files.has_checkpoint():
             self._restore()
             old = self._retained_status
             if old is not None and old.run_id == self.run_id and old.round > self.machine.round:
                 raise CoordinatorConflict(
-                    f"checkpoint {self._checkpoint_path()} is at round {self.machine.round}, but run {self.run_id} of "
+                    f"checkpoint {self.files.checkpoint_path} is at round {self.machine.round}, but run {self.run_id} of "
                     f"job {self.config.job!r} already reached round {old.round} on the broker; resuming would move "
                     "the job backwards: resume from the newer checkpoint"
                 )
@@ -504,16 +483,13 @@ class CoordinatorService:
             self._replay_spool()
             self._event(EventType.MODEL_PUBLISHED, detail=f"resumed from checkpoint at round {self.machine.round}")
         else:
-            if self.config.checkpoint_dir is not None:
-                shutil.rmtree(self._spool_root(), ignore_errors=True)
+            self.files.clear_spool()
             self._clear_previous_run()
             self._event(EventType.RUN_STARTED, detail=f"run {self.run_id} of job {self.config.job}")
             self.model_round = 1
             self._publish_global_model()
-            if self._budget_exhausted():  # not even round 1 fits under --target-epsilon
-                self._execute(self.machine.stop(self._budget_reason(), now))
-            else:
-                self._execute(self.machine.start(now))
+            self._set_round_budget()  # the machine stops at once if not even round 1 fits
+            self._execute(self.machine.start(now))
         self._publish_privacy()
         self._maybe_publish_status(force=True)
 
@@ -521,13 +497,13 @@ class CoordinatorService:
         # The checkpoint is of a job that already ended: no machine event would ever produce JobFinished or
         # JobStopped again, so the run loop would wait forever. Say so and exit as the job did.
         reason = self.machine.end_reason or "the job had ended"
-        log.warning("checkpoint %s: the job already ended (%s); nothing to resume", self._checkpoint_path(), reason)
+        log.warning("checkpoint %s: the job already ended (%s); nothing to resume", self.files.checkpoint_path, reason)
         if self.machine.phase is Phase.FINISHED:
             self._event(EventType.JOB_FINISHED, detail=f"already finished: {reason}")
             self._finish(0)
         else:
             self._event(EventType.JOB_STOPPED, detail=f"already stopped: {reason}")
-            self._finish(0 if self._stopped_by_rule(reason) else 3)
+            self._finish(EXIT_CODES[self.machine.end_cause or M.StopCause.EXTERNAL])
 
     # ------------------------------------------------------------------------------------ inbound
 
@@ -603,35 +579,24 @@ class CoordinatorService:
 
     def _quarantine(self, device: str, payload: bytes, reason: str) -> Path | None:
         """Move (or write) a frame that broke the coordinator to the quarantine directory; never replayed."""
-        if self.config.checkpoint_dir is None:
-            return None
-        folder = self.config.checkpoint_dir / QUARANTINE_DIR
-        stamp = f"{self.machine.round}-{self.machine.attempt}-{device}-{int(self.clock() * 1000)}"
-        target = folder / f"{stamp}.frame"
-        write_atomic(target, payload)
-        write_atomic(folder / f"{stamp}.txt", (reason + "\n").encode())
-        spooled = self._spool_root() / f"{self.machine.round}-{self.machine.attempt}" / f"{device}.frame"
-        if spooled.exists() and spooled.read_bytes() == payload:
-            spooled.unlink()
-        return target
+        m = self.machine
+        return self.files.quarantine(device, payload, reason, round=m.round, attempt=m.attempt, now=self.clock())
 
     def _refold_from_spool(self, why: str) -> None:
         """Rebuild the open attempt's accumulator from the spooled frames of its accepted updates."""
         self.strategy.begin_round(self.global_arrays)
         self._unclipped = 0
-        if self.config.checkpoint_dir is None:
+        if not self.files.enabled:
             self._tainted = why + "; without --checkpoint-dir the accepted updates cannot be folded again"
             return
-        folder = self._spool_root() / f"{self.machine.round}-{self.machine.attempt}"
         try:
             for device in self.machine.accepted:
                 frame = decode_frame(
-                    (folder / f"{device}.frame").read_bytes(),
+                    self.files.spooled(self.machine.round, self.machine.attempt, device),
                     max_body_bytes=self._max_body_bytes(),
                     expected_manifest=self.manifest,
                 )
-                weight = 1.0 if self.config.dp_mode is not DPMode.OFF else float(frame.header.num_samples)
-                self.strategy.add(frame.arrays, weight)
+                self.strategy.add(frame.arrays, self._weight(frame.header))
                 if frame.header.dp is not None and frame.header.dp.unclipped:
                     self._unclipped += 1
         except Exception as exc:
@@ -681,16 +646,15 @@ class CoordinatorService:
         if numbers is not None:
             self._refuse(device, header.round, numbers[0], numbers[1])
             return
-        refusal = self._check_dp_bound(frame.header, frame.arrays)
+        dp = self.plan.dp if self.plan is not None else None
+        refusal = check_update_norm(dp, frame.arrays, self.codec) if dp is not None else None
         if refusal is not None:
             self._refuse(device, header.round, RefusalReason.NORM_EXCEEDS_CLIP, refusal)
             return
         if not from_spool:
-            self._spool(header, device, payload)
-        # Weights: sample counts are bounded by the plan (screened above), so the float conversion is exact.
-        weight = 1.0 if self.config.dp_mode is not DPMode.OFF else float(header.num_samples)
+            self.files.spool(header.round, self.machine.attempt, device, payload)
         progress.folded = True
-        self.strategy.add(frame.arrays, weight)
+        self.strategy.add(frame.arrays, self._weight(header))
         if frame.header.dp is not None and frame.header.dp.unclipped:
             self._unclipped += 1
         if self.book is not None:
@@ -705,35 +669,53 @@ class CoordinatorService:
         # larger than that, however small its frame.
         return max(4 * self.config.max_update_bytes, 10 * self.numel)
 
-    def _check_dp_bound(self, header: FrameHeader, update: A.ModelArrays) -> str | None:
-        if self.config.dp_mode is DPMode.OFF or self.plan is None or self.plan.dp is None:
-            return None
-        from fedmqtt.privacy import max_accepted_norm
-
-        dp = self.plan.dp
-        bound = max_accepted_norm(dp.clip, dp.device_noise_std, self.numel)
-        bound += _quantisation_margin(update, self.codec)
-        norm = A.l2_norm(update)
-        if norm > bound:
-            return f"update norm {norm:.4g} exceeds the clip bound {dp.clip:g} (+ noise margin: {bound:.4g})"
-        return None
-
     # ------------------------------------------------------------------------------------ actions
 
-    def _execute(self, actions: list[Any]) -> None:
+    def _execute(self, actions: list[M.Action]) -> None:
         for action in actions:
             if self.exit_code is not None:
                 return  # the job ended (e.g. stopped by the privacy budget): the rest of the batch is void
-            handler = getattr(self, f"_on_{type(action).__name__}", None)
-            if handler is None:
-                raise FedmqttError(f"coordinator has no handler for machine action {type(action).__name__}")
-            handler(action)
+            match action:
+                case M.OpenRound():
+                    self._open_round(action)
+                case M.UpdateAccepted():
+                    self._event(
+                        EventType.UPDATE_ACCEPTED,
+                        round=action.round,
+                        device=action.device,
+                        detail=f"{action.num_samples} samples",
+                    )
+                    self._maybe_publish_status(force=True)
+                case M.UpdateRefused():
+                    self.refused_total += 1
+                    log.info("refused update from %s: %s (%s)", action.device, action.reason, action.detail)
+                    self._event(
+                        EventType.UPDATE_REFUSED,
+                        round=action.round,
+                        device=action.device,
+                        reason=action.reason,
+                        detail=action.detail,
+                    )
+                case M.CloseRound():
+                    self._close_round(action)
+                case M.RoundFailed():
+                    self._round_failed(action)
+                case M.JobFinished():
+                    self._event(EventType.JOB_FINISHED, detail=action.reason)
+                    self._finish(0)
+                case M.JobStopped():
+                    self._event(EventType.JOB_STOPPED, detail=action.reason)
+                    self._finish(EXIT_CODES[action.cause])
+                case M.DeviceOnline():
+                    self._event(EventType.DEVICE_ONLINE, device=action.device)
+                case M.DeviceOffline():
+                    self._event(EventType.DEVICE_OFFLINE, device=action.device)
+                case M.StatusChanged():
+                    self._maybe_publish_status(force=True)
+                case _:
+                    raise FedmqttError(f"coordinator has no handler for machine action {type(action).__name__}")
 
-    def _on_OpenRound(self, a: Any) -> None:
-        if self.accountant is not None and self.accountant.target_epsilon is not None and self.accountant.would_exceed():
-            # e.g. after an empty Poisson draw was charged: never open a round that would pass the target
-            self._execute(self.machine.stop(self._budget_reason(), self.clock()))
-            return
+    def _open_round(self, a: M.OpenRound) -> None:
         self.strategy.begin_round(self.global_arrays)
         self._unclipped = 0
         self._tainted = None
@@ -754,23 +736,8 @@ class CoordinatorService:
         self._checkpoint()
         self._maybe_publish_status(force=True)
 
-    def _make_plan(self, a: Any) -> Plan:
+    def _make_plan(self, a: M.OpenRound) -> Plan:
         c = self.config
-        dp: DPPlan | None = None
-        if c.dp is not None:
-            from fedmqtt.privacy import device_noise_std
-
-            assert c.dp.sample_rate is not None  # resolved by CoordinatorConfig
-            clip = self._current_clip()
-            dp = DPPlan(
-                mode=c.dp.mode,
-                clip=clip,
-                noise_multiplier=c.dp.noise_multiplier,
-                device_noise_std=device_noise_std(c.dp.mode, c.dp.noise_multiplier, clip, c.min_updates),
-                expected_updates=c.min_updates,
-                sample_rate=c.dp.sample_rate,
-                delta=self.accountant.delta,
-            )
         return Plan(
             job=c.job,
             round=a.round,
@@ -785,58 +752,22 @@ class CoordinatorService:
             uplink=self.codec,
             model_name=c.model,
             model_hash=self.model_hash,
-            dp=dp,
+            dp=self.privacy.plan() if self.privacy is not None else None,
             trainable=c.trainable,
             run_id=self.run_id,
             max_samples=c.max_samples,
         )
 
-    def _current_clip(self) -> float:
-        if self.adaptive_clip is not None:
-            return float(self.adaptive_clip.clip)
-        assert self.config.dp is not None
-        return float(self.config.dp.clip)
-
-    def _on_UpdateAccepted(self, a: Any) -> None:
-        self._event(EventType.UPDATE_ACCEPTED, round=a.round, device=a.device, detail=f"{a.num_samples} samples")
-        self._maybe_publish_status(force=True)
-
-    def _on_UpdateRefused(self, a: Any) -> None:
-        self.refused_total += 1
-        log.info("refused update from %s: %s (%s)", a.device, a.reason, a.detail)
-        self._event(EventType.UPDATE_REFUSED, round=a.round, device=a.device, reason=a.reason, detail=a.detail)
-
-    def _on_DeviceOnline(self, a: Any) -> None:
-        self._event(EventType.DEVICE_ONLINE, device=a.device)
-
-    def _on_DeviceOffline(self, a: Any) -> None:
-        self._event(EventType.DEVICE_OFFLINE, device=a.device)
-
-    def _on_StatusChanged(self, a: Any) -> None:
-        self._maybe_publish_status(force=True)
-
-    def _on_RoundFailed(self, a: Any) -> None:
+    def _round_failed(self, a: M.RoundFailed) -> None:
         self._event(EventType.ROUND_FAILED, round=a.round, attempt=a.attempt, detail=a.reason)
         self.strategy.begin_round(self.global_arrays)
         self._unclipped = 0
         self._tainted = None
-        self._clear_spool()
-        if a.skipped and self.accountant is not None:
-            # An empty Poisson draw still counts as a round of the sampled mechanism: charge it at the planned
-            # noise (conservative), so the ledger matches the sampling the accountant assumes.
-            self.accountant.step()
+        self.files.clear_spool()
+        if a.skipped and self.privacy is not None:
+            # An empty Poisson draw is a round of the sampled mechanism (the machine took it off the budget).
+            self.privacy.record_empty_draw()
             self._publish_privacy()
-
-    def _on_JobFinished(self, a: Any) -> None:
-        self._event(EventType.JOB_FINISHED, detail=a.reason)
-        self._finish(0)
-
-    def _on_JobStopped(self, a: Any) -> None:
-        self._event(EventType.JOB_STOPPED, detail=a.reason)
-        self._finish(0 if self._stopped_by_rule(a.reason) else 3)
-
-    def _stopped_by_rule(self, reason: str) -> bool:
-        return "privacy budget" in reason
 
     def _finish(self, code: int) -> None:
         self._maybe_publish_status(force=True)
@@ -844,26 +775,24 @@ class CoordinatorService:
         self._checkpoint()
         self.exit_code = code
 
-    def _on_CloseRound(self, a: Any) -> None:
+    def _close_round(self, a: M.CloseRound) -> None:
         self._maybe_publish_status(force=True, phase=Phase.AGGREGATING)
         started = self.clock()
         count = self.strategy.count
         denominator: float | None = None
         noise: A.ModelArrays | None = None
         c = self.config
-        if c.dp_mode is not DPMode.OFF:
-            # DP average: uniform weights and a fixed denominator m (sensitivity C/m), never sample weighting.
-            denominator = float(c.min_updates)
-            noise = self._server_noise(count)
+        if self.privacy is not None:
+            # DP average: uniform weights, the fixed denominator m (sensitivity C/m) and the policy's server noise
+            # for the clip the round was planned with.
+            denominator = self.privacy.denominator
+            clip = self.plan.dp.clip if self.plan is not None and self.plan.dp is not None else None
+            noise = self.privacy.server_noise(count, self.global_arrays, clip=clip)
         aggregate = self._aggregate_checked(a, denominator, noise)
         if aggregate is None:
             return  # the attempt failed (reported); the machine retries the round or stops the job
         self.global_arrays = aggregate
-        epsilon = self._account(count)
-        if self.adaptive_clip is not None:
-            from fedmqtt.privacy import secure_rng
-
-            self.adaptive_clip.update(self._unclipped, c.min_updates, secure_rng())
+        epsilon = self.privacy.record_round(count, self._unclipped) if self.privacy is not None else None
         accuracy, loss = self._evaluate()
         accuracy, loss = numeric.finite_or_none(accuracy), numeric.finite_or_none(loss)
         self.metrics = Metrics(accuracy=accuracy, loss=loss) if accuracy is not None else self.metrics
@@ -901,14 +830,13 @@ class CoordinatorService:
         )
         self._event(EventType.MODEL_PUBLISHED, round=a.round + 1, detail=f"model {self.model_hash[:12]}")
         self._publish_privacy()
-        if self._budget_exhausted():
-            self._execute(self.machine.stop(self._budget_reason(), self.clock()))  # checkpoints in _finish
+        self._set_round_budget()  # out of budget: the machine stops the job instead of opening the next round
         if self.exit_code is None:
             self._execute(self.machine.aggregation_done(a.round, self.clock()))
             self._checkpoint()
         # Only once a checkpoint records the round as closed may its spooled updates go: a crash before this
         # point resumes the open round from the previous checkpoint, and replaying the spool closes it again.
-        self._clear_spool()
+        self.files.clear_spool()
 
     def _aggregate_checked(
         self, a: Any, denominator: float | None, noise: A.ModelArrays | None
@@ -934,56 +862,10 @@ class CoordinatorService:
 
     # ------------------------------------------------------------------------------------ privacy
 
-    def _server_noise(self, received: int) -> A.ModelArrays | None:
-        """Noise the coordinator adds to the sum: sigma*C in central mode; in device mode the top-up that
-        restores sigma*C when only k < m updates arrived (so a short round keeps its planned privacy)."""
-        c = self.config
-        from fedmqtt.privacy import add_gaussian_noise, central_noise_std, secure_generator, topup_noise_std
-
-        assert c.dp is not None
-        clip = self.plan.dp.clip if self.plan is not None and self.plan.dp is not None else self._current_clip()
-        central = central_noise_std(c.dp_mode, self._update_noise_multiplier(), clip)
-        topup = topup_noise_std(c.dp_mode, c.dp.noise_multiplier, clip, c.min_updates, received)
-        std = float(np.hypot(central, topup))
-        if std <= 0:
-            return None
-        return add_gaussian_noise(A.zeros_like(self.global_arrays), std, secure_generator())
-
-    def _account(self, received: int) -> float | None:
-        if self.accountant is None or received == 0:
-            return None
-        from fedmqtt.privacy import effective_noise_multiplier
-
-        c = self.config
-        assert c.dp is not None
-        z = effective_noise_multiplier(
-            c.dp_mode, c.dp.noise_multiplier, c.min_updates, received, topped_up=c.dp_mode is DPMode.DEVICE
-        )
-        self.accountant.step(noise_multiplier=z)
-        epsilon = self.accountant.epsilon
-        return None if np.isinf(epsilon) else float(epsilon)
-
-    def _budget_exhausted(self) -> bool:
-        if self.accountant is None or self.accountant.target_epsilon is None:
-            return False
-        if self.machine.round >= self.config.rounds:
-            return False
-        return bool(self.accountant.would_exceed())
-
-    def _budget_reason(self) -> str:
-        return (
-            f"privacy budget: one more round would exceed target epsilon {self.accountant.target_epsilon:g} "
-            f"(spent {self.accountant.epsilon:.3f} at delta {self.accountant.delta:.2e})"
-        )
-
     def _publish_privacy(self) -> None:
-        if self.accountant is None:
-            return
-        c = self.config
-        ledger: PrivacyLedger = self.accountant.ledger(
-            job=c.job, mode=c.dp_mode, clip=self._current_clip(), now=self.clock()
-        ).model_copy(update={"run_id": self.run_id})
-        self._publish(self.topics.privacy, to_json(ledger), retain=True)
+        if self.privacy is not None:
+            ledger = self.privacy.ledger(self.config.job, self.clock(), self.run_id)
+            self._publish(self.topics.privacy, to_json(ledger), retain=True)
 
     # ------------------------------------------------------------------------------------ publishing
 
@@ -1023,9 +905,7 @@ class CoordinatorService:
 
     def status(self, phase: Phase | None = None) -> Status:
         snap = self.machine.snapshot(self.clock())
-        privacy = None
-        if self.accountant is not None and self.accountant.rounds > 0 and not np.isinf(self.accountant.epsilon):
-            privacy = PrivacySpent(epsilon=float(self.accountant.epsilon), delta=self.accountant.delta)
+        privacy = self.privacy.spent() if self.privacy is not None else None
         update: dict[str, Any] = {
             "last_metrics": self.metrics,
             "privacy": privacy,
@@ -1061,58 +941,34 @@ class CoordinatorService:
 
     # ------------------------------------------------------------------------------------ durability
 
-    def _checkpoint_path(self) -> Path:
-        assert self.config.checkpoint_dir is not None
-        return self.config.checkpoint_dir / CHECKPOINT_FILE
-
-    def _spool_root(self) -> Path:
-        assert self.config.checkpoint_dir is not None
-        return self.config.checkpoint_dir / SPOOL_DIR
-
-    def _spool(self, header: FrameHeader, device: str, payload: bytes) -> None:
-        if self.config.checkpoint_dir is None:
-            return
-        write_atomic(self._spool_root() / f"{header.round}-{self.machine.attempt}" / f"{device}.frame", payload)
-
-    def _clear_spool(self) -> None:
-        if self.config.checkpoint_dir is not None:
-            shutil.rmtree(self._spool_root(), ignore_errors=True)
-
     def _replay_spool(self) -> None:
-        folder = self._spool_root() / f"{self.machine.round}-{self.machine.attempt}"
-        marker = self._spool_root() / REPLAY_MARKER
-        if marker.exists():
+        r, attempt = self.machine.round, self.machine.attempt
+        culprit = self.files.last_replay_culprit(r, attempt)
+        if culprit is not None:
             # The last process ended while replaying this frame: it would end this one too (a poison pill).
-            culprit = folder / marker.read_text().strip()
-            if culprit.is_file() and culprit.parent == folder:
-                log.error("quarantining spooled update %s: the last replay of it ended the coordinator", culprit.name)
-                device = culprit.stem
-                self._quarantine(device, culprit.read_bytes(), "the coordinator ended while replaying this frame")
-                culprit.unlink(missing_ok=True)
-                self._event(
-                    EventType.UPDATE_REFUSED,
-                    round=self.machine.round,
-                    device=device,
-                    reason=RefusalReason.INTERNAL_ERROR,
-                    detail="the coordinator ended while replaying this update; it is quarantined",
-                )
-            marker.unlink(missing_ok=True)
-        if not folder.is_dir():
-            return
-        for path in sorted(folder.glob("*.frame")):
-            log.info("replaying spooled update %s", path.name)
-            write_atomic(marker, path.name.encode())
-            item = _Inbound(self.topics.update(path.stem), path.read_bytes(), 0, 0, self.clock())
+            device, payload = culprit
+            log.error("quarantining spooled update %s.frame: the last replay of it ended the coordinator", device)
+            self._quarantine(device, payload, "the coordinator ended while replaying this frame")
+            self._event(
+                EventType.UPDATE_REFUSED,
+                round=r,
+                device=device,
+                reason=RefusalReason.INTERNAL_ERROR,
+                detail="the coordinator ended while replaying this update; it is quarantined",
+            )
+        for device, payload in self.files.replay(r, attempt):
+            log.info("replaying spooled update %s.frame", device)
+            item = _Inbound(self.topics.update(device), payload, 0, 0, self.clock())
             try:
                 self._progress = _Progress()
-                self._handle_update(path.stem, item.payload, from_spool=True)
+                self._handle_update(device, payload, from_spool=True)
             except Exception as exc:
                 self._internal_error(item, exc)
-        marker.unlink(missing_ok=True)
 
     def _checkpoint(self) -> None:
-        if self.config.checkpoint_dir is None:
+        if not self.files.enabled:
             return
+        privacy = self.privacy.state_dict() if self.privacy is not None else {"accountant": None, "adaptive_clip": None}
         state = {
             "job": self.config.job,
             "run_id": self.run_id,
@@ -1121,21 +977,20 @@ class CoordinatorService:
             "global": dict(self.global_arrays),
             "strategy": self.strategy.state_dict(),
             "machine": self.machine.state_dict(),
-            "accountant": self.accountant.state_dict() if self.accountant is not None else None,
-            "adaptive_clip": self.adaptive_clip.state_dict() if self.adaptive_clip is not None else None,
+            **privacy,
             "history": self.history,
             "metrics": self.metrics.model_dump(mode="json") if self.metrics else None,
             "plan": self.plan.model_dump(mode="json") if self.plan else None,
             "refused_total": self.refused_total,
             "book": vars(self.book) if self.book else None,
         }
-        save_state(self._checkpoint_path(), state)
+        self.files.save(state)
 
     def _restore(self) -> None:
-        state = load_state(self._checkpoint_path())
+        state = self.files.load()
         if state.get("job") != self.config.job or state.get("model") != self.config.model:
             raise FedmqttError(
-                f"checkpoint {self._checkpoint_path()} belongs to job {state.get('job')!r} "
+                f"checkpoint {self.files.checkpoint_path} belongs to job {state.get('job')!r} "
                 f"(model {state.get('model')!r}); resume with the same --job and --model or use another "
                 "--checkpoint-dir"
             )
@@ -1143,10 +998,9 @@ class CoordinatorService:
         self.model_round = int(state["model_round"])
         self.strategy.load_state_dict(state["strategy"])
         self.machine = M.RoundMachine.from_state_dict(self._round_config(), state["machine"])
-        if self.accountant is not None and state.get("accountant") is not None:
-            self.accountant.load_state_dict(state["accountant"])
-        if self.adaptive_clip is not None and state.get("adaptive_clip") is not None:
-            self.adaptive_clip.load_state_dict(state["adaptive_clip"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state)
+        self._set_round_budget()
         self.history = list(state.get("history") or [])
         self.metrics = Metrics.model_validate(state["metrics"]) if state.get("metrics") else None
         self.plan = Plan.model_validate(state["plan"]) if state.get("plan") else None
@@ -1154,19 +1008,3 @@ class CoordinatorService:
         self.book = _RoundBook(**state["book"]) if state.get("book") else None
         # Accepted updates of the open round are replayed from the spool into a fresh accumulator.
         self.strategy.begin_round(self.global_arrays)
-
-
-def _quantisation_margin(update: A.ModelArrays, codec: CodecSpec) -> float:
-    """An upper bound on how much lossy value encoding can have grown an update's L2 norm."""
-    from fedmqtt.schema import ValueEncoding
-
-    if codec.values is ValueEncoding.FLOAT32:
-        return 0.0
-    total = 0.0
-    for v in update.values():
-        if v.size == 0:
-            continue
-        peak = float(np.max(np.abs(v)))
-        step = peak / 127.0 if codec.values is ValueEncoding.INT8 else peak * 2.0**-10
-        total += v.size * (step / 2.0) ** 2
-    return float(np.sqrt(total))
