@@ -697,9 +697,7 @@ class RoundMachine:
             # While the adapter's own link is in doubt, no will takes effect: it may be a broker shutting down.
             if now >= until and not hold_deadline:
                 del self._suspect[device]
-                actions += self._run(
-                    EventName.DEVICE_STATUS, lambda a, d=device: self._on_device_status(d, "offline", now, a)
-                )
+                actions += self._run(EventName.DEVICE_STATUS, self._offline_handler(device, now))
         return actions + self._run(EventName.TICK, lambda a: self._on_tick(now, a, hold_deadline))
 
     def aggregation_done(self, round: int, now: float) -> list[Action]:
@@ -711,6 +709,9 @@ class RoundMachine:
                 f"round {round} finished aggregating, but round {self._round} is the one closed",
             )
         return self._run(EventName.AGGREGATION_DONE, lambda actions: self._next_round(now, actions))
+
+    def _offline_handler(self, device: str, now: float) -> Callable[[list[Action]], None]:
+        return lambda actions: self._on_device_status(device, "offline", now, actions)
 
     def aggregation_failed(self, round: int, reason: str, now: float) -> list[Action]:
         """The adapter could not aggregate round ``round`` (e.g. a non-finite result): fail this attempt."""

@@ -574,7 +574,7 @@ class MqttConnection:
         delay = min(s.reconnect_max_delay, s.reconnect_min_delay * 2 ** min(self._short_lived, 16))
         if self._short_lived == 0:
             delay = s.reconnect_min_delay
-        client.reconnect_delay_set(min_delay=delay, max_delay=max(delay, s.reconnect_max_delay))  # type: ignore[arg-type]
+        client.reconnect_delay_set(min_delay=delay, max_delay=max(delay, s.reconnect_max_delay))
 
     def _handle_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         topic = message.topic
