@@ -135,6 +135,38 @@ def test_a_non_finite_aggregate_fails_the_attempt_and_the_round_is_retried(
     no_traceback(process)
 
 
+def test_one_device_with_huge_finite_values_cannot_stop_the_job(
+    mosquitto_broker: Any, make_job: Callable[[str], Job]
+) -> None:
+    """Without --max-update-norm: a selected device sends values of 0.75 x float32 max in every attempt. FedAvg
+    weights them by num_samples (10) and the product overflows, so the aggregate is not finite. The offending
+    update can be identified (it alone overflows); the issue asks that the retry go on without it, so the honest
+    device's updates close the round and the job finishes."""
+    job = make_job(mosquitto_broker.url)
+    process = job.start("--rounds", "1", "--min-updates", "2", "--min-updates-at-deadline", "1", "--round-timeout", "4",
+                        "--max-attempts", "3")  # fmt: skip
+    job.devices.online("d1", "d2")
+    job.view.coordinator = None  # the job may stop after its last attempt: its end is read below
+
+    def closed_or_failed(attempt: int) -> object | None:
+        failed = (e for e in job.view.events if e.type is EventType.ROUND_FAILED and e.attempt == attempt)
+        return job.view.summaries.get(1) or next(failed, None)
+
+    for attempt in range(3):
+        plan = job.view.wait_plan(1, attempt=attempt)
+        if "d1" in plan.selected:
+            job.devices.send("d1", job.frame(1, "d1", 0.75 * F32_MAX))
+        job.devices.send("d2", job.frame(1, "d2", 0.01))
+        job.view.wait_until(f"attempt {attempt} to close or fail", lambda a=attempt: closed_or_failed(a))
+        if 1 in job.view.summaries:
+            break
+    code = process.wait(timeout=WAIT)
+    failures = [e.detail for e in job.view.events if e.type is EventType.ROUND_FAILED]
+    assert code == 0 and 1 in job.view.summaries, f"exit {code}; round failures: {failures}\n{process.log()}"
+    assert "d2" in job.view.summaries[1].participants
+    no_traceback(process)
+
+
 # ------------------------------------------------------------------------------------------ 3. poison pills
 
 POISON = 0.0123  # the value of the update whose handling raises
