@@ -5,14 +5,16 @@ use them; only MQTT is left out (it moves bytes and does not change them):
 
 - data: ``fedmqtt.data.load_dataset`` and ``partition`` (IID, Dirichlet 0.5) of the MNIST training split;
 - selection: ``fedmqtt.privacy.poisson_select`` with rate q (each device independently);
+- the round's privacy: ``fedmqtt.privacy.policy.RoundPrivacy``, the policy the coordinator runs its rounds with
+  (plan, uniform weights, fixed denominator m = round(qN), server noise, accounting), δ = 1e-5;
 - each selected device: ``fedmqtt.training.train_local`` from the global model, update = trained − global,
-  ``fedmqtt.privacy.clip_and_noise`` with ``device_noise_std`` (σC/√m in device mode, 0 in central mode), then
-  ``fedmqtt.codecs.encode_frame`` with the int8 uplink and ``decode_frame`` on the coordinator's side;
-- coordinator: a ``fedmqtt.coordinator.aggregation`` strategy, every update weighted ``DP_UPDATE_WEIGHT`` (1.0),
-  divided by the fixed m = round(qN); noise σC on the sum in central mode (``central_noise_std``) or the top-up
-  σC·√(1 − k/m) in device mode when k < m (``topup_noise_std``), as ``CoordinatorService._server_noise`` does;
-- accounting: ``fedmqtt.privacy.JobAccountant`` stepped with ``effective_noise_multiplier`` per aggregated round
-  and with σ for an empty Poisson draw (as the coordinator charges it), δ = 1e-5.
+  ``fedmqtt.privacy.clip_and_noise`` with the plan's ``device_noise_std`` (σC/√m in device mode, 0 in central
+  mode), then ``fedmqtt.codecs.encode_frame`` with the int8 uplink and ``decode_frame`` on the coordinator's side;
+- coordinator: a ``fedmqtt.coordinator.aggregation`` strategy, every update weighted ``policy.update_weight``
+  (1.0), divided by ``policy.denominator`` (m), plus ``policy.server_noise`` (σC on the sum in central mode, the
+  top-up σC·√(1 − k/m) in device mode when k < m);
+- accounting: ``policy.record_round`` per aggregated round (the effective noise multiplier) and
+  ``policy.record_empty_draw`` for an empty Poisson draw, as the coordinator charges them.
 
 The non-private run of each configuration uses the same pieces without clip and noise, weighted by sample count
 (plain FedAvg), as the coordinator does with DP off.
@@ -64,19 +66,8 @@ from fedmqtt.codecs import decode_frame, encode_frame
 from fedmqtt.coordinator.aggregation import build_strategy, parse_strategy_params
 from fedmqtt.data import ImageDataset, load_dataset, partition, resolve_data_dir
 from fedmqtt.models import build_model, get_arrays, head_parameter_names, set_arrays
-from fedmqtt.privacy import (
-    DP_UPDATE_WEIGHT,
-    JobAccountant,
-    add_gaussian_noise,
-    central_noise_std,
-    check_dp_compatible,
-    clip_and_noise,
-    device_noise_std,
-    effective_noise_multiplier,
-    noise_multiplier_for_budget,
-    poisson_select,
-    topup_noise_std,
-)
+from fedmqtt.privacy import check_dp_compatible, clip_and_noise, noise_multiplier_for_budget, poisson_select
+from fedmqtt.privacy.policy import RoundPrivacy
 from fedmqtt.schema import CodecSpec, DPAnnouncement, FrameKind
 from fedmqtt.training import TrainingDiverged, evaluate, train_local
 
@@ -406,14 +397,17 @@ def simulate(
     rng = np.random.default_rng([s.seed, 1])
     noise_generator = torch.Generator()
     noise_generator.manual_seed(s.seed * 7919 + 17)
-    accountant = None
+    policy: RoundPrivacy | None = None
     announcement = None
     per_device_std = 0.0
     if s.private:
         check_dp_compatible(s.strategy, s.mode)
-        accountant = JobAccountant(s.sigma, s.q, DELTA)
-        per_device_std = device_noise_std(s.mode, s.sigma, s.clip, m)
+        policy = RoundPrivacy(
+            mode=s.mode, clip=s.clip, noise_multiplier=s.sigma, sample_rate=s.q, expected_updates=m, delta=DELTA
+        )
+        per_device_std = policy.plan().device_noise_std
         announcement = DPAnnouncement(mode=s.mode, clip=s.clip, noise_std=per_device_std)  # type: ignore[arg-type]
+    accountant = policy.accountant if policy is not None else None
 
     started = time.perf_counter()
     curve: list[tuple[int, float]] = []
@@ -430,8 +424,8 @@ def simulate(
         selected_total += len(selected)
         if not selected:
             empty += 1
-            if accountant is not None:
-                accountant.step()  # the coordinator charges an empty draw at the planned σ
+            if policy is not None:
+                policy.record_empty_draw()  # as the coordinator charges it
             continue
         strategy.begin_round(global_arrays)
         for device in selected:
@@ -464,7 +458,7 @@ def simulate(
                 dp=announcement,
             )
             received = decode_frame(frame, expected_manifest=manifest).arrays
-            strategy.add(received, DP_UPDATE_WEIGHT if s.private else float(result.num_samples))
+            strategy.add(received, policy.update_weight if policy is not None else float(result.num_samples))
         if strategy.count == 0:
             # Every selected device diverged: the global model no longer trains (the coordinator would fail the
             # round, unaccounted, and retry it forever). Record where it happened and stop.
@@ -472,17 +466,11 @@ def simulate(
             rounds_run = round_number - 1  # the rounds that were aggregated (or charged as empty draws)
             progress(f"  {s.label()}: every selected device diverged in round {round_number}; stopping the run")
             break
-        if s.private:
-            assert accountant is not None
+        if policy is not None:
             k = strategy.count
-            server_std = math.hypot(
-                central_noise_std(s.mode, s.sigma, s.clip), topup_noise_std(s.mode, s.sigma, s.clip, m, k)
-            )
-            noise = add_gaussian_noise(A.zeros_like(global_arrays), server_std, noise_generator) if server_std else None
-            global_arrays = strategy.aggregate(denominator=float(m), noise=noise)
-            accountant.step(
-                noise_multiplier=effective_noise_multiplier(s.mode, s.sigma, m, k, topped_up=s.mode == "device")
-            )
+            noise = policy.server_noise(k, global_arrays, generator=noise_generator)
+            global_arrays = strategy.aggregate(denominator=policy.denominator, noise=noise)
+            policy.record_round(k)
         else:
             global_arrays = strategy.aggregate()
         if round_number % eval_every == 0 or round_number == s.rounds:

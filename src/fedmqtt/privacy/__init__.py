@@ -7,6 +7,8 @@ Pure and synchronous: values in, values out. torch and opacus are imported on fi
 - :mod:`.ledger`: a device's own persisted ledger and budget.
 - :mod:`.sampling`: Poisson selection of devices.
 - :mod:`.adaptive`: adaptive clipping (Andrew et al. 2021).
+- :mod:`.policy`: :class:`RoundPrivacy`, a DP job's round policy (plan, norm bound, server noise, accounting,
+  budget) that the coordinator and the privacy benchmark share.
 """
 
 from fedmqtt.privacy.accountant import (
@@ -44,6 +46,7 @@ from fedmqtt.privacy.mechanism import (
     secure_generator,
     topup_noise_std,
 )
+from fedmqtt.privacy.policy import RoundBudget, RoundPrivacy, check_update_norm
 from fedmqtt.privacy.sampling import poisson_select, secure_rng
 
 __all__ = [
@@ -56,11 +59,14 @@ __all__ = [
     "NonFiniteUpdate",
     "PrivacyError",
     "PrivacyStateError",
+    "RoundBudget",
+    "RoundPrivacy",
     "UnboundedEpsilon",
     "add_gaussian_noise",
     "central_noise_std",
     "check_adaptive_clip_compatible",
     "check_dp_compatible",
+    "check_update_norm",
     "clip_and_noise",
     "clip_update",
     "combined_noise_multiplier",
