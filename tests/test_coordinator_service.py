@@ -456,7 +456,7 @@ def test_a_bad_configuration_is_refused_before_connecting() -> None:
     elapsed = time.monotonic() - started
     stderr = result.stderr.decode()
     assert result.returncode == 1, stderr
-    assert "fedmqtt coordinator: error: devices_per_round: must be >= min_updates" in stderr
+    assert "fedmqtt coordinator: error: --devices-per-round: must be >= --min-updates" in stderr
     assert "Traceback" not in stderr
     assert elapsed < 20  # connecting to the closed port would take the 30 s connect timeout
 

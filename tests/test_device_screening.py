@@ -203,6 +203,14 @@ def test_a_device_never_selected_still_ends_with_the_run_it_listened_to() -> Non
     assert s.on_status(status(Phase.FINISHED), live=True) is True  # published while it listened
 
 
+def test_a_run_that_ends_before_any_plan_ends_a_listening_device() -> None:
+    """A privacy budget too small for round 1 stops the job before any plan: a device that was listening must
+    still obey the live stopped status (--exit-on-finish), while the same status replayed as retained is not."""
+    s = screen()
+    assert s.on_status(status(Phase.STOPPED, run_id=RUN_B), live=False) is False
+    assert s.on_status(status(Phase.STOPPED, run_id=RUN_B), live=True) is True
+
+
 def test_a_live_plan_joins_its_run() -> None:
     s = screen()
     s.observe(plan(selected=("d2",)), live=True)

@@ -265,8 +265,9 @@ class DeviceScreen:
 
         It does when it says finished/stopped and its run is the one this device serves: the run it last
         answered a plan of or received a live plan of. A device that has joined no run yet accepts a status
-        published live for a run it has seen a plan of (it was listening when that run ended); a retained
-        status replayed on subscribing is the previous run's news and is not obeyed.
+        published live (it was listening when the job ended, e.g. a privacy budget too small for round 1 ends
+        a run before any plan); a retained status replayed on subscribing is the previous run's news and is not
+        obeyed.
         """
         if status.job != self.job:
             return False
@@ -276,7 +277,7 @@ class DeviceScreen:
         _remember(self.ended_runs, status.run_id, None, MAX_RUNS)
         if self.joined:
             return status.run_id == self.current_run
-        return live and status.run_id in self.seen_runs
+        return live
 
     # --- persistence ------------------------------------------------------------------------------
 
