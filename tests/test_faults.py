@@ -244,7 +244,7 @@ def test_a_frame_that_ended_a_replay_is_quarantined_on_resume(
 ) -> None:
     """The crash loop: a spooled frame named by the replay marker (what a process that died while replaying it
     leaves) is quarantined by --resume instead of replayed again; the job finishes."""
-    from fedmqtt.coordinator.service import QUARANTINE_DIR, REPLAY_MARKER, SPOOL_DIR
+    from fedmqtt.coordinator.durability import QUARANTINE_DIR, REPLAY_MARKER, SPOOL_DIR
 
     ckpt = tmp_path / "ckpt"
     job = make_job(mosquitto_broker.url)
