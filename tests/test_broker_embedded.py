@@ -56,7 +56,9 @@ def test_stop_closes_connected_clients() -> None:
     broker = EmbeddedBroker()
     broker.start()
     client = MqttConnection(
-        ClientSettings.from_url(broker.url, "c-" + uuid.uuid4().hex[:8], reconnect_min_delay=5.0, reconnect_max_delay=5.0)
+        ClientSettings.from_url(
+            broker.url, "c-" + uuid.uuid4().hex[:8], reconnect_min_delay=5.0, reconnect_max_delay=5.0
+        )
     )
     client.connect()
     try:

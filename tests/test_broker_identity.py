@@ -194,7 +194,9 @@ def test_one_connection_per_account_a_second_one_takes_the_first_over(
         ClientSettings.from_url(url, client_id="fedmqtt-job-a-d1", protocol="5", clean_start=True),
         on_disconnected=lambda reason, _: drops.append(reason),
     )
-    second = connections.open(ClientSettings.from_url(url, client_id="fedmqtt-job-b-d1", protocol="5", clean_start=True))
+    second = connections.open(
+        ClientSettings.from_url(url, client_id="fedmqtt-job-b-d1", protocol="5", clean_start=True)
+    )
     assert second.is_connected
     assert _wait_until(lambda: len(drops) == 1), "the first connection of the account was not closed"
     first.close()  # before its reconnect takes the account's connection back

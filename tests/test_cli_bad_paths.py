@@ -89,7 +89,12 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("coordinator", [*TLS_COORDINATOR, "--tls-ca", "garbage.bin"], "--tls-ca", "garbage.bin"),
     ("coordinator", [*TLS_COORDINATOR, "--tls-ca", "badpem.crt"], "--tls-ca", "badpem.crt"),
     ("coordinator", [*TLS_COORDINATOR, "--tls-ca", "tls/server.key"], "--tls-ca", "tls/server.key"),
-    ("coordinator", [*COORDINATOR, "--username", "u", "--password-file", "missing.pw"], "--password-file", "missing.pw"),
+    (
+        "coordinator",
+        [*COORDINATOR, "--username", "u", "--password-file", "missing.pw"],
+        "--password-file",
+        "missing.pw",
+    ),
     ("coordinator", [*COORDINATOR, "--username", "u", "--password-file", "adir"], "--password-file", "adir"),
     # device
     ("device", [*DEVICE, "--username", "u", "--password-file", "garbage.bin"], "--password-file", "garbage.bin"),

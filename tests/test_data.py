@@ -108,8 +108,9 @@ def test_synthetic_set_is_reproducible_and_balanced(tmp_path: Path) -> None:
 def test_write_idx_dataset_rejects_bad_sizes(tmp_path: Path, bad: dict[str, int]) -> None:
     sizes = {"num_train": 10, "num_test": 10, "num_classes": 10, **bad}
     with pytest.raises(ConfigError) as caught:
-        write_idx_dataset(tmp_path, seed=0, num_train=sizes["num_train"], num_test=sizes["num_test"],
-                          num_classes=sizes["num_classes"])
+        write_idx_dataset(
+            tmp_path, seed=0, num_train=sizes["num_train"], num_test=sizes["num_test"], num_classes=sizes["num_classes"]
+        )
     assert caught.value.field == next(iter(bad))
 
 
@@ -365,9 +366,26 @@ def test_partition_spec_parses_accepted_forms(text: str, expected: PartitionSpec
 
 @pytest.mark.parametrize(
     "text",
-    ["", "random", "iid:", "iid:2", "iid:unequal=0", "iid:unequal=x", "iid:unequal=11", "shards", "shards:0",
-     "shards:-1", "shards:1.5", "dirichlet", "dirichlet:0", "dirichlet:-1", "dirichlet:inf", "dirichlet:nan",
-     "dirichlet:abc", "shards:2:unequal"],
+    [
+        "",
+        "random",
+        "iid:",
+        "iid:2",
+        "iid:unequal=0",
+        "iid:unequal=x",
+        "iid:unequal=11",
+        "shards",
+        "shards:0",
+        "shards:-1",
+        "shards:1.5",
+        "dirichlet",
+        "dirichlet:0",
+        "dirichlet:-1",
+        "dirichlet:inf",
+        "dirichlet:nan",
+        "dirichlet:abc",
+        "shards:2:unequal",
+    ],
 )
 def test_partition_spec_rejects_bad_strings_naming_the_accepted_forms(text: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -390,8 +408,19 @@ def test_unparseable_spec_lists_every_form() -> None:
 @st.composite
 def partition_cases(draw: st.DrawFn) -> tuple[np.ndarray, str, int, int]:
     spec = draw(
-        st.sampled_from(["iid", "iid:unequal", "iid:unequal=3", "shards:1", "shards:2", "shards:3",
-                         "dirichlet:0.01", "dirichlet:0.5", "dirichlet:100"])
+        st.sampled_from(
+            [
+                "iid",
+                "iid:unequal",
+                "iid:unequal=3",
+                "shards:1",
+                "shards:2",
+                "shards:3",
+                "dirichlet:0.01",
+                "dirichlet:0.5",
+                "dirichlet:100",
+            ]
+        )
     )
     per_part = PartitionSpec.parse(spec).shards_per_part or 1
     size = draw(st.integers(per_part, 400))

@@ -122,6 +122,10 @@ def test_a_non_finite_aggregate_fails_the_attempt_and_the_round_is_retried(
     failed = job.view.wait_event(EventType.ROUND_FAILED, round=1, attempt=0)
     assert "aggregation failed" in failed.detail and "NaN or infinity" in failed.detail
     job.view.wait_plan(1, attempt=1)
+    # The retry goes on without the offending update: the same update again is refused on its own.
+    job.devices.send("d1", job.frame(1, "d1", 0.75 * F32_MAX))
+    refused = job.view.wait_event(EventType.UPDATE_REFUSED, device="d1", reason=RefusalReason.NORM_TOO_LARGE)
+    assert "applied alone" in refused.detail
     for device in ("d1", "d2"):
         job.devices.send(device, job.frame(1, device, 0.01))
     summary = job.view.wait_summary(1)
@@ -267,6 +271,43 @@ def test_a_frame_that_ended_a_replay_is_quarantined_on_resume(
     assert "ended while replaying" in event.detail
     assert [p.read_bytes() for p in (ckpt / QUARANTINE_DIR).glob("*.frame")] == [culprit]
     assert not spooled.exists() and not (ckpt / SPOOL_DIR / REPLAY_MARKER).exists()
+    job.devices.send("d2", job.frame(1, "d2", 0.01))
+    job.devices.send("d3", job.frame(1, "d3", 0.01))
+    assert job.view.wait_summary(1).participants == ("d2", "d3")
+    job.view.wait_event(EventType.JOB_FINISHED)
+    assert second.wait(timeout=WAIT) == 0
+    no_traceback(second)
+
+
+def test_an_update_that_ended_the_process_live_is_quarantined_when_the_broker_delivers_it_again(
+    mosquitto_broker: Any, make_job: Callable[[str], Job], tmp_path: Path
+) -> None:
+    """The live crash loop: the coordinator dies while handling an update it has not acknowledged, so the broker
+    delivers it again to every restart. The digest it left in CHECKPOINT/in-hand makes --resume refuse and
+    quarantine that update instead of handling it; the round closes with the others."""
+    import hashlib
+
+    from fedmqtt.coordinator.durability import IN_HAND_MARKER, QUARANTINE_DIR
+
+    ckpt = tmp_path / "ckpt"
+    job = make_job(mosquitto_broker.url)
+    flags = ("--rounds", "1", "--min-updates", "2", "--min-devices", "3", "--round-timeout", "60",
+             "--checkpoint-dir", str(ckpt))  # fmt: skip
+    first = job.start(*flags)
+    job.devices.online("d1", "d2", "d3")
+    job.view.wait_plan(1)
+    first.kill()
+    culprit = job.frame(1, "d1", 0.01)
+    # What a process that died handling this frame leaves behind; the frame itself waits, unacknowledged, in the
+    # coordinator's persistent session at the broker.
+    (ckpt / IN_HAND_MARKER).write_text(hashlib.blake2b(culprit, digest_size=16).hexdigest())
+    job.devices.send("d1", culprit)
+
+    second = job.start(*flags, "--resume")
+    event = job.view.wait_refusal("d1", R.INTERNAL_ERROR)
+    assert "ended while handling this very update" in event.detail
+    assert [p.read_bytes() for p in (ckpt / QUARANTINE_DIR).glob("*.frame")] == [culprit]
+    assert not (ckpt / IN_HAND_MARKER).exists()
     job.devices.send("d2", job.frame(1, "d2", 0.01))
     job.devices.send("d3", job.frame(1, "d3", 0.01))
     assert job.view.wait_summary(1).participants == ("d2", "d3")

@@ -55,15 +55,22 @@ def test_cnn_manifest_is_mcmahans_network() -> None:
 
 def test_seed_cnn_and_mlp_manifests() -> None:
     assert [(e.name, e.shape) for e in model_manifest("seed-cnn")] == [
-        ("conv1.weight", (32, 1, 3, 3)), ("conv1.bias", (32,)),
-        ("conv2.weight", (64, 32, 3, 3)), ("conv2.bias", (64,)),
-        ("fc1.weight", (128, 9216)), ("fc1.bias", (128,)),
-        ("fc2.weight", (10, 128)), ("fc2.bias", (10,)),
+        ("conv1.weight", (32, 1, 3, 3)),
+        ("conv1.bias", (32,)),
+        ("conv2.weight", (64, 32, 3, 3)),
+        ("conv2.bias", (64,)),
+        ("fc1.weight", (128, 9216)),
+        ("fc1.bias", (128,)),
+        ("fc2.weight", (10, 128)),
+        ("fc2.bias", (10,)),
     ]
     assert [(e.name, e.shape) for e in model_manifest("mlp")] == [
-        ("fc1.weight", (200, 784)), ("fc1.bias", (200,)),
-        ("fc2.weight", (200, 200)), ("fc2.bias", (200,)),
-        ("fc3.weight", (10, 200)), ("fc3.bias", (10,)),
+        ("fc1.weight", (200, 784)),
+        ("fc1.bias", (200,)),
+        ("fc2.weight", (200, 200)),
+        ("fc2.bias", (200,)),
+        ("fc3.weight", (10, 200)),
+        ("fc3.bias", (10,)),
     ]
 
 
@@ -163,8 +170,11 @@ def _mutations() -> list[tuple[str, object, str]]:
     return [
         ("missing", lambda a: {k: v for k, v in a.items() if k != "fc2.bias"}, "missing fc2.bias (200,)"),
         ("extra", lambda a: {**a, "fc4.weight": np.zeros((2, 2), np.float32)}, "unexpected fc4.weight (2, 2)"),
-        ("shape", lambda a: {**a, "fc3.weight": np.zeros((3, 200), np.float32)},
-         "fc3.weight has shape (3, 200), the model needs (10, 200)"),
+        (
+            "shape",
+            lambda a: {**a, "fc3.weight": np.zeros((3, 200), np.float32)},
+            "fc3.weight has shape (3, 200), the model needs (10, 200)",
+        ),
         ("other model", lambda a: get_arrays(build_model("cnn")), "missing fc3.weight (10, 200)"),
     ]
 

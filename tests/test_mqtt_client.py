@@ -344,7 +344,9 @@ def test_unreachable_broker_is_reported_after_the_timeout() -> None:
 
 
 def test_mqtt5_only_against_the_embedded_broker_fails_clearly(embedded_broker: EmbeddedBroker) -> None:
-    connection = MqttConnection(ClientSettings.from_url(embedded_broker.url, f"c-{uuid.uuid4().hex[:10]}", protocol="5"))
+    connection = MqttConnection(
+        ClientSettings.from_url(embedded_broker.url, f"c-{uuid.uuid4().hex[:10]}", protocol="5")
+    )
     with pytest.raises(BrokerUnreachable, match=r"3\.1\.1 only"):
         connection.connect(timeout=1.5)
     assert issubclass(ProtocolUnsupported, MqttError)

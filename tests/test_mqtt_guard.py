@@ -74,7 +74,9 @@ def test_process_limit_is_below_what_select_can_watch() -> None:
 def test_connections_count_while_open_and_failed_connects_give_back(embedded_broker: EmbeddedBroker) -> None:
     before = CONNECTION_BUDGET.live
     threads_before = set(threading.enumerate())
-    connections = [MqttConnection(ClientSettings.from_url(embedded_broker.url, f"c-{uuid.uuid4().hex[:10]}")) for _ in range(2)]
+    connections = [
+        MqttConnection(ClientSettings.from_url(embedded_broker.url, f"c-{uuid.uuid4().hex[:10]}")) for _ in range(2)
+    ]
     for connection in connections:
         connection.connect()
     assert CONNECTION_BUDGET.live == before + 2
@@ -83,7 +85,9 @@ def test_connections_count_while_open_and_failed_connects_give_back(embedded_bro
     assert CONNECTION_BUDGET.live == before
     assert set(threading.enumerate()) - threads_before == set()  # paho's network threads were joined
 
-    unreachable = MqttConnection(ClientSettings.from_url(f"mqtt://127.0.0.1:{find_free_port()}", f"c-{uuid.uuid4().hex[:10]}"))
+    unreachable = MqttConnection(
+        ClientSettings.from_url(f"mqtt://127.0.0.1:{find_free_port()}", f"c-{uuid.uuid4().hex[:10]}")
+    )
     with pytest.raises(BrokerUnreachable):
         unreachable.connect(timeout=0.5)
     assert CONNECTION_BUDGET.live == before
@@ -120,7 +124,9 @@ def test_a_socket_above_the_select_limit_is_refused(embedded_broker: EmbeddedBro
             fillers.append(fd)
             if fd >= SELECT_FD_LIMIT - 1:
                 break
-        connection = MqttConnection(ClientSettings.from_url(embedded_broker.url, f"c-{uuid.uuid4().hex[:10]}", protocol="3.1.1"))
+        connection = MqttConnection(
+            ClientSettings.from_url(embedded_broker.url, f"c-{uuid.uuid4().hex[:10]}", protocol="3.1.1")
+        )
         with pytest.raises(TooManyClients, match="file descriptor"):
             connection.connect()
     finally:

@@ -74,8 +74,9 @@ def test_four_devices_three_rounds_of_fedavg_learn_the_synthetic_set(
         total = A.zeros_like(start)
         for device, part in enumerate(parts):
             set_arrays(device_model, start)
-            result = train_local(device_model, train.subset(part), epochs=1, batch_size=10, lr=0.05,
-                                 seed=100 * round_number + device)
+            result = train_local(
+                device_model, train.subset(part), epochs=1, batch_size=10, lr=0.05, seed=100 * round_number + device
+            )
             total = A.add(total, A.scale(model_delta(device_model, start), result.num_samples / len(train)))
         set_arrays(global_model, A.add(start, total))
     accuracy, _ = evaluate(global_model, test)
@@ -183,8 +184,7 @@ def test_momentum_and_weight_decay_change_the_result(synthetic: tuple[ImageDatas
     outcomes = []
     for momentum, weight_decay in ((0.0, 0.0), (0.9, 0.0), (0.0, 0.1)):
         model = build_model("mlp", seed=0)
-        train_local(model, part, epochs=1, batch_size=10, lr=0.05, momentum=momentum, weight_decay=weight_decay,
-                    seed=0)
+        train_local(model, part, epochs=1, batch_size=10, lr=0.05, momentum=momentum, weight_decay=weight_decay, seed=0)
         outcomes.append(get_arrays(model))
     assert not arrays_equal(outcomes[0], outcomes[1])
     assert not arrays_equal(outcomes[0], outcomes[2])

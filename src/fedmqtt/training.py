@@ -175,9 +175,7 @@ def train_local(
             epoch_loss = float(loss_sum) / num_samples
             if not math.isfinite(epoch_loss):
                 raise TrainingDiverged(epoch + 1, steps, lr)
-    return TrainResult(
-        num_samples=num_samples, num_steps=steps, loss=epoch_loss, seconds=time.perf_counter() - started
-    )
+    return TrainResult(num_samples=num_samples, num_steps=steps, loss=epoch_loss, seconds=time.perf_counter() - started)
 
 
 def evaluate(model: nn.Module, dataset: ImageDataset, *, batch_size: int = 1000) -> tuple[float, float]:

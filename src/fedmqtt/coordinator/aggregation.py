@@ -30,7 +30,6 @@ from fedmqtt.arrays import ModelArrays, flatten, manifest_of, unflatten
 from fedmqtt.coordinator.errors import AggregationError, StateDictError
 from fedmqtt.errors import ConfigError
 
-
 # ---------------------------------------------------------------------------------------------------
 # Parameter validation
 # ---------------------------------------------------------------------------------------------------
@@ -232,7 +231,8 @@ class FedAvg(Strategy):
         for k, s in self._sum.items():
             # w·u in float64 without allocating: the product goes into the reused scratch buffer.
             product = self._scratch[: s.size].reshape(s.shape)
-            np.multiply(update[k], weight, out=product)
+            # dtype: NumPy 2 would pick the float32 loop for a float32 update and overflow before the cast.
+            np.multiply(update[k], weight, out=product, dtype=np.float64)
             s += product
         self._weight += weight
 
@@ -630,8 +630,7 @@ class Krum(_Buffered):
 
     def requirement(self) -> str:
         return (
-            f"krum with f={self.f}, m={self.m} needs at least {self.min_updates} updates "
-            "(n >= 2f + 3 and m <= n - f)"
+            f"krum with f={self.f}, m={self.m} needs at least {self.min_updates} updates (n >= 2f + 3 and m <= n - f)"
         )
 
     def scores(self, updates: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:

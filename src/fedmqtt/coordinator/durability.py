@@ -6,6 +6,7 @@
       coordinator.npz            the job's state after the last round opened or closed (fedmqtt.checkpoint)
       spool/ROUND-ATTEMPT/D.frame every update accepted in the open attempt, written before it is acknowledged
       spool/replaying            names the spooled frame being replayed on --resume (a crash leaves it behind)
+      in-hand                    the digest of the update being handled live (a crash leaves it behind)
       quarantine/STAMP.frame     frames that broke the coordinator, never replayed, with STAMP.txt saying why
 
 Every file is written atomically and durably (:mod:`fedmqtt.atomic`). No network and no job logic: the service
@@ -28,6 +29,9 @@ SPOOL_DIR = "spool"
 QUARANTINE_DIR = "quarantine"
 # Names the spooled frame being replayed: found at start-up, it is the frame that ended the last process.
 REPLAY_MARKER = "replaying"
+# The digest of the update being handled live: found at start-up, the broker will deliver that update again (it was
+# never acknowledged), and it is refused instead of ending this process too.
+IN_HAND_MARKER = "in-hand"
 FRAME_SUFFIX = ".frame"
 
 
@@ -116,6 +120,30 @@ class Durability:
                 write_atomic(marker, path.name.encode())
                 yield path.stem, path.read_bytes()
         marker.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------------ live updates in hand
+
+    def hold(self, digest: str) -> None:
+        """Note the update about to be handled. Not fsynced: it guards against the process dying (the page cache
+        survives that), and costs one small write per update."""
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / IN_HAND_MARKER).write_text(digest)
+
+    def release(self) -> None:
+        if self.directory is not None:
+            (self.directory / IN_HAND_MARKER).unlink(missing_ok=True)
+
+    def take_in_hand(self) -> str | None:
+        """The digest of the update the last process was handling when it ended (None if it ended cleanly)."""
+        if self.directory is None:
+            return None
+        marker = self.directory / IN_HAND_MARKER
+        if not marker.is_file():
+            return None
+        digest = marker.read_text().strip()
+        marker.unlink(missing_ok=True)
+        return digest or None
 
     # ------------------------------------------------------------------------------------ quarantine
 

@@ -8,6 +8,7 @@ either in the spool (replayed on ``--resume``) or still queued for our persisten
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import secrets
@@ -111,6 +112,10 @@ class _Link:
         self.up_at: float | None = None  # the last reconnect (None until the first one)
 
 
+class PoisonFrame(FedmqttError):
+    """An update that ended the previous coordinator process: refused and quarantined instead of handled."""
+
+
 @dataclass
 class _Progress:
     """How far the handling of one update got (what an internal error must undo)."""
@@ -188,7 +193,10 @@ class CoordinatorService:
         self._link = _Link()
         self._instances = InstanceTracker()
         self._tainted: str | None = None  # why the open attempt's accumulator cannot be trusted
+        # (round, strategy state before the step) of the last attempt whose aggregate was not finite
+        self._failed_state: tuple[int, dict[str, Any]] | None = None
         self._progress = _Progress()
+        self._ended_last_process: set[str] = set()  # digests of updates that ended the last process
         self._announced = False  # our presence is published (republished after each reconnect)
         self._retained_status: Status | None = None
         self._retained_presence: CoordinatorPresence | None = None
@@ -247,6 +255,11 @@ class CoordinatorService:
     def run(self, *, connect_timeout: float = 30.0) -> int:
         """Connect, run the job, return the process exit code (0 = finished or stopped by a rule)."""
         self.run_id = self._checkpointed_run_id() or new_token()
+        ended = self.files.take_in_hand()
+        if ended is not None:
+            # The broker delivers that unacknowledged update again: it is refused and quarantined, not handled.
+            log.error("the last coordinator process ended while handling update %s; it will be quarantined", ended)
+            self._ended_last_process.add(ended)
         conn = MqttConnection(
             self._settings(),
             on_message=self._on_message,
@@ -522,10 +535,16 @@ class CoordinatorService:
             device = self.topics.device_of_update(item.topic)
             if device is not None:
                 self._progress = _Progress()
+                digest = hashlib.blake2b(item.payload, digest_size=16).hexdigest()
+                if digest in self._ended_last_process:
+                    self._ended_last_process.discard(digest)
+                    raise PoisonFrame("the coordinator ended while handling this very update last time")
+                self.files.hold(digest)
                 self._handle_update(device, item.payload, received_at=item.received_at)
         except Exception as exc:  # no poison pills: one message never ends the coordinator
             self._internal_error(item, exc)
         finally:
+            self.files.release()  # handled (or refused): only a process that dies leaves the marker behind
             self._ack(item)
 
     def _handle_device_status(self, device: str, item: _Inbound) -> None:
@@ -557,7 +576,12 @@ class CoordinatorService:
 
     def _internal_error(self, item: _Inbound, exc: Exception) -> None:
         summary = f"{type(exc).__name__}: {exc}"
-        log.error("internal error while handling a message on %s: %s", item.topic, summary, exc_info=exc)
+        log.error(
+            "internal error while handling a message on %s: %s",
+            item.topic,
+            summary,
+            exc_info=None if isinstance(exc, PoisonFrame) else exc,  # a known refusal: no traceback to read
+        )
         device = self.topics.device_of_update(item.topic)
         if device is None:
             return  # a status or presence message: dropped (logged); nothing was counted from it
@@ -643,6 +667,8 @@ class CoordinatorService:
             self._refuse(device, header.round, _refusal_reason(exc), str(exc))
             return
         numbers = numeric.screen_values(frame.arrays, max_norm=self.config.max_update_norm)
+        if numbers is None and self._failed_state is not None and self._failed_state[0] == header.round:
+            numbers = self._overflows_alone(frame.arrays, self._weight(header))
         if numbers is not None:
             self._refuse(device, header.round, numbers[0], numbers[1])
             return
@@ -856,9 +882,28 @@ class CoordinatorService:
             return result
         if saved is not None:
             self.strategy.load_state_dict(saved)  # server-optimizer moments must not keep a failed step
+            # Until the round closes, every new update of it must aggregate to a finite model on its own: an
+            # update that alone overflows (the one that made this attempt fail) is refused in the retries.
+            self._failed_state = (a.round, saved)
         log.error("round %d attempt %d cannot be aggregated: %s", a.round, a.attempt, problem)
         self._execute(self.machine.aggregation_failed(a.round, problem, self.clock()))
         return None
+
+    def _overflows_alone(self, arrays: A.ModelArrays, weight: float) -> tuple[RefusalReason, str] | None:
+        """After an attempt of this round failed to aggregate: would this update alone make the model
+        non-finite? (Tried on a copy of the strategy as it was before the failed step.)"""
+        assert self._failed_state is not None
+        probe = build_strategy(self.config.strategy, **self.config.strategy_params)
+        try:
+            probe.load_state_dict(self._failed_state[1])
+            probe.begin_round(self.global_arrays)
+            probe.add(arrays, weight)
+            problem = numeric.check_aggregate(probe.aggregate(denominator=None, noise=None))
+        except (AggregationError, ArithmeticError, ValueError):
+            return None  # the strategy cannot aggregate one update alone (Krum): no verdict
+        if problem is None:
+            return None
+        return RefusalReason.NORM_TOO_LARGE, f"applied alone, this update makes the model non-finite ({problem})"
 
     # ------------------------------------------------------------------------------------ privacy
 

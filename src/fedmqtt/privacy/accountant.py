@@ -285,9 +285,7 @@ class JobAccountant:
         load_history_state(self._accountant, state, "accountant state")
 
 
-def noise_multiplier_for_budget(
-    target_epsilon: float, delta: float, sample_rate: float, rounds: int
-) -> float:
+def noise_multiplier_for_budget(target_epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
     """The smallest noise multiplier (to 0.01 in ε) that keeps ``rounds`` full rounds within ``target_epsilon``.
 
     opacus's ``get_noise_multiplier`` (binary search over its RDP accountant).

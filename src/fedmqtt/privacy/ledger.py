@@ -152,9 +152,7 @@ class DeviceLedger:
                 _REMEDY,
             )
         delta = state.get("delta")
-        if delta is not None and not (
-            isinstance(delta, float) and math.isfinite(delta) and 0.0 < delta < 1.0
-        ):
+        if delta is not None and not (isinstance(delta, float) and math.isfinite(delta) and 0.0 < delta < 1.0):
             raise PrivacyStateError(source, f"delta {delta!r} is not in (0, 1)", _REMEDY)
         accountant = state.get("accountant")
         if not isinstance(accountant, Mapping):

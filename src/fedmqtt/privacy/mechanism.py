@@ -142,9 +142,7 @@ def clip_and_noise(
 # ---------------------------------------------------------------------------------------------------
 
 
-def device_noise_std(
-    mode: DPMode | str, noise_multiplier: float, clip: float, expected_updates: int
-) -> float:
+def device_noise_std(mode: DPMode | str, noise_multiplier: float, clip: float, expected_updates: int) -> float:
     """The standard deviation each device adds to its clipped update.
 
     device: ``σC/√m`` (so the sum of the ``m`` updates a round needs carries ``σC``); local: ``σC``;
