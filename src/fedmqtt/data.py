@@ -26,6 +26,7 @@ import math
 import os
 import re
 import struct
+import sys
 import urllib.request
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,6 +39,7 @@ import torch
 
 from fedmqtt.atomic import PUBLIC, atomic_file
 from fedmqtt.errors import ConfigError, FedmqttError
+from fedmqtt.extras import optional, require
 
 DATASETS = ("mnist", "fashion-mnist")
 NUM_CLASSES = 10
@@ -445,6 +447,27 @@ def _fetch(url: str, remote: RemoteFile, directory: Path, progress: Any) -> Path
     return final
 
 
+class _PlainProgress:
+    """The download's progress without rich (a device's core install): one line per file, no bar."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> _PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, description: str, total: int) -> str:
+        if self.enabled:
+            print(f"fedmqtt: {description} ({total / 1e6:.1f} MB)", file=sys.stderr, flush=True)
+        return description
+
+    def update(self, task: str, advance: int) -> None:
+        return None
+
+
 def download_dataset(
     dataset: str, directory: str | os.PathLike[str], *, mirror: str | None = None, progress: bool = True
 ) -> Path:
@@ -452,25 +475,33 @@ def download_dataset(
 
     Each file is tried from each base URL of :func:`mirror_urls` in turn (network and HTTP errors move on
     to the next), and must match its published size, sha256 and md5 (:data:`SOURCES`), else
-    :class:`DatasetChecksumMismatch`. Nothing half-written is left behind. A rich progress bar goes to stderr.
+    :class:`DatasetChecksumMismatch`. Nothing half-written is left behind. A progress bar goes to stderr (with rich,
+    the ``sim`` extra; one line per file without it).
     Raises :class:`DatasetDownloadFailed` when no source delivers a file.
     """
     _check_dataset_name(dataset)
     target = Path(directory).expanduser()
     target.mkdir(parents=True, exist_ok=True)
     urls = mirror_urls(dataset, mirror)
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    rich_progress = optional("sim", "rich.progress")
 
     with _download_lock(target):
         needed = [remote for remote in SOURCES[dataset].files if _find_file(target, remote.name[:-3]) is None]
         if not needed:
             return target
-        console = Console(stderr=True)
-        console.print(f"fedmqtt: downloading {dataset} ({len(needed)} files) from {urls[0]} into {target}")
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeRemainingColumn())  # fmt: skip
-        with Progress(*columns, console=console, disable=not progress) as bar:
+        message = f"fedmqtt: downloading {dataset} ({len(needed)} files) from {urls[0]} into {target}"
+        display: Any
+        if rich_progress is None:
+            print(message, file=sys.stderr, flush=True)
+            display = _PlainProgress(enabled=progress)
+        else:
+            console = require("sim", "rich.console").Console(stderr=True)
+            console.print(message)
+            r = rich_progress
+            columns = (r.TextColumn("{task.description}"), r.BarColumn(), r.DownloadColumn(),
+                       r.TransferSpeedColumn(), r.TimeRemainingColumn())  # fmt: skip
+            display = r.Progress(*columns, console=console, disable=not progress)
+        with display as bar:
             for remote in needed:
                 errors = []
                 for base in urls:

@@ -98,8 +98,9 @@ class MLP(nn.Module):
 
 
 def _mobilenet_v3_small(num_classes: int) -> nn.Module:
-    from torchvision.models import mobilenet_v3_small
+    from fedmqtt.extras import require
 
+    mobilenet_v3_small = require("vision", "torchvision.models", "the mobilenet-v3-small model").mobilenet_v3_small
     # weights=None: random initialisation; fedmqtt never downloads weights.
     return mobilenet_v3_small(weights=None, num_classes=num_classes)
 

@@ -112,11 +112,11 @@ def build_report(
 
 def plot_report(report: Mapping[str, Any], path: Path) -> None:
     """Accuracy and cumulative megabytes per round, side by side (matplotlib, Agg: no display needed)."""
-    import matplotlib
+    from fedmqtt.extras import require
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    require("sim", "matplotlib", "the report plot").use("Agg")
+    plt = require("sim", "matplotlib.pyplot", "the report plot")
+    MaxNLocator = require("sim", "matplotlib.ticker", "the report plot").MaxNLocator
 
     rounds = report["rounds"]
     numbers = [r["round"] for r in rounds]

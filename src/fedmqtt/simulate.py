@@ -35,6 +35,7 @@ from fedmqtt import settings as S
 from fedmqtt.coordinator.config import SETTINGS as COORDINATOR_SETTINGS
 from fedmqtt.coordinator.config import CoordinatorConfig, write_config
 from fedmqtt.errors import ConfigError, FedmqttError
+from fedmqtt.extras import require
 from fedmqtt.mqtt.settings import BROKER_FLAGS
 from fedmqtt.paths import require_input_dir, require_output_dir
 from fedmqtt.topics import Topics
@@ -477,10 +478,10 @@ class _Display:
 
     def __enter__(self) -> _Display:
         if self.is_tty:
-            from rich.console import Console
-            from rich.live import Live
-
-            self._live = Live(console=Console(file=self.out), refresh_per_second=4, transient=False)
+            console = require("sim", "rich.console", "the live view").Console(file=self.out)
+            self._live = require("sim", "rich.live", "the live view").Live(
+                console=console, refresh_per_second=4, transient=False
+            )
             self._live.__enter__()
         return self
 
@@ -489,12 +490,11 @@ class _Display:
             self._live.__exit__(None, None, None)
 
     def update(self, state: Any, footer: str) -> None:
-        from rich.console import Group
-        from rich.text import Text
-
         from fedmqtt.watch import Narrator, render
 
         if self._live is not None:
+            Group = require("sim", "rich.console", "the live view").Group
+            Text = require("sim", "rich.text", "the live view").Text
             self._live.update(Group(render(state), Text(footer, style="dim")))
             return
         if self._narrator is None:
@@ -699,6 +699,8 @@ def _wait_for_devices(devices: list[Child], timeout_s: float) -> None:
 def run_simulate_command(args: argparse.Namespace) -> int:
     from fedmqtt.mqtt import MAX_CLIENTS_PER_PROCESS
 
+    for module in ("rich", "matplotlib"):  # the live view and the report plot: refused now, not after the run
+        require("sim", module, "fedmqtt simulate")
     plan = plan_simulation(
         args,
         env=os.environ,

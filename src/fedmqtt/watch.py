@@ -32,12 +32,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console, Group, RenderableType
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
-
 from fedmqtt.errors import FedmqttError
+from fedmqtt.extras import require
 from fedmqtt.schema import (
     DeviceStatus,
     Event,
@@ -52,8 +48,11 @@ from fedmqtt.schema import (
 from fedmqtt.topics import DEFAULT_PREFIX, Topics
 
 if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
     from fedmqtt.mqtt import BrokerSettings, ClientSettings, MqttConnection
 
+_VIEW = "the table view (--once, or on a terminal)"  # what needs rich (the sim extra)
 RECENT_EVENTS = 8
 _MB = 1_000_000.0
 _EMPTY: Mapping[Any, Any] = MappingProxyType({})
@@ -321,7 +320,11 @@ def headline(state: WatchState, now: float) -> str:
 
 
 def render(state: WatchState, now: float | None = None, max_rounds: int = 12) -> RenderableType:
-    """A rich renderable of ``state``; ``now`` (epoch seconds) drives the deadline countdown."""
+    """A rich renderable of ``state``; ``now`` (epoch seconds) drives the deadline countdown (the ``sim`` extra)."""
+    Group = require("sim", "rich.console", _VIEW).Group
+    Panel = require("sim", "rich.panel", _VIEW).Panel
+    Table = require("sim", "rich.table", _VIEW).Table
+    Text = require("sim", "rich.text", _VIEW).Text
     now = time.time() if now is None else now
     parts: list[RenderableType] = []
 
@@ -571,6 +574,7 @@ def collect_snapshot(
 
 def _console_for_stdout() -> Console:
     # When piped, rich would assume 80 columns; use a wider fixed width unless $COLUMNS says otherwise.
+    Console = require("sim", "rich.console", _VIEW).Console
     if sys.stdout.isatty() or os.environ.get("COLUMNS"):
         return Console()
     return Console(width=140, no_color=True)
@@ -582,8 +586,9 @@ def run_watch(args: argparse.Namespace) -> int:
     broker = broker_settings_from_args(args)  # refused here, before any connection
     topics = Topics(job=args.job, prefix=args.prefix)
     settings = client_settings(broker, client_id=random_client_id("watch"))
-    console = _console_for_stdout()
-    if args.once:
+    # The view (--once, a terminal) needs rich (the sim extra); piped, the plain lines need nothing more.
+    console = _console_for_stdout() if args.once or sys.stdout.isatty() else None
+    if console is not None and args.once:
         state = collect_snapshot(settings, topics, wait_s=args.wait, connect_timeout=args.connect_timeout)
         console.print(render(state))
         if state.status is None:
@@ -595,9 +600,8 @@ def run_watch(args: argparse.Namespace) -> int:
     holder = StateHolder(WatchState(topics=topics))
     connection = open_watch(settings, holder, args.connect_timeout)
     try:
-        if console.is_terminal:
-            from rich.live import Live
-
+        if console is not None and console.is_terminal:
+            Live = require("sim", "rich.live", "the live view").Live
             with Live(render(holder.state), console=console, refresh_per_second=4) as live:
                 while True:
                     live.update(render(holder.state))

@@ -1,10 +1,11 @@
 """The embedded broker: amqtt (pure Python, asyncio) on its own event loop in a background thread.
 
-It needs nothing installed, which makes it the default for ``make demo`` and a laptop. Its limits (see
-docs/broker.md for measured figures): MQTT 3.1.1 only (clients must use protocol "3.1.1" or "auto"), several
-times slower than Mosquitto for large payloads, no authentication or ACL in fedmqtt's set-up (use Mosquitto for
-that), and on connect it sends a client the retained messages matching *any* session's filters, so clients
-must route strictly by their own subscriptions (:class:`fedmqtt.mqtt.MqttConnection` does).
+It needs no system package, only the ``broker`` extra (``pip install 'fedmqtt[broker]'``), which makes it the
+default for ``make demo`` and a laptop. Its limits (see docs/broker.md for measured figures): MQTT 3.1.1 only
+(clients must use protocol "3.1.1" or "auto"), several times slower than Mosquitto for large payloads, no
+authentication or ACL in fedmqtt's set-up (use Mosquitto for that), and on connect it sends a client the retained
+messages matching *any* session's filters, so clients must route strictly by their own subscriptions
+(:class:`fedmqtt.mqtt.MqttConnection` does).
 
 amqtt has no packet-size limit of its own; :class:`PacketFramer` adds one by following the MQTT framing of the
 bytes the broker reads, and the connection whose next packet is announced larger than the limit is closed before
@@ -23,14 +24,18 @@ from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
-from amqtt.broker import Broker
-from amqtt.plugins.base import BaseAuthPlugin
-from amqtt.session import Session
+from fedmqtt.extras import require
 
-from fedmqtt.broker.errors import BrokerError, BrokerStartError
-from fedmqtt.broker.net import find_free_port, mqtt_probe, probe_host
-from fedmqtt.mqtt import DEFAULT_MAX_PACKET_SIZE
+require("broker", "amqtt", "the embedded broker")  # a one-line MissingExtra, not a traceback, without amqtt
+
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter  # noqa: E402
+from amqtt.broker import Broker  # noqa: E402
+from amqtt.plugins.base import BaseAuthPlugin  # noqa: E402
+from amqtt.session import Session  # noqa: E402
+
+from fedmqtt.broker.errors import BrokerError, BrokerStartError  # noqa: E402
+from fedmqtt.broker.net import find_free_port, mqtt_probe, probe_host  # noqa: E402
+from fedmqtt.mqtt import DEFAULT_MAX_PACKET_SIZE  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

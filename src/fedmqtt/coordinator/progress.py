@@ -1,17 +1,19 @@
-"""Terminal progress for the coordinator: a rich progress bar on a TTY, log lines otherwise."""
+"""Terminal progress for the coordinator: a rich progress bar on a TTY when rich is installed (the ``sim`` extra),
+log lines otherwise."""
 
 from __future__ import annotations
 
 import logging
 import sys
 from types import TracebackType
-from typing import Any
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING, Any
 
 from fedmqtt.coordinator.config import CoordinatorConfig
+from fedmqtt.extras import optional, require
 from fedmqtt.schema import Status
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 log = logging.getLogger("fedmqtt.coordinator")
 
@@ -26,14 +28,15 @@ class ProgressView:
         self._task: Any = None
 
     def __enter__(self) -> ProgressView:
-        if self.enabled:
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[detail]}"),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
+        progress = optional("sim", "rich.progress") if self.enabled else None
+        if progress is not None:
+            self._progress = progress.Progress(
+                progress.TextColumn("[bold]{task.description}"),
+                progress.BarColumn(),
+                progress.MofNCompleteColumn(),
+                progress.TextColumn("{task.fields[detail]}"),
+                progress.TimeElapsedColumn(),
+                console=require("sim", "rich.console").Console(stderr=True),
             )
             self._progress.start()
             self._task = self._progress.add_task(f"job {self.config.job}", total=self.config.rounds, detail="")

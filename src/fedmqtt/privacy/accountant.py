@@ -18,12 +18,14 @@ import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import ValidationError
 
 from fedmqtt.errors import ConfigError
+from fedmqtt.extras import require
 from fedmqtt.privacy.errors import PrivacyStateError
 from fedmqtt.schema import DPMode, PrivacyLedger
 
@@ -35,6 +37,11 @@ if TYPE_CHECKING:
 EXTRA_ORDERS: tuple[float, ...] = (80.0, 96.0, 128.0, 256.0, 512.0)
 
 HistoryEntry = tuple[float, float, int]  # (noise multiplier, sample rate, steps): opacus's history format
+
+
+def opacus_module(name: str = "") -> ModuleType:
+    """``opacus`` or ``opacus.NAME``, imported on first use (the ``dp`` extra, else a ``MissingExtra``)."""
+    return require("dp", f"opacus.{name}" if name else "opacus", "differential privacy accounting")
 
 
 def default_delta(population: int) -> float:
@@ -64,15 +71,13 @@ def _validate_delta(value: float) -> float:
 
 @functools.cache
 def _orders() -> tuple[float, ...]:
-    from opacus.accountants import RDPAccountant
-
-    return tuple(float(a) for a in RDPAccountant.DEFAULT_ALPHAS) + EXTRA_ORDERS
+    return tuple(float(a) for a in opacus_module("accountants").RDPAccountant.DEFAULT_ALPHAS) + EXTRA_ORDERS
 
 
 @functools.lru_cache(maxsize=4096)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """RDP of one step at every order (opacus), cached: a job meets only a few distinct (σ, q) pairs."""
-    from opacus.accountants.analysis import rdp as analysis
+    analysis = opacus_module("accountants.analysis.rdp")
 
     values = np.asarray(
         analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(_orders())),
@@ -88,7 +93,7 @@ def epsilon_of(history: Sequence[HistoryEntry], delta: float) -> float:
     The same value as ``RDPAccountant.get_epsilon(delta, alphas=orders)`` with these orders. 0 for no history,
     ``inf`` if any step had noise multiplier 0.
     """
-    from opacus.accountants.analysis import rdp as analysis
+    analysis = opacus_module("accountants.analysis.rdp")
 
     if not history:
         return 0.0
@@ -105,9 +110,7 @@ def epsilon_of(history: Sequence[HistoryEntry], delta: float) -> float:
 
 
 def _opacus_version() -> str:
-    import opacus
-
-    return str(getattr(opacus, "__version__", "unknown"))
+    return str(getattr(opacus_module(), "__version__", "unknown"))
 
 
 _STATE_REMEDY = "the saved state is damaged or from another tool; restore it from a backup (do not reset it)"
@@ -179,7 +182,7 @@ class JobAccountant:
         *,
         target_epsilon: float | None = None,
     ) -> None:
-        from opacus.accountants import RDPAccountant
+        RDPAccountant = opacus_module("accountants").RDPAccountant
 
         self.noise_multiplier = _validate_sigma("dp_noise_multiplier", noise_multiplier)
         self.sample_rate = _validate_rate("dp_sample_rate", sample_rate)
@@ -290,7 +293,7 @@ def noise_multiplier_for_budget(target_epsilon: float, delta: float, sample_rate
 
     opacus's ``get_noise_multiplier`` (binary search over its RDP accountant).
     """
-    from opacus.accountants.utils import get_noise_multiplier
+    get_noise_multiplier = opacus_module("accountants.utils").get_noise_multiplier
 
     if not (isinstance(target_epsilon, int | float) and math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ConfigError("target_epsilon", f"must be a positive finite number, got {target_epsilon!r}")

@@ -30,7 +30,7 @@ from typing import Any
 
 from fedmqtt.atomic import write_atomic
 from fedmqtt.errors import ConfigError
-from fedmqtt.privacy.accountant import epsilon_of, history_state, load_history_state
+from fedmqtt.privacy.accountant import epsilon_of, history_state, load_history_state, opacus_module
 from fedmqtt.privacy.errors import BudgetExceeded, PrivacyStateError
 from fedmqtt.schema import DPMode, DPPlan
 
@@ -68,7 +68,7 @@ class DeviceLedger:
     """
 
     def __init__(self, path: Path | str | None, budget: float, *, delta: float | None = None) -> None:
-        from opacus.accountants import RDPAccountant
+        RDPAccountant = opacus_module("accountants").RDPAccountant
 
         if not (isinstance(budget, int | float) and math.isfinite(budget) and budget > 0):
             raise ConfigError("privacy_budget", f"must be a positive finite epsilon, got {budget!r}")
@@ -157,7 +157,7 @@ class DeviceLedger:
         accountant = state.get("accountant")
         if not isinstance(accountant, Mapping):
             raise PrivacyStateError(source, "missing the accountant history", _REMEDY)
-        from opacus.accountants import RDPAccountant
+        RDPAccountant = opacus_module("accountants").RDPAccountant
 
         loaded = RDPAccountant()  # validate everything before replacing anything
         load_history_state(loaded, accountant, source, _REMEDY)
