@@ -18,7 +18,9 @@ Lifecycle (one job)::
     NEW, WAITING, AGGREGATING --the next round would exceed the round budget (privacy)--> STOPPED
 
 A stop says why (:class:`StopCause`): the privacy budget is a rule of the job, a round that failed too often is
-a failure; the adapter derives its exit code from the cause.
+a failure; the adapter derives its exit code from the cause. A stop asked for by a signal (``StopCause.SIGNAL``:
+SIGTERM, SIGINT) is a pause: :meth:`RoundMachine.state_dict` then returns the state the machine stopped from, so
+a checkpoint written after it resumes the job where it was (a restarted container carries on).
 
 Which events each phase allows, and which phases each may lead to, is the single table
 :data:`TRANSITIONS`; anything else raises :class:`~fedmqtt.coordinator.errors.IllegalEvent` and leaves
@@ -27,6 +29,7 @@ the state untouched.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections import Counter
@@ -217,11 +220,17 @@ class StopCause(StrEnum):
     PRIVACY_BUDGET = "privacy_budget"  # the next round would pass --target-epsilon: a rule of the job, exit 0
     ROUND_FAILURES = "round_failures"  # a round failed max_attempts times
     EXTERNAL = "external"  # stop() from outside the machine
+    SIGNAL = "signal"  # the process was asked to stop (SIGTERM, SIGINT): a pause, --resume continues the job
 
     @property
     def by_rule(self) -> bool:
         """The job ended as configured (not a failure)."""
         return self is StopCause.PRIVACY_BUDGET
+
+    @property
+    def resumable(self) -> bool:
+        """The job did not end: its checkpoint keeps the state it stopped from (see RoundMachine.state_dict)."""
+        return self is StopCause.SIGNAL
 
 
 @dataclass(frozen=True)
@@ -437,6 +446,8 @@ class RoundMachine:
         self._refused_total: Counter[RefusalReason] = Counter()
         self._end_reason: str | None = None
         self._end_cause: StopCause | None = None
+        # A resumable stop (signal): the state it stopped from, which state_dict returns from then on.
+        self._resume_point: dict[str, Any] | None = None
         # Rounds that may still open before the job stops (None: no limit), and the stop reason then: the
         # privacy budget, set by the adapter from its privacy policy (see set_round_budget).
         self._budget: int | None = None
@@ -928,6 +939,8 @@ class RoundMachine:
             self._open_or_wait(now, actions)
 
     def _stop(self, reason: str, actions: list[Action], cause: StopCause = StopCause.EXTERNAL) -> None:
+        if cause.resumable:
+            self._resume_point = self.state_dict()
         self._stage = Stage.STOPPED
         self._deadline = None
         self._end_reason = reason
@@ -937,7 +950,12 @@ class RoundMachine:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume, as JSON-able values (big RNG integers are stored as strings)."""
+        """Everything needed to resume, as JSON-able values (big RNG integers are stored as strings).
+
+        After a resumable stop (:attr:`StopCause.resumable`), the state the machine stopped from: the job goes on
+        from there when it is loaded again."""
+        if self._resume_point is not None:
+            return copy.deepcopy(self._resume_point)
         rng = self._rng.bit_generator.state
         saved = _SavedState(
             version=STATE_VERSION,
@@ -1018,6 +1036,7 @@ class RoundMachine:
             legacy = (saved.end_reason or "").startswith("privacy budget")
             self._end_cause = StopCause.PRIVACY_BUDGET if legacy else StopCause.ROUND_FAILURES
         self._rng = rng
+        self._resume_point = None
 
     @classmethod
     def from_state_dict(cls, config: RoundConfig, state: Mapping[str, Any]) -> RoundMachine:

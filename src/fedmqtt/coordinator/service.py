@@ -12,6 +12,7 @@ import hashlib
 import logging
 import queue
 import secrets
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ EXIT_CODES: dict[M.StopCause, int] = {
     M.StopCause.PRIVACY_BUDGET: 0,  # a rule of the job: it ended as configured
     M.StopCause.ROUND_FAILURES: 3,
     M.StopCause.EXTERNAL: 3,
+    # A pause asked for by a signal: 128 + the signal's number, as a shell reports it (143 for SIGTERM, 130 for
+    # SIGINT), after the checkpoint; --resume continues the job. See CoordinatorService.request_stop.
+    M.StopCause.SIGNAL: 128 + signal.SIGTERM,
 }
 
 __all__ = ["CHECKPOINT_FILE", "COORDINATOR_ID", "QUARANTINE_DIR", "REPLAY_MARKER", "SPOOL_DIR", "CoordinatorService"]
@@ -184,6 +188,8 @@ class CoordinatorService:
         self.book: _RoundBook | None = None
         self.plan: Plan | None = None
         self.exit_code: int | None = None
+        self.stop_signal: int | None = None  # set by request_stop (a signal handler)
+        self.connecting = False  # in MqttConnection.connect, which a stop request cannot shorten
         self.refused_total = 0
         self._last_status_at = 0.0
         self.instance = new_token()
@@ -252,8 +258,31 @@ class CoordinatorService:
 
     # ------------------------------------------------------------------------------------ run
 
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask the job to pause (safe to call from a signal handler, which must do no more): the driver thread
+        stops the machine (``StopCause.SIGNAL``), publishes ``job_stopped`` (event and status), checkpoints the
+        state the job stopped from and returns ``128 + signum``. ``--resume`` then continues the job."""
+        self.stop_signal = signum
+
+    def _stop_on_request(self) -> None:
+        signum = self.stop_signal
+        assert signum is not None
+        name = signal.Signals(signum).name
+        where = f"; --resume with {self.files.checkpoint_path} continues it" if self.files.enabled else ""
+        log.warning("%s: stopping job %s at round %d%s", name, self.config.job, self.machine.round, where)
+        reason = f"stopped by {name} at round {self.machine.round}" + ("; --resume continues the job" if where else "")
+        self._execute(self.machine.stop(reason, self.clock(), cause=M.StopCause.SIGNAL))
+
+    def _exit_code(self, cause: M.StopCause) -> int:
+        if cause is M.StopCause.SIGNAL and self.stop_signal is not None:
+            return 128 + self.stop_signal
+        return EXIT_CODES[cause]
+
     def run(self, *, connect_timeout: float = 30.0) -> int:
-        """Connect, run the job, return the process exit code (0 = finished or stopped by a rule)."""
+        """Connect, run the job, return the process exit code (0 = finished or stopped by a rule; 128 + the
+        signal's number after :meth:`request_stop`)."""
+        if self.stop_signal is not None:  # asked to stop before it started: nothing to publish or checkpoint
+            return 128 + self.stop_signal
         self.run_id = self._checkpointed_run_id() or new_token()
         ended = self.files.take_in_hand()
         if ended is not None:
@@ -275,7 +304,11 @@ class CoordinatorService:
             on_disconnected=self._on_disconnected,
         )
         self._conn = conn
-        conn.connect(timeout=connect_timeout)
+        self.connecting = True
+        try:
+            conn.connect(timeout=connect_timeout)
+        finally:
+            self.connecting = False
         try:
             deferred = self._probe_job()
             self._publish(self.topics.coordinator, to_json(self._presence("online")), retain=True)
@@ -291,6 +324,8 @@ class CoordinatorService:
                     next_item = None
                 if next_item is not None:
                     self._handle(next_item)
+                if self.exit_code is None and self.stop_signal is not None:
+                    self._stop_on_request()
                 if self.exit_code is None:
                     hold = self._holding_deadline() or self._backlog_before_deadline()
                     self._execute(self.machine.tick(self.clock(), hold_deadline=hold))
@@ -493,6 +528,10 @@ class CoordinatorService:
                 return
             if self.plan is not None:
                 self._publish(self.topics.plan, to_json(self.plan), retain=True)
+            if self.machine.accepted:
+                # A checkpoint written in the middle of a round (a pause by signal) counts accepted updates the
+                # fresh accumulator lacks: fold them from the spool (replaying them is then a redelivery).
+                self._refold_from_spool("resuming a round paused with accepted updates")
             self._replay_spool()
             self._event(EventType.MODEL_PUBLISHED, detail=f"resumed from checkpoint at round {self.machine.round}")
         else:
@@ -731,7 +770,7 @@ class CoordinatorService:
                     self._finish(0)
                 case M.JobStopped():
                     self._event(EventType.JOB_STOPPED, detail=action.reason)
-                    self._finish(EXIT_CODES[action.cause])
+                    self._finish(self._exit_code(action.cause))
                 case M.DeviceOnline():
                     self._event(EventType.DEVICE_ONLINE, device=action.device)
                 case M.DeviceOffline():

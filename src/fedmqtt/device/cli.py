@@ -103,6 +103,31 @@ def run_device(args: argparse.Namespace) -> int:
             "(paho's select() loop cannot watch more sockets); split them over several processes",
         )
 
+    # SIGTERM (docker stop, systemctl stop) and SIGINT: training is abandoned, every device publishes its offline
+    # status and the process exits 0. Installed before the data set loads, so a stop then is as clean.
+    runtimes: list[Any] = []
+    stop_requested: list[int] = []
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stop_requested.append(signum)
+        for runtime in runtimes:
+            runtime.stop()
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _serve(args, broker, devices, runtimes, stop_requested)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(
+    args: argparse.Namespace,
+    broker: Any,
+    devices: list[tuple[str, int | None]],
+    runtimes: list[Any],
+    stop_requested: list[int],
+) -> int:
     from fedmqtt.data import PartitionSpec, load_dataset, partition, resolve_data_dir
     from fedmqtt.device.agent import DeviceOptions, DeviceRuntime
 
@@ -125,11 +150,10 @@ def run_device(args: argparse.Namespace) -> int:
         runtime.add_device(device_id, dataset if part is None or parts is None else dataset.subset(parts[part]))
     del dataset, parts  # each device keeps only its own part
 
-    def _stop(signum: int, frame: FrameType | None) -> None:
-        runtime.stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    runtimes.append(runtime)
+    if stop_requested:  # stopped while the data loaded: nothing connected, nothing to announce
+        log.info("stopped before connecting")
+        return 0
     try:
         runtime.connect_all(timeout=args.connect_timeout)
         log.info("%d device(s) connected to %s", len(devices), broker.url)
