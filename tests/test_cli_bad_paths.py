@@ -30,7 +30,7 @@ BAD_PEM = b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERT
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 # Which options hold a path: the parser says so (type=Path) or the name does.
-_PATH_FLAG = re.compile(r"^--(?:[a-z-]+-dir|[a-z]+file|tls-ca|config|out|eval-data)$")
+_PATH_FLAG = re.compile(r"^--(?:[a-z-]+-dir|[a-z]+file|tls-ca|tls-cert|tls-key|config|out|eval-data)$")
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,14 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("coordinator", [*TLS_COORDINATOR, "--tls-ca", "garbage.bin"], "--tls-ca", "garbage.bin"),
     ("coordinator", [*TLS_COORDINATOR, "--tls-ca", "badpem.crt"], "--tls-ca", "badpem.crt"),
     ("coordinator", [*TLS_COORDINATOR, "--tls-ca", "tls/server.key"], "--tls-ca", "tls/server.key"),
+    ("coordinator", [*TLS_COORDINATOR, "--tls-cert", "missing.crt"], "--tls-cert", "missing.crt"),
+    (
+        "coordinator",
+        [*TLS_COORDINATOR, "--tls-cert", "tls/server.crt", "--tls-key", "tls2/server.key"],
+        "--tls-cert",
+        "tls/server.crt",
+    ),  # a certificate with another's key
+    ("coordinator", [*TLS_COORDINATOR, "--tls-cert", "tls/server.crt", "--tls-key", "adir"], "--tls-key", "adir"),
     (
         "coordinator",
         [*COORDINATOR, "--username", "u", "--password-file", "missing.pw"],
@@ -106,11 +114,16 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("device", [*DEVICE, "--data-dir", "adir", "--state-dir", "afile/x"], "--state-dir", "afile/x"),
     ("device", [*TLS_DEVICE, "--data-dir", "adir", "--tls-ca", "missing.crt"], "--tls-ca", "missing.crt"),
     ("device", [*TLS_DEVICE, "--data-dir", "adir", "--tls-ca", "garbage.bin"], "--tls-ca", "garbage.bin"),
+    ("device", [*TLS_DEVICE, "--data-dir", "adir", "--tls-cert", "garbage.bin"], "--tls-cert", "garbage.bin"),
+    ("device", [*TLS_DEVICE, "--tls-cert", "tls/server.crt", "--tls-key", "missing.key"], "--tls-key", "missing.key"),
     # watch
     ("watch", [*WATCH, "--tls-ca", "missing.crt"], "--tls-ca", "missing.crt"),
     ("watch", [*WATCH, "--tls-ca", "adir"], "--tls-ca", "adir"),
     ("watch", [*WATCH, "--tls-ca", "garbage.bin"], "--tls-ca", "garbage.bin"),
     ("watch", [*WATCH, "--tls-ca", "badpem.crt"], "--tls-ca", "badpem.crt"),
+    ("watch", [*WATCH, "--tls-cert", "badpem.crt"], "--tls-cert", "badpem.crt"),
+    ("watch", [*WATCH, "--tls-cert", "tls/server.crt", "--tls-key", "garbage.bin"], "--tls-cert", "tls/server.crt"),
+    ("watch", [*WATCH, "--tls-key", "tls/server.key"], "--tls-key", "tls/server.key"),  # a key without its cert
     ("watch", [*WATCH, "--username", "u", "--password-file", "adir"], "--password-file", "adir"),
     # simulate: checked in plan_simulation, before a broker or a child starts
     ("simulate", [*SIMULATE, "--out", "afile"], "--out", "afile"),
@@ -128,6 +141,7 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("broker", [*MOSQUITTO, "--config-dir", "afile/x"], "--config-dir", "afile/x"),
     ("broker", [*MOSQUITTO, "--config-dir", "cfg", "--tls", "--certfile", "missing.crt"], "--certfile", "missing.crt"),
     ("broker", [*MOSQUITTO, "--config-dir", "cfg", "--tls", "--keyfile", "adir"], "--keyfile", "adir"),
+    ("broker", [*MOSQUITTO, "--config-dir", "cfg", "--tls", "--client-certs", "--cafile", "adir"], "--cafile", "adir"),
     (
         "broker",
         [*MOSQUITTO, "--config-dir", "cfg", "--tls", "--certfile", "garbage.bin", "--keyfile", "tls/server.key"],

@@ -733,6 +733,7 @@ def register(subparsers: Any) -> None:
         g,
         broker_help="use this broker instead of starting one (default: start Mosquitto if installed, else the "
         "embedded broker; simulate then knows the MQTT version it speaks)",
+        client_certificate=False,  # its devices share one process tree: one certificate cannot be each one's
     )
     g = p.add_argument_group("processes")
     g.add_argument(

@@ -1,9 +1,10 @@
 """``fedmqtt broker``: run a broker in the foreground, and manage Mosquitto accounts and test certificates.
 
 fedmqtt broker [--embedded | --mosquitto] [--config-dir DIR] [--host H] [--port P] [--tls] [--auth]
-               [--max-packet-mb N] [--prefix fedmqtt]
+               [--client-certs [--cafile CA]] [--max-packet-mb N] [--prefix fedmqtt]
 fedmqtt broker add-device ID [--password P]      (also add-coordinator, add-watcher)
 fedmqtt broker gen-certs [--host NAME ...] [--force]
+fedmqtt broker gen-certs --device ID [--device ID2 ...] [--coordinator] [--watcher] [--force]
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--tls", action="store_true", help="TLS listener (Mosquitto; see gen-certs)")
     parser.add_argument("--auth", action="store_true", help="require accounts and apply the ACL (Mosquitto)")
     parser.add_argument(
+        "--client-certs",
+        action="store_true",
+        help="every client presents a certificate from the CA (gen-certs --device ID); its common name is its "
+        "user name for the ACL (Mosquitto, with --tls; no passwords)",
+    )
+    parser.add_argument(
+        "--cafile", type=Path, help="CA whose client certificates are accepted (default CONFIG_DIR/tls/ca.crt)"
+    )
+    parser.add_argument(
         "--max-packet-mb",
         type=float,
         default=DEFAULT_MAX_PACKET_SIZE / MB,
@@ -68,15 +78,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     certs = actions.add_parser(
         "gen-certs",
-        help="make a test CA and server certificate for --tls",
-        description="Write CONFIG_DIR/tls/{ca.crt,ca.key,server.crt,server.key} (for testing; bring your own "
-        "certificates in production). Clients trust ca.crt.",
+        help="make a test CA and server certificate for --tls, or client certificates for --client-certs",
+        description="Write CONFIG_DIR/tls/{ca.crt,ca.key,server.crt,server.key} (a private CA; or bring your own "
+        "certificates). Clients trust ca.crt. With --device/--coordinator/--watcher, issue client certificates "
+        "from that CA instead: CONFIG_DIR/tls/clients/NAME.{crt,key}, common name NAME.",
     )
     _add_config_dir(certs, default=argparse.SUPPRESS)
     certs.add_argument(
         "--host", dest="cert_hosts", action="append", metavar="NAME",
         help="host name or IP the server certificate covers (repeatable; default localhost, 127.0.0.1, ::1)",
     )  # fmt: skip
+    certs.add_argument(
+        "--device", dest="cert_devices", action="append", metavar="ID",
+        help="issue a client certificate for device ID (repeatable)",
+    )  # fmt: skip
+    certs.add_argument("--coordinator", dest="cert_coordinator", action="store_true",
+                       help="issue the coordinator's client certificate")  # fmt: skip
+    certs.add_argument("--watcher", dest="cert_watcher", action="store_true",
+                       help="issue the watcher's client certificate")  # fmt: skip
+    certs.add_argument("--days", type=int, default=825, help="validity in days (default %(default)s)")
     certs.add_argument("--force", action="store_true", help="replace existing certificates")
     certs.set_defaults(func=gen_certs_command)
 
@@ -94,7 +114,8 @@ def run_broker(args: argparse.Namespace) -> int:
         raise ConfigError("--max-packet-mb", "must be at least 0.001 (1000 bytes)")
     use_mosquitto = args.mosquitto or (not args.embedded and _mosquitto_installed())
     if not use_mosquitto:
-        for flag, value in (("--auth", args.auth), ("--tls", args.tls), ("--certfile", args.certfile)):
+        for flag, value in (("--auth", args.auth), ("--tls", args.tls), ("--certfile", args.certfile),
+                            ("--client-certs", args.client_certs)):  # fmt: skip
             if value:
                 raise ConfigError(flag, "the embedded broker has no accounts or TLS; use --mosquitto")
         from fedmqtt.broker.embedded import run_embedded
@@ -107,6 +128,11 @@ def run_broker(args: argparse.Namespace) -> int:
     require_output_dir("--config-dir", args.config_dir)
     require_input_file("--certfile", args.certfile)
     require_input_file("--keyfile", args.keyfile)
+    require_input_file("--cafile", args.cafile)
+    if args.client_certs and not args.tls:
+        raise ConfigError("--client-certs", "client certificates need the TLS listener: add --tls")
+    if args.cafile is not None and not args.client_certs:
+        raise ConfigError("--cafile", "is the CA of client certificates: use it with --client-certs")
     config = MosquittoConfig(
         args.config_dir,
         host=args.host,
@@ -117,10 +143,12 @@ def run_broker(args: argparse.Namespace) -> int:
         certfile=args.certfile,
         keyfile=args.keyfile,
         prefix=args.prefix,
+        client_certs=args.client_certs,
+        cafile=args.cafile,
     )
     if args.tls:
         _check_server_certificate(config.tls_files.server_cert, config.tls_files.server_key)
-    if args.auth:
+    if args.auth and not args.client_certs:
         from fedmqtt.broker.accounts import list_accounts
 
         if not list_accounts(config.password_file):
@@ -182,11 +210,51 @@ def gen_certs_command(args: argparse.Namespace) -> int:
     config_dir: Path = getattr(args, "config_dir", DEFAULT_CONFIG_DIR)
     require_output_dir("--config-dir", config_dir)
     require_output_dir("--config-dir", config_dir / TLS_DIR)
+    if args.days < 1:
+        raise ConfigError("--days", f"must be at least 1, got {args.days}")
+    clients = _client_names(args)
+    if clients:
+        if args.cert_hosts:
+            raise ConfigError("--host", "names the server certificate; it does not go with --device/--coordinator")
+        return _issue_client_certificates(config_dir, clients, days=args.days, force=args.force)
     hosts = tuple(args.cert_hosts) if args.cert_hosts else DEFAULT_HOSTS
-    files = generate_test_certificates(config_dir / TLS_DIR, hosts=hosts, force=args.force)
+    files = generate_test_certificates(config_dir / TLS_DIR, hosts=hosts, days=args.days, force=args.force)
     print(f"CA certificate (give it to clients): {files.ca_cert}")
     print(f"server certificate: {files.server_cert} (for {', '.join(hosts)})")
     print(f"server key: {files.server_key}")
     print(f"start the broker with: fedmqtt broker --mosquitto --tls --config-dir {config_dir}")
     print(f"clients connect to mqtts://HOST:8883 trusting {files.ca_cert}")
+    return 0
+
+
+def _client_names(args: argparse.Namespace) -> list[str]:
+    """The account names to issue client certificates for, each checked as a user name (device ids may not
+    be the coordinator's or watcher's name)."""
+    from fedmqtt.broker.accounts import username_for
+    from fedmqtt.broker.errors import AccountError
+
+    names: list[str] = []
+    try:
+        names += [username_for("device", device_id) for device_id in args.cert_devices or ()]
+    except AccountError as exc:
+        raise ConfigError("--device", str(exc)) from None
+    if args.cert_coordinator:
+        names.append(username_for("coordinator"))
+    if args.cert_watcher:
+        names.append(username_for("watcher"))
+    return list(dict.fromkeys(names))
+
+
+def _issue_client_certificates(config_dir: Path, names: list[str], *, days: int, force: bool) -> int:
+    from fedmqtt.broker.certs import issue_client_certificate
+    from fedmqtt.broker.mosquitto import TLS_DIR
+
+    for name in names:
+        issued = issue_client_certificate(config_dir / TLS_DIR, name, days=days, force=force)
+        print(f"{name}: certificate {issued.cert}, key {issued.key} (common name {name})")
+    print(
+        f"copy to each client its .crt and .key (the key by a private channel; it is its identity) and "
+        f"{config_dir / TLS_DIR / 'ca.crt'}; it connects with --tls-ca ca.crt --tls-cert NAME.crt --tls-key NAME.key "
+        f"to a broker started with --tls --client-certs"
+    )
     return 0

@@ -7,6 +7,7 @@ Config directory layout (``fedmqtt broker --config-dir DIR``)::
     DIR/acl              generated from fedmqtt.topics, with --auth
     DIR/data/            persistence (sessions, queued and retained messages survive a restart)
     DIR/tls/             ca.crt, server.crt, server.key (fedmqtt broker gen-certs, or your own), with --tls
+    DIR/tls/clients/     NAME.crt, NAME.key: client certificates (gen-certs --device ID), with --client-certs
     DIR/mosquitto.pid    pid of the running broker: add-device sends it SIGHUP to reload the accounts
     DIR/mosquitto.log    the broker's stderr, when run by MosquittoBroker (tests, simulate)
 
@@ -31,7 +32,7 @@ from types import FrameType
 from typing import IO
 
 from fedmqtt.broker.accounts import AccountKind, add_account, render_acl, username_for, write_private
-from fedmqtt.broker.certs import TlsFiles, generate_test_certificates
+from fedmqtt.broker.certs import ClientCertificate, TlsFiles, generate_test_certificates, issue_client_certificate
 from fedmqtt.broker.errors import BrokerError, BrokerStartError, CertificateError, MissingTool
 from fedmqtt.broker.net import find_free_port, mqtt_probe, probe_host
 from fedmqtt.mqtt import DEFAULT_MAX_PACKET_SIZE
@@ -86,6 +87,10 @@ class MosquittoConfig:
     keyfile: Path | None = None
     prefix: str = DEFAULT_PREFIX
     run_as_root: bool = field(default_factory=_running_as_root)
+    # Every client must present a certificate signed by ``cafile`` (default DIR/tls/ca.crt); its common name is
+    # the user name the ACL keys on. Needs tls; applies the ACL (no password file).
+    client_certs: bool = False
+    cafile: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "config_dir", Path(self.config_dir).absolute())
@@ -101,6 +106,8 @@ class MosquittoConfig:
         if self.max_inflight_messages < 1:
             raise BrokerError("max_inflight_messages must be >= 1")
         validate_prefix(self.prefix)
+        if self.client_certs and not self.tls:
+            raise BrokerError("client certificates need the TLS listener: add --tls to --client-certs")
 
     # -- paths --
 
@@ -130,6 +137,16 @@ class MosquittoConfig:
         return TlsFiles(
             default.ca_cert, default.ca_key, self.certfile or default.server_cert, self.keyfile or default.server_key
         )
+
+    @property
+    def client_ca(self) -> Path:
+        """The CA whose certificates clients must present (with ``client_certs``)."""
+        return self.cafile or self.tls_files.ca_cert
+
+    @property
+    def acl(self) -> bool:
+        """Whether the ACL applies: with accounts (``auth``) or client certificates."""
+        return self.auth or self.client_certs
 
     @property
     def effective_max_queued_bytes(self) -> int:
@@ -172,7 +189,20 @@ class MosquittoConfig:
         if self.tls:
             tls = self.tls_files
             lines += [f"certfile {tls.server_cert}", f"keyfile {tls.server_key}", "tls_version tlsv1.2"]
-        if self.auth:
+        if self.client_certs:
+            lines += [
+                "# Every client presents a certificate from this CA; its common name is its user name (the ACL's",
+                "# %u): a device's certificate says which device it is. No password file is read.",
+                f"cafile {self.client_ca}",
+                "require_certificate true",
+                "use_identity_as_username true",
+                "allow_anonymous false",
+                f"acl_file {self.acl_file}",
+                "# The client id is the user name, whatever the client sends: no certificate can take over another",
+                "# account's connection or persistent session. One connection per account at a time.",
+                "use_username_as_clientid true",
+            ]
+        elif self.auth:
             lines += [
                 "allow_anonymous false",
                 f"password_file {self.password_file}",
@@ -199,8 +229,14 @@ class MosquittoConfig:
                     f"TLS is on but {missing[0]} does not exist; run `fedmqtt broker gen-certs --config-dir "
                     f"{self.config_dir}` for test certificates, or pass your own --certfile and --keyfile"
                 )
-        if self.auth:
+        if self.client_certs and not self.client_ca.exists():
+            raise CertificateError(
+                f"client certificates are on but the CA {self.client_ca} does not exist; run `fedmqtt broker "
+                f"gen-certs --config-dir {self.config_dir}`, or pass your own --cafile"
+            )
+        if self.acl:
             write_private(self.acl_file, render_acl(self.prefix))
+        if self.auth and not self.client_certs:
             if not self.password_file.exists():
                 write_private(self.password_file, "")
             os.chmod(self.password_file, 0o600)
@@ -254,6 +290,7 @@ def _wait_ready(
     timeout: float,
     log: Path | None,
     log_start: int = 0,
+    client_certs: bool = False,
 ) -> None:
     """Wait until the process serves MQTT. With a log, also wait for Mosquitto's "running" line in the part
     written by this process, so another broker already on the port cannot answer the probe in its place."""
@@ -268,7 +305,11 @@ def _wait_ready(
             detail = details()
             raise BrokerStartError(f"mosquitto exited with code {code} before serving:\n{detail}")
         announced = log is None or _RUNNING_LINE in _read_from(log, log_start)
-        if announced and mqtt_probe(probe_host(host), port, tls=tls, timeout=1.0) and proc.poll() is None:
+        if (
+            announced
+            and mqtt_probe(probe_host(host), port, tls=tls, timeout=1.0, client_certs=client_certs)
+            and proc.poll() is None
+        ):
             return
         if time.monotonic() > deadline:
             _stop_process(proc, 5)
@@ -307,7 +348,8 @@ class MosquittoBroker:
     """A Mosquitto process for tests and ``fedmqtt simulate``: ``with MosquittoBroker(dir) as broker: broker.url``.
 
     ``port=0`` picks a free port (kept across ``restart()``). With ``tls=True`` test certificates are generated
-    into ``config_dir/tls`` if none are there. The broker's stderr goes to ``config_dir/mosquitto.log``
+    into ``config_dir/tls`` if none are there. With ``client_certs=True`` every client must present a certificate
+    from that CA (:meth:`issue_client_certificate`), whose common name is its user name for the ACL. The broker's stderr goes to ``config_dir/mosquitto.log``
     (``log_text()``); a failed start raises :class:`BrokerStartError` carrying it.
     """
 
@@ -319,6 +361,7 @@ class MosquittoBroker:
         host: str = "127.0.0.1",
         tls: bool = False,
         auth: bool = False,
+        client_certs: bool = False,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         max_queued_messages: int = 1000,
         max_queued_bytes: int | None = None,
@@ -331,6 +374,7 @@ class MosquittoBroker:
         self.host = host
         self.tls = tls
         self.auth = auth
+        self.client_certs = client_certs
         self.max_packet_size = max_packet_size
         self.max_queued_messages = max_queued_messages
         self.max_queued_bytes = max_queued_bytes
@@ -352,6 +396,7 @@ class MosquittoBroker:
             auth=self.auth,
             tls=self.tls,
             prefix=self.prefix,
+            client_certs=self.client_certs,
         )
 
     @property
@@ -409,7 +454,10 @@ class MosquittoBroker:
                 start_new_session=True,  # a Ctrl-C meant for the test run reaches the broker via stop() only
             )
             try:
-                _wait_ready(self._proc, self.host, port, self.tls, self.startup_timeout, self.log_file, log_start)
+                _wait_ready(
+                    self._proc, self.host, port, self.tls, self.startup_timeout, self.log_file, log_start,
+                    client_certs=self.client_certs,
+                )  # fmt: skip
                 self.port = port
                 return
             except BrokerStartError:
@@ -436,6 +484,11 @@ class MosquittoBroker:
             raise BrokerError("the broker is not running")
         self._proc.send_signal(signal.SIGHUP)
 
+    def issue_client_certificate(self, kind: AccountKind, device_id: str | None = None) -> ClientCertificate:
+        """A client certificate (common name: the account's user name) from this broker's test CA."""
+        username = username_for(kind, device_id)
+        return issue_client_certificate(self.config_dir / TLS_DIR, username, force=True)
+
     def add_account(self, kind: AccountKind, device_id: str | None = None, password: str | None = None) -> str:
         """Create/update an account (device id is the username for devices); return its password. Call
         ``reload()`` for a running broker to accept it."""
@@ -461,7 +514,7 @@ def run_mosquitto(config: MosquittoConfig) -> int:
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     proc = subprocess.Popen([binary, "-c", str(config_file)], stdin=subprocess.DEVNULL)
     try:
-        _wait_ready(proc, config.host, config.port, config.tls, 10.0, None)
+        _wait_ready(proc, config.host, config.port, config.tls, 10.0, None, client_certs=config.client_certs)
         scheme = "mqtts" if config.tls else "mqtt"
         print(
             f"fedmqtt broker: mosquitto listening on {scheme}://{probe_host(config.host)}:{config.port} "

@@ -26,9 +26,14 @@ def probe_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
-def mqtt_probe(host: str, port: int, *, tls: bool = False, timeout: float = 2.0) -> bool:
+def mqtt_probe(host: str, port: int, *, tls: bool = False, timeout: float = 2.0, client_certs: bool = False) -> bool:
     """True if an MQTT broker answers a CONNECT on ``host:port`` with any CONNACK, even a refusal: that proves
-    it is serving. With ``tls`` the certificate is not verified (this only asks "is it up?")."""
+    it is serving. With ``tls`` the certificate is not verified (this only asks "is it up?").
+
+    ``client_certs``: the broker requires a client certificate, which the probe has not got; a TLS server that
+    asks for one during the handshake (TLS 1.2, where the request is part of the handshake) counts as up."""
+    if tls and client_certs:
+        return _demands_client_certificate(host, port, timeout)
     answered = threading.Event()
     client = paho.Client(
         CallbackAPIVersion.VERSION2, client_id=f"fedmqtt-probe-{uuid.uuid4().hex[:12]}", protocol=paho.MQTTv311
@@ -54,3 +59,17 @@ def mqtt_probe(host: str, port: int, *, tls: bool = False, timeout: float = 2.0)
         sock = client.socket()
         if sock is not None:
             sock.close()
+
+
+def _demands_client_certificate(host: str, port: int, timeout: float) -> bool:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.3 would finish the handshake and close afterwards
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock, context.wrap_socket(sock):
+            return False  # a server that let us in without a certificate is not the one we wait for
+    except ssl.SSLError as exc:
+        return exc.reason in ("SSLV3_ALERT_HANDSHAKE_FAILURE", "TLSV13_ALERT_CERTIFICATE_REQUIRED")
+    except (OSError, ValueError):
+        return False

@@ -56,6 +56,7 @@ from fedmqtt.mqtt.settings import (
     check_tls_ca,
     read_password_file,
     tls_ca_problem,
+    tls_cert_problem,
 )
 from fedmqtt.mqtt.topic_names import topic_matches, validate_topic_filter, validate_topic_name
 from fedmqtt.mqtt.url import DEFAULT_PORT, DEFAULT_TLS_PORT, BrokerURL, parse_broker_url
@@ -107,6 +108,7 @@ __all__ = [
     "parse_broker_url",
     "read_password_file",
     "tls_ca_problem",
+    "tls_cert_problem",
     "topic_matches",
     "validate_topic_filter",
     "validate_topic_name",

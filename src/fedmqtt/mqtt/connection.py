@@ -317,15 +317,64 @@ class MqttConnection:
         self._started = True
         deadline = time.monotonic() + timeout
         try:
-            if self.settings.protocol == "auto":
+            if self.settings.protocol == "auto" and self.settings.tls_cert is not None:
+                # A client certificate is an identity (the broker may make it the user name and client id):
+                # an anonymous probe cannot be made, and a probe with the certificate would take over this
+                # client's own session. Brokers that ask for client certificates speak MQTT 5 (Mosquitto 2);
+                # --mqtt-version 3.1.1 is the way to reach one that does not.
+                self._protocol = paho.MQTTv5
+            elif self.settings.protocol == "auto":
                 endpoint = self._broker.endpoint
                 self._protocol = PROTOCOLS.detect(endpoint, deadline, lambda: self._detect_protocol(deadline))
             self._attempt(deadline)
-        except BaseException:
+        except BaseException as exc:
             self._dispose_client()
             self._release_budget()
             self._closed = True
+            if isinstance(exc, BrokerUnreachable) and self._broker.tls:
+                refusal = self._client_certificate_refusal()
+                if refusal is not None:
+                    raise refusal from None
             raise
+
+    # TLS alerts by which a broker refuses a missing client certificate, and one it does not trust.
+    _NO_CERTIFICATE = frozenset({"SSLV3_ALERT_HANDSHAKE_FAILURE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"})
+    _BAD_CERTIFICATE = frozenset({
+        "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "TLSV1_ALERT_DECRYPT_ERROR",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "TLSV1_ALERT_ACCESS_DENIED",
+    })  # fmt: skip
+
+    def _client_certificate_refusal(self) -> TlsError | None:
+        """Why a TLS broker closed the connection before CONNACK, when it is the client certificate: with TLS 1.3
+        the refusal comes after the handshake looked complete, so paho sees only a closed socket. One TLS 1.2
+        handshake, where the broker asks for the certificate inside the handshake, tells which it was."""
+        s = self.settings
+        try:
+            context = ssl.create_default_context(cafile=s.tls_ca)
+            context.check_hostname = False  # the first connection checked the name; here only the alert counts
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+            if s.tls_cert is not None:
+                context.load_cert_chain(s.tls_cert, s.tls_key)
+            address = (self._broker.host, self._broker.port)
+            with socket.create_connection(address, timeout=3.0) as sock, context.wrap_socket(sock):
+                return None
+        except ssl.SSLError as exc:
+            reason = exc.reason or ""
+        except (OSError, ValueError):
+            return None
+        if s.tls_cert is None and reason in self._NO_CERTIFICATE:
+            return TlsError(
+                f"the broker at {self._broker} requires a client certificate: give this client its own with "
+                "--tls-cert FILE --tls-key FILE (`fedmqtt broker gen-certs --device ID` issues one from the "
+                "broker's CA)"
+            )
+        if s.tls_cert is not None and reason in self._BAD_CERTIFICATE | self._NO_CERTIFICATE:
+            return TlsError(
+                f"the broker at {self._broker} refused the client certificate --tls-cert {s.tls_cert} "
+                f"(TLS alert {reason}): it must be issued by the CA the broker trusts and be valid now"
+            )
+        return None
 
     def _detect_protocol(self, deadline: float) -> MQTTProtocolVersion:
         """MQTT 5 if the broker speaks it, else 3.1.1. Asked with a throw-away connection (random client id,
@@ -482,10 +531,13 @@ class MqttConnection:
         if self._broker.username is not None:
             client.username_pw_set(self._broker.username, self._broker.password)
         if self._broker.tls:
+            s = self.settings
             try:
-                client.tls_set(ca_certs=self.settings.tls_ca)
-            except (ssl.SSLError, OSError, ValueError) as exc:  # the file changed since ClientSettings checked it
-                where = f"--tls-ca: {self.settings.tls_ca}" if self.settings.tls_ca else "the system CA certificates"
+                client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key)
+            except (ssl.SSLError, OSError, ValueError) as exc:  # a file changed since ClientSettings checked it
+                where = f"--tls-ca: {s.tls_ca}" if s.tls_ca else "the system CA certificates"
+                if s.tls_cert is not None:
+                    where += f" or --tls-cert: {s.tls_cert}" + (f" with --tls-key: {s.tls_key}" if s.tls_key else "")
                 raise TlsError(f"{where} cannot be loaded ({exc})") from None
 
     def _check_fds(self, client: paho.Client) -> None:

@@ -1,7 +1,8 @@
 """How to reach a broker: the one place that owns the broker flags and turns them into :class:`ClientSettings`.
 
 :class:`BrokerSettings` (pydantic) holds what a user says about the broker: ``--broker``, ``--username``,
-``--password`` / ``--password-file`` / ``$FEDMQTT_PASSWORD``, ``--tls-ca`` and ``--mqtt-version``. Every rule
+``--password`` / ``--password-file`` / ``$FEDMQTT_PASSWORD``, ``--tls-ca``, the client certificate
+``--tls-cert`` / ``--tls-key`` and ``--mqtt-version``. Every rule
 about them is stated here once, as annotated field types (:data:`BrokerUrlField`, :data:`MqttVersionField`, ...)
 that other settings models reuse, and checked when the model is built: before a model is loaded, a data set read
 or a broker dialled. :func:`add_broker_flags` and :func:`broker_settings_from_args` are the argparse side of the
@@ -75,6 +76,33 @@ def tls_ca_problem(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def tls_cert_problem(cert: str | os.PathLike[str], key: str | os.PathLike[str] | None) -> str | None:
+    """What is wrong with a client certificate and its private key (worded to follow the certificate's path),
+    or None when the pair loads. ``key`` None: the certificate file holds the key too. A missing or unreadable
+    key file is the key's own problem: check it first with :func:`fedmqtt.paths.input_file_problem`."""
+    problem = input_file_problem(cert)
+    if problem is not None:
+        return problem
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+            os.fspath(cert), None if key is None else os.fspath(key), password=_no_key_password
+        )
+    except ssl.SSLError as exc:
+        where = "and its key" if key is None else f"and {key}"
+        return (
+            f"{where} are not a PEM certificate and its unencrypted private key ({exc.reason or exc}; "
+            "`openssl x509 -in FILE -noout -subject` and `openssl pkey -in KEY -noout` show what they hold)"
+        )
+    except (OSError, ValueError) as exc:
+        return f"cannot be read ({exc})"
+    return None
+
+
+def _no_key_password() -> str:
+    # An encrypted key would make OpenSSL ask on the terminal; a service has none, so it is refused instead.
+    raise ValueError("the private key is encrypted; fedmqtt needs an unencrypted key (protect it by file mode)")
+
+
 def check_tls_ca(path: str | os.PathLike[str] | None) -> None:
     """Raise :class:`TlsError` naming ``--tls-ca`` and the file unless it is a loadable CA certificate."""
     if path is not None and (problem := tls_ca_problem(path)) is not None:
@@ -132,6 +160,8 @@ class ClientSettings:
     session_expiry: int = 3600
     keepalive: int = 30
     tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     reconnect_min_delay: float = 1.0
     reconnect_max_delay: float = 30.0
     will: Will | None = None
@@ -155,6 +185,18 @@ class ClientSettings:
         check_tls_ca(self.tls_ca)
         if self.tls_ca is not None and not self.broker.tls:
             raise TlsError(f"--tls-ca: a CA file was given but {self.broker} is not a TLS URL; use mqtts://")
+        for name in ("tls_cert", "tls_key"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        if self.tls_key is not None and self.tls_cert is None:
+            raise TlsError(f"--tls-key: {self.tls_key} is a key without its certificate: give --tls-cert too")
+        if self.tls_cert is not None:
+            if not self.broker.tls:
+                raise TlsError(f"--tls-cert: a client certificate was given but {self.broker} is not a TLS URL")
+            if self.tls_key is not None and (problem := input_file_problem(self.tls_key)) is not None:
+                raise TlsError(f"--tls-key: {self.tls_key} {problem}")
+            if (problem := tls_cert_problem(self.tls_cert, self.tls_key)) is not None:
+                raise TlsError(f"--tls-cert: {self.tls_cert} {problem}")
         if not isinstance(self.client_id, str) or not self.client_id or len(self.client_id.encode()) > 65535:
             raise MqttError(f"invalid client id {self.client_id!r}: give every client a stable, non-empty id")
         if self.protocol not in ("5", "3.1.1", "auto"):
@@ -237,6 +279,17 @@ TlsCaField = Annotated[
     AfterValidator(_usable_tls_ca),
     Field(description="CA certificate (PEM) for an mqtts:// broker (default: the system CAs)"),
 ]
+TlsCertField = Annotated[
+    Path | None,
+    Field(
+        description="client certificate (PEM) for a broker that requires one (fedmqtt broker --client-certs); "
+        "with --tls-key, or a file holding the key too"
+    ),
+]
+TlsKeyField = Annotated[
+    Path | None,
+    Field(description="private key (PEM, unencrypted) of --tls-cert; keep it readable by its owner only"),
+]
 MqttVersionField = Annotated[
     ProtocolName,
     Field(description="MQTT protocol: auto tries 5 and falls back to 3.1.1 (the embedded broker), once per broker"),
@@ -249,6 +302,8 @@ BROKER_FLAGS: dict[str, str] = {
     "password": "--password",
     "password_file": "--password-file",
     "tls_ca": "--tls-ca",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
     "mqtt_version": "--mqtt-version",
 }
 
@@ -269,6 +324,8 @@ class BrokerSettings(BaseModel):
     password: PasswordField = None
     password_file: PasswordFileField = None
     tls_ca: TlsCaField = None
+    tls_cert: TlsCertField = None
+    tls_key: TlsKeyField = None
     mqtt_version: MqttVersionField = "auto"
 
     _url: BrokerURL = PrivateAttr()
@@ -279,6 +336,16 @@ class BrokerSettings(BaseModel):
             raise ValueError("password_file: give --password or --password-file, not both")
         if self.tls_ca is not None and not self.broker.tls:
             raise ValueError(f"tls_ca: a CA file was given but {self.broker} is not a TLS URL; use mqtts://")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError(f"tls_key: {self.tls_key} is a key without its certificate: give --tls-cert too")
+        if self.tls_cert is not None:
+            if not self.broker.tls:
+                raise ValueError(f"tls_cert: a client certificate was given but {self.broker} is not a TLS URL; "
+                                 "use mqtts://")  # fmt: skip
+            if self.tls_key is not None and (problem := input_file_problem(self.tls_key)) is not None:
+                raise ValueError(f"tls_key: {self.tls_key} {problem}")
+            if (problem := tls_cert_problem(self.tls_cert, self.tls_key)) is not None:
+                raise ValueError(f"tls_cert: {self.tls_cert} {problem}")
         explicit: str | None = None
         if self.password is not None:
             explicit = self.password.get_secret_value()
@@ -330,6 +397,8 @@ class BrokerSettings(BaseModel):
             clean_start=clean_start,
             session_expiry=session_expiry,
             tls_ca=None if self.tls_ca is None else os.fspath(self.tls_ca),
+            tls_cert=None if self.tls_cert is None else os.fspath(self.tls_cert),
+            tls_key=None if self.tls_key is None else os.fspath(self.tls_key),
             will=will,
             **options,
         )
@@ -340,8 +409,9 @@ class BrokerSettings(BaseModel):
         args = ["--broker", url.with_credentials(None, None).to_url(), "--mqtt-version", self.mqtt_version]
         if url.username is not None:
             args += ["--username", url.username]
-        if self.tls_ca is not None:
-            args += ["--tls-ca", os.fspath(self.tls_ca)]
+        for flag, path in (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            if path is not None:
+                args += [flag, os.fspath(path)]
         return args
 
     def child_env(self) -> dict[str, str]:
@@ -357,10 +427,13 @@ def add_broker_flags(
     *,
     broker_required: bool = False,
     broker_help: str | None = None,
+    client_certificate: bool = True,
 ) -> None:
-    """Add ``--broker --username --password --password-file --tls-ca --mqtt-version``. Every default is None
+    """Add ``--broker --username --password --password-file --tls-ca --tls-cert --tls-key --mqtt-version``. Every default is None
     ("not given"), so that a settings file or a model default can fill it; the help shows the real default.
-    ``broker_help`` replaces the help of ``--broker`` (a command that starts its own broker without it)."""
+    ``broker_help`` replaces the help of ``--broker`` (a command that starts its own broker without it).
+    ``client_certificate=False`` leaves out ``--tls-cert/--tls-key`` (a command that runs many clients, each of
+    which would need its own certificate)."""
     fields = BrokerSettings.model_fields
 
     def help_of(name: str, default: str | None = None) -> str:
@@ -378,6 +451,9 @@ def add_broker_flags(
     secret.add_argument("--password", help=help_of("password"))
     secret.add_argument("--password-file", type=Path, metavar="FILE", help=help_of("password_file"))
     parser.add_argument("--tls-ca", type=Path, metavar="FILE", help=help_of("tls_ca"))
+    if client_certificate:
+        parser.add_argument("--tls-cert", type=Path, metavar="FILE", help=help_of("tls_cert"))
+        parser.add_argument("--tls-key", type=Path, metavar="FILE", help=help_of("tls_key"))
     parser.add_argument("--mqtt-version", choices=("auto", "5", "3.1.1"), help=help_of("mqtt_version", "auto"))
 
 
