@@ -34,6 +34,7 @@ from fedmqtt.device.screening import (
     reported_samples,
     run_label,
 )
+from fedmqtt.device.train_time import TrainTimeEstimator
 from fedmqtt.errors import FedmqttError
 from fedmqtt.mqtt import (
     BrokerSettings,
@@ -90,6 +91,7 @@ class DeviceOptions:
     prefix: str = "fedmqtt"
     state_dir: Path | None = None
     privacy_budget: float | None = None
+    max_train_seconds: float | None = None  # decline rounds estimated to train longer (device.train_time)
     exit_on_finish: bool = False
     session_expiry: int = 3600
 
@@ -298,6 +300,9 @@ class DeviceRuntime:
         self._models: dict[str, Any] = {}
         self._cached_global: tuple[str, A.ModelArrays] | None = None
         self.finished_phase: Phase | None = None
+        # Seconds per sample per epoch of the last rounds (one rate for the process: its devices share the model
+        # and the torch threads), for --max-train-seconds and the deadline check.
+        self.train_times = TrainTimeEstimator()
         if threads:
             import torch
 
@@ -395,7 +400,7 @@ class DeviceRuntime:
             return
         from fedmqtt.models import MODEL_NAMES
 
-        screening = self._screen(device, plan, queued, known_models=MODEL_NAMES)
+        screening = self._screen(device, plan, queued, known_models=MODEL_NAMES, timed=True)
         device.screen.observe(plan, live=item.live)
         if screening.ignored:
             if screening.reason in _TOLD:
@@ -420,9 +425,17 @@ class DeviceRuntime:
         plan: Plan,
         queued: list[Plan | Status | None],
         known_models: tuple[str, ...] | None = None,
+        timed: bool = False,
     ) -> PlanScreening:
+        """``timed``: also check the estimated training time (before starting a plan, not while serving it)."""
         return device.screen.screen(
-            plan, now=self.clock(), queued=queued, known_models=known_models, ledger=device.ledger
+            plan,
+            now=self.clock(),
+            queued=queued,
+            known_models=known_models,
+            ledger=device.ledger,
+            train_estimate=self.train_times.estimate(plan, len(device.dataset)) if timed else None,
+            max_train_seconds=self.options.max_train_seconds,
         )
 
     def _decline(self, device: VirtualDevice, plan: Plan, why: str) -> None:
@@ -514,6 +527,7 @@ class DeviceRuntime:
             trainable=plan.trainable,
             seed=self.train_seed,
         )
+        self.train_times.record(plan, samples=result.num_samples, seconds=result.seconds)
         update = A.subtract(get_arrays(model), global_arrays)
         announcement = None
         if dp is not None:

@@ -43,7 +43,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-parts", type=int)
     p.add_argument("--part", type=int)
     p.add_argument("--seed", type=int, default=0, help="partition seed (the same on every device of a run)")
-    p.add_argument("--threads", type=int, help="torch threads for training")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads for training (default: torch's choice, one per core; a board that also serves other "
+        "work keeps one core free, e.g. 3 on a 4-core Raspberry Pi)",
+    )
+    p.add_argument(
+        "--max-train-seconds",
+        type=float,
+        metavar="S",
+        help="decline (with a device status saying why) a round whose training is estimated, from this device's "
+        "last rounds, to take longer than S seconds; the first round is always tried. Rounds whose deadline "
+        "leaves less time than the estimate are declined with or without this flag",
+    )
     p.add_argument("--state-dir", type=Path, help="where the device keeps its privacy ledger and codec state")
     p.add_argument("--privacy-budget", type=float, help="refuse rounds once this epsilon would be exceeded")
     p.add_argument("--exit-on-finish", action="store_true", help="exit when the job is finished or stopped")
@@ -95,6 +108,10 @@ def run_device(args: argparse.Namespace) -> int:
     devices = device_ids_and_parts(args)
     require_input_dir("--data-dir", args.data_dir or None)
     require_output_dir("--state-dir", args.state_dir)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError("--threads", f"must be at least 1, got {args.threads}")
+    if args.max_train_seconds is not None and not 0 < args.max_train_seconds < float("inf"):
+        raise ConfigError("--max-train-seconds", f"must be a positive number of seconds, got {args.max_train_seconds}")
 
     if len(devices) > MAX_CLIENTS_PER_PROCESS:
         raise ConfigError(
@@ -143,6 +160,7 @@ def _serve(
         prefix=args.prefix,
         state_dir=args.state_dir,
         privacy_budget=args.privacy_budget,
+        max_train_seconds=args.max_train_seconds,
         exit_on_finish=args.exit_on_finish,
     )
     runtime = DeviceRuntime(options, threads=args.threads)

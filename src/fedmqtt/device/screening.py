@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol
 
+from fedmqtt.device.train_time import time_problem
 from fedmqtt.schema import DeviceStatus, DPMode, DPPlan, Phase, Plan, Status
 
 # How much a device remembers; old runs and rounds fall out first (insertion order).
@@ -50,6 +51,7 @@ class PlanReason(StrEnum):
     EXPIRED = "expired"  # its deadline passed before the device could start
     UNKNOWN_MODEL = "unknown_model"
     PRIVACY_BUDGET = "privacy_budget"
+    TRAINING_TIME = "training_time"  # it would train longer than --max-train-seconds or than the deadline allows
 
 
 @dataclass(frozen=True)
@@ -185,12 +187,17 @@ class DeviceScreen:
         queued: Sequence[Plan | Status | None] = (),
         known_models: Collection[str] | None = None,
         ledger: BudgetCheck | None = None,
+        train_estimate: float | None = None,
+        max_train_seconds: float | None = None,
     ) -> PlanScreening:
         """What to do with ``plan``, received on the job's plan topic.
 
         ``queued``: what arrived for this device after the plan and is still waiting in its inbox, oldest first:
         plans, job statuses, and None for a cleared (withdrawn) retained plan. ``known_models``: the model names
         this device can build (None: do not check). ``ledger``: the device's privacy ledger, if it keeps one.
+        ``train_estimate``: seconds this device's training for the plan is estimated to take
+        (:class:`fedmqtt.device.train_time.TrainTimeEstimator`; None: no estimate yet, so it is tried), checked
+        against ``max_train_seconds`` and the plan's deadline by :func:`fedmqtt.device.train_time.time_problem`.
         """
         if plan.job != self.job:
             return PlanScreening.ignore(
@@ -234,6 +241,9 @@ class DeviceScreen:
                 f"privacy budget: this round would take the device past epsilon {ledger.budget:g} "
                 f"(spent {ledger.epsilon:.3f})",
             )
+        problem = time_problem(train_estimate, max_seconds=max_train_seconds, now=now, deadline=plan.deadline)
+        if problem is not None:
+            return PlanScreening.decline(PlanReason.TRAINING_TIME, problem)
         return PlanScreening.TAKE
 
     def observe(self, plan: Plan, *, live: bool) -> None:
