@@ -1,0 +1,388 @@
+"""docker-compose.yml and docker/Dockerfile, proven without a Docker engine (none runs on our machines).
+
+* ``docker-compose config -q`` (Debian's docker-compose, installed by .ci/run) accepts the file.
+* :class:`ComposeRun` runs the file's services as local processes, as compose would run them: the configuration
+  is the one ``docker-compose config`` resolves (variables, YAML anchors, paths); each service runs the image's
+  ENTRYPOINT (docker/entrypoint.sh, found through the Dockerfile's COPY) with its ``command`` (else the image's
+  CMD) and the image's ENV overlaid by its ``environment``; every volume is a temporary directory mounted at the
+  same place (paths in the environment are mapped); the service name ``broker`` and its container port are
+  127.0.0.1 and a free port; ``depends_on: service_healthy`` waits for the service's own healthcheck command.
+  The broker is therefore Mosquitto started by the compose file's own init step and generated configuration,
+  with auth and the per-device ACL on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import require_mosquitto
+from fedmqtt.broker.net import find_free_port
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+VENV_BIN = Path(sys.executable).parent
+BROKER_SERVICE = "broker"
+CONTAINER_PORT = 1883
+WAIT = 240.0  # a whole job of processes that each import torch, on 2 shared cores
+
+
+def docker_compose() -> str:
+    found = shutil.which("docker-compose")
+    if found is None:
+        pytest.fail("docker-compose is not installed: apt-get install docker-compose (.ci/run does)")
+    return found
+
+
+def compose_config(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The configuration compose would run: ``docker-compose config`` (interpolated, anchors merged)."""
+    result = subprocess.run(
+        [docker_compose(), "-f", str(COMPOSE_FILE), "config"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+# --------------------------------------------------------------------------------------------- the image
+
+
+class Image:
+    """What the Dockerfile says a container starts with: ENV, ENTRYPOINT, CMD, USER, HEALTHCHECK, COPY."""
+
+    def __init__(self, path: Path) -> None:
+        self.env: dict[str, str] = {}
+        self.entrypoint: list[str] = []
+        self.cmd: list[str] = []
+        self.user = "root"
+        self.healthcheck: list[str] = []
+        self.copies: dict[str, str] = {}  # destination -> source in the build context
+        self.froms: list[str] = []
+        text = re.sub(r"\\\n", " ", path.read_text())
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            word, _, rest = line.partition(" ")
+            word = word.upper()
+            rest = rest.strip()
+            if word == "FROM":
+                self.froms.append(rest)
+            elif word == "ENV":
+                for item in shlex.split(rest):
+                    key, _, value = item.partition("=")
+                    self.env[key] = value
+            elif word == "ENTRYPOINT":
+                self.entrypoint = json.loads(rest)
+            elif word == "CMD":
+                self.cmd = json.loads(rest)
+            elif word == "USER":
+                self.user = rest
+            elif word == "HEALTHCHECK":
+                self.healthcheck = json.loads(rest[rest.index(" CMD ") + 5 :])
+            elif word == "COPY":
+                *sources, dest = shlex.split(rest)
+                if len(sources) == 1:
+                    self.copies[dest] = sources[0]
+
+
+# --------------------------------------------------------------------------------------------- running a project
+
+
+class ComposeRun:
+    """The services of the compose file as local processes (see the module docstring)."""
+
+    def __init__(self, root: Path, config: dict[str, Any], image: Image) -> None:
+        self.root = root
+        self.config = config
+        self.image = image
+        self.port = find_free_port()
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.runs: dict[str, int] = {}
+        # The image's executables: COPY docker/X /usr/local/bin/NAME, as links on this PATH.
+        self.bin = root / "bin"
+        self.bin.mkdir(parents=True)
+        for dest, source in image.copies.items():
+            if dest.startswith("/usr/local/bin/"):
+                (self.bin / Path(dest).name).symlink_to(REPO / source)
+        self.path = os.pathsep.join([str(self.bin), str(VENV_BIN), "/usr/local/sbin", "/usr/sbin", "/usr/bin", "/bin"])
+
+    # -- translation: volumes, network --
+
+    def mounts(self, service: str) -> list[tuple[str, Path]]:
+        """(container path, host path) of the service's volumes: named volumes are directories of this run."""
+        out = []
+        for spec in self.config["services"][service].get("volumes", []):
+            source, target = (spec["source"], spec["target"]) if isinstance(spec, dict) else spec.split(":")[:2]
+            if source in (self.config.get("volumes") or {}):
+                host = self.root / "volumes" / source
+                host.mkdir(parents=True, exist_ok=True)
+            else:
+                host = Path(source)
+            out.append((target, host))
+        return sorted(out, key=lambda m: -len(m[0]))
+
+    def host_path(self, service: str, value: str) -> str:
+        for target, host in self.mounts(service):
+            if value == target or value.startswith(target + "/"):
+                return str(host) + value[len(target) :]
+        return value
+
+    def environment(self, service: str) -> dict[str, str]:
+        spec = self.config["services"][service]
+        env = {**self.image.env, **{k: "" if v is None else str(v) for k, v in (spec.get("environment") or {}).items()}}
+        out = {}
+        for key, value in env.items():
+            value = value.replace(f"//{BROKER_SERVICE}:{CONTAINER_PORT}", f"//127.0.0.1:{self.port}")
+            out[key] = self.host_path(service, value)
+        if service == BROKER_SERVICE:  # the container's listener is this run's free port on loopback
+            assert out["FEDMQTT_LISTEN_PORT"] == str(CONTAINER_PORT)
+            out["FEDMQTT_LISTEN_PORT"], out["FEDMQTT_LISTEN_HOST"] = str(self.port), "127.0.0.1"
+        home = self.root / "home" / service
+        home.mkdir(parents=True, exist_ok=True)
+        return {**out, "PATH": self.path, "HOME": str(home), "LANG": "C.UTF-8"}
+
+    def argv(self, service: str) -> list[str]:
+        spec = self.config["services"][service]
+        entrypoint = spec.get("entrypoint", self.image.entrypoint)
+        command = spec.get("command", self.image.cmd if "entrypoint" not in spec else [])
+        return [*entrypoint, *command]
+
+    # -- lifecycle --
+
+    def log(self, service: str) -> Path:
+        return self.root / f"{service}.log"
+
+    def start(self, service: str) -> subprocess.Popen[bytes]:
+        for dependency, condition in (self.config["services"][service].get("depends_on") or {}).items():
+            assert dependency in self.processes, f"{service} depends on {dependency}, which was not started"
+            if condition.get("condition") == "service_healthy":
+                self.wait_healthy(dependency)
+        self.runs[service] = self.runs.get(service, 0) + 1
+        work = self.root / "work" / service
+        work.mkdir(parents=True, exist_ok=True)
+        with open(self.log(service), "ab") as log:
+            log.write(f"--- start {self.runs[service]}: {shlex.join(self.argv(service))}\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                self.argv(service), env=self.environment(service), cwd=work, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.processes[service] = process
+        return process
+
+    def healthcheck(self, service: str) -> subprocess.CompletedProcess[bytes]:
+        check = self.config["services"][service].get("healthcheck")
+        test = check["test"] if check else ["CMD", *self.image.healthcheck]
+        assert test[0] == "CMD", test
+        return subprocess.run(test[1:], env=self.environment(service), capture_output=True, timeout=30, check=False)
+
+    def wait_healthy(self, service: str) -> None:
+        deadline = time.monotonic() + WAIT
+        while self.healthcheck(service).returncode != 0:
+            process = self.processes[service]
+            if process.poll() is not None:
+                pytest.fail(f"{service} exited ({process.returncode}) before it was healthy:\n{self.tail(service)}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{service} was not healthy within {WAIT} s:\n{self.tail(service)}")
+            time.sleep(0.5)
+
+    def up(self) -> None:
+        """Start every service in dependency order (those without dependencies first)."""
+        services = self.config["services"]
+        for name in sorted(services, key=lambda s: (bool(services[s].get("depends_on")), s)):
+            self.start(name)
+
+    def wait(self, service: str, timeout: float = WAIT) -> int:
+        try:
+            return self.processes[service].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{service} did not exit within {timeout} s:\n{self.tails()}")
+
+    def stop(self, service: str, timeout: float = 30.0) -> int:
+        """``docker compose stop SERVICE``: SIGTERM to the container's main process, then its exit code."""
+        process = self.processes[service]
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        return self.wait(service, timeout)
+
+    def down(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def tail(self, service: str, limit: int = 3000) -> str:
+        path = self.log(service)
+        return path.read_text(errors="replace")[-limit:] if path.exists() else "(no log)"
+
+    def tails(self) -> str:
+        return "\n".join(f"=== {s}\n{self.tail(s)}" for s in self.processes)
+
+    def secret(self, name: str) -> str:
+        env = self.environment(BROKER_SERVICE)
+        return Path(env["FEDMQTT_SECRETS_DIR"], name).read_text().strip()
+
+    def url(self, account: str) -> str:
+        return f"mqtt://{account}:{self.secret(account)}@127.0.0.1:{self.port}"
+
+
+# --------------------------------------------------------------------------------------------- tests
+
+
+def device_services(config: dict[str, Any]) -> list[str]:
+    return [s for s, spec in config["services"].items() if spec.get("command") == ["device"]]
+
+
+def test_docker_compose_config_accepts_the_file() -> None:
+    result = subprocess.run(
+        [docker_compose(), "-f", str(COMPOSE_FILE), "config", "-q"],
+        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_file_and_the_image_say_what_the_readme_promises() -> None:
+    config, image = compose_config(), Image(DOCKERFILE)
+    services = config["services"]
+    # The image: non-root, an exec-form entrypoint that is ours, a healthcheck, CPU torch, no secrets inside.
+    assert image.user not in ("", "root", "0") and image.entrypoint == ["fedmqtt-entrypoint"]
+    assert image.copies["/usr/local/bin/fedmqtt-entrypoint"] == "docker/entrypoint.sh"
+    assert image.healthcheck == ["fedmqtt-healthcheck"]
+    dockerfile = DOCKERFILE.read_text()
+    assert "--index-url https://download.pytorch.org/whl/cpu" in dockerfile and "ARG EXTRAS" in dockerfile
+    assert not any("secret" in source or "passwd" in source for source in image.copies.values())
+    # The broker: auth on (the entrypoint runs `fedmqtt broker --mosquitto --auth`), healthcheck, accounts.
+    broker = services[BROKER_SERVICE]
+    assert broker["command"] == ["broker"] and broker["healthcheck"]["test"][0] == "CMD"
+    assert "--mosquitto --auth" in (REPO / "docker" / "entrypoint.sh").read_text()
+    # The coordinator waits for a healthy broker, keeps checkpoints in a volume, resumes.
+    coordinator = services["coordinator"]
+    assert coordinator["depends_on"] == {BROKER_SERVICE: {"condition": "service_healthy"}}
+    assert coordinator["environment"]["FEDMQTT_RESUME"] == "true"
+    assert any(str(v).split(":")[:2] == ["checkpoints", "/var/lib/fedmqtt/checkpoints"] for v in coordinator["volumes"])
+    # Devices: one template, distinct ids, accounts and parts, all of them known to the broker's init step.
+    devices = device_services(config)
+    envs = [services[d]["environment"] for d in devices]
+    ids = [e["FEDMQTT_DEVICE_ID"] for e in envs]
+    assert len(devices) >= 2 and len(set(ids)) == len(ids)
+    assert sorted(int(e["FEDMQTT_PART"]) for e in envs) == list(range(len(devices)))
+    assert all(int(e["FEDMQTT_NUM_PARTS"]) == len(devices) for e in envs)
+    assert set(ids) == set(broker["environment"]["FEDMQTT_DEVICES"].replace(",", " ").split())
+    assert all(services[d]["depends_on"] == {BROKER_SERVICE: {"condition": "service_healthy"}} for d in devices)
+    # No password in any environment or command: they live in the secrets volume only.
+    for name, spec in services.items():
+        text = json.dumps([spec.get("environment"), spec.get("command")])
+        assert 'FEDMQTT_PASSWORD"' not in text and "--password " not in text, name
+
+
+@pytest.fixture
+def compose(tmp_path: Path) -> Iterator[Any]:
+    require_mosquitto()
+    from fedmqtt.data import write_idx_dataset
+
+    runs: list[ComposeRun] = []
+
+    def make(**variables: str) -> ComposeRun:
+        data = tmp_path / "data"
+        write_idx_dataset(data / "mnist", num_train=240, num_test=60, seed=7)
+        job = f"c{uuid.uuid4().hex[:8]}"
+        env = {"FEDMQTT_DATA_DIR": str(data), "FEDMQTT_JOB": job, "FEDMQTT_MODEL": "mlp", "FEDMQTT_ROUNDS": "2",
+               "FEDMQTT_ROUND_TIMEOUT": "120", **variables}  # fmt: skip
+        run = ComposeRun(tmp_path / "project", compose_config(env), Image(DOCKERFILE))
+        runs.append(run)
+        return run
+
+    yield make
+    for run in runs:
+        run.down()
+        print(run.tails())
+
+
+def watch(run: ComposeRun) -> Any:
+    """A JobView of the job through the watcher account (the ACL lets it read all but update frames)."""
+    from fedmqtt.topics import Topics
+    from harness import JobView
+
+    env = run.environment("coordinator")
+    return JobView(run.url("watcher"), Topics(job=env["FEDMQTT_JOB"], prefix=env["FEDMQTT_PREFIX"]))
+
+
+@pytest.mark.mosquitto
+@pytest.mark.e2e
+def test_a_whole_job_runs_as_compose_runs_it(compose: Any) -> None:
+    from fedmqtt.coordinator.durability import Durability
+    from fedmqtt.schema import Phase
+
+    run = compose()
+    started = time.monotonic()
+    run.up()
+    assert run.wait("coordinator") == 0, run.tails()
+    seconds = time.monotonic() - started
+    view = watch(run)  # retained messages tell how the job ended
+    try:
+        status = view.wait_status("phase finished", lambda s: s.phase is Phase.FINISHED, timeout=30)
+        assert status.round == 2 and status.rounds_total == 2
+        devices = sorted(
+            run.config["services"][d]["environment"]["FEDMQTT_DEVICE_ID"] for d in device_services(run.config)
+        )
+        for n in (1, 2):
+            assert sorted(view.wait_summary(n, timeout=30).participants) == devices  # 3 of 3, each with its account
+    finally:
+        view.close()
+    assert run.healthcheck("device-0").returncode == 0  # the image's HEALTHCHECK, in a device's environment
+    checkpoint = Durability(Path(run.environment("coordinator")["FEDMQTT_CHECKPOINT_DIR"])).load()
+    assert checkpoint["machine"]["stage"] == Phase.FINISHED.value
+    # `docker compose down`: SIGTERM everywhere; every process ends cleanly.
+    for service in [*device_services(run.config), BROKER_SERVICE]:
+        assert run.stop(service) == 0, f"{service}:\n{run.tail(service)}"
+    assert "Traceback" not in run.tails()
+    print(f"whole compose job: {seconds:.1f} s")
+
+
+@pytest.mark.mosquitto
+@pytest.mark.e2e
+def test_sigterm_to_the_coordinator_checkpoints_and_the_same_command_resumes(compose: Any) -> None:
+    from fedmqtt.schema import EventType, Phase
+
+    run = compose(FEDMQTT_ROUNDS="4")
+    run.start(BROKER_SERVICE)
+    run.wait_healthy(BROKER_SERVICE)
+    view = watch(run)  # subscribed before the job starts: it sees the events of the stop and the resume
+    try:
+        for service in run.config["services"]:
+            if service != BROKER_SERVICE:
+                run.start(service)
+        first = view.wait_summary(1, timeout=WAIT)
+        assert run.stop("coordinator") == 128 + signal.SIGTERM, run.tail("coordinator")  # docker compose stop
+        stopped = view.wait_event(EventType.JOB_STOPPED, timeout=30)
+        assert stopped.detail.startswith("stopped by SIGTERM at round ") and "--resume continues" in stopped.detail
+        paused = view.wait_status("phase stopped", lambda s: s.phase is Phase.STOPPED, timeout=30)
+        assert 2 <= paused.round < 4
+
+        run.start("coordinator")  # `docker compose start coordinator`: the same command and environment
+        assert run.wait("coordinator") == 0, run.tail("coordinator")
+        view.wait_status("phase finished", lambda s: s.phase is Phase.FINISHED, timeout=30)
+        summaries = [view.wait_summary(n, timeout=30) for n in (1, 2, 3, 4)]
+        assert {s.run_id for s in summaries} == {first.run_id}  # one run, continued
+        assert "resumed from checkpoint" in " ".join(e.detail for e in view.events)
+    finally:
+        view.close()
+    for service in device_services(run.config):
+        assert run.stop(service) == 0, run.tail(service)
+    assert "Traceback" not in run.tails()
