@@ -38,7 +38,7 @@ accounts() {
     for name in coordinator watcher $(printf '%s' "${FEDMQTT_DEVICES:-}" | tr ',' ' '); do
         secret="$FEDMQTT_SECRETS_DIR/$name"
         known=0
-        if [ -s "$secret" ] && [ -f "$passwd" ] && grep -q "^$name:" "$passwd"; then
+        if [ -s "$secret" ] && [ -f "$passwd" ] && cut -d: -f1 "$passwd" | grep -qxF "$name"; then
             known=1
         fi
         [ "$known" = 1 ] && continue

@@ -352,6 +352,14 @@ def test_a_whole_job_runs_as_compose_runs_it(compose: Any) -> None:
     for service in [*device_services(run.config), BROKER_SERVICE]:
         assert run.stop(service) == 0, f"{service}:\n{run.tail(service)}"
     assert "Traceback" not in run.tails()
+    # A restarted broker container keeps its accounts: the init step creates only what is missing.
+    secrets = {name: run.secret(name) for name in ("coordinator", "watcher", *devices)}
+    assert run.tail(BROKER_SERVICE, 1_000_000).count("created (password in") == len(secrets)
+    run.start(BROKER_SERVICE)
+    run.wait_healthy(BROKER_SERVICE)
+    assert {name: run.secret(name) for name in secrets} == secrets
+    assert run.tail(BROKER_SERVICE, 1_000_000).count("created (password in") == len(secrets)
+    assert run.stop(BROKER_SERVICE) == 0
     print(f"whole compose job: {seconds:.1f} s")
 
 
