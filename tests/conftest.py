@@ -12,7 +12,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from fedmqtt.broker.embedded import EmbeddedBroker
 from fedmqtt.broker.errors import MissingTool
 from fedmqtt.broker.mosquitto import MosquittoBroker, mosquitto_binary
 from fedmqtt.mqtt import PROTOCOLS, ClientSettings, MessageCallback, MqttConnection, parse_broker_url
+from fedmqtt.schema import FrameHeader, FrameKind
 
 REQUIRE_MOSQUITTO_ENV = "FEDMQTT_REQUIRE_MOSQUITTO"
 
@@ -257,6 +262,111 @@ def data_mirror(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Dat
         yield mirror
     finally:
         mirror.close()
+
+
+# --- a client that ignores the broker's packet limit ------------------------------------------------------------
+
+
+def raw_oversize_publish_is_dropped(port: int, topic: str, size: int = 100_000) -> bool:
+    """A raw paho MQTT 3.1.1 client, which knows nothing of the broker's maximum packet size, publishes ``size``
+    bytes to ``topic`` on 127.0.0.1:``port``: True when the broker drops its connection within 5 s."""
+    import threading
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    dropped = threading.Event()
+    raw = paho.Client(CallbackAPIVersion.VERSION2, client_id="raw", protocol=paho.MQTTv311)
+    raw.on_disconnect = lambda *_args: dropped.set()
+    raw.connect("127.0.0.1", port)
+    raw.loop_start()
+    try:
+        raw.publish(topic, b"x" * size, qos=1)
+        return dropped.wait(5)
+    finally:
+        raw.disconnect()
+        raw.loop_stop()
+
+
+# --- an update's frame header, for the round machine's tests (no frame body: the machine reads headers only) ---
+
+
+def update_header(
+    sender: str,
+    round: int,
+    body: str = "body",
+    *,
+    job: str = "job",
+    kind: FrameKind = FrameKind.UPDATE,
+    num_samples: int = 10,
+) -> FrameHeader:
+    """The header of an update ``sender`` sends in ``round``; different ``body`` texts give different digests."""
+    return FrameHeader(
+        kind=kind,
+        job=job,
+        round=round,
+        sender=sender,
+        num_samples=num_samples,
+        codec="float32+zstd:1",
+        tensors=(),
+        body_size=0,
+        body_blake2b=hashlib.blake2b(body.encode(), digest_size=16).hexdigest(),
+    )
+
+
+# --- fedmqtt subprocesses: argv, environment, a named group of them -----------------------------------------
+
+
+def fedmqtt_argv(*args: str) -> list[str]:
+    """``python -m fedmqtt.cli ARGS`` with this test run's interpreter."""
+    return [sys.executable, "-m", "fedmqtt.cli", *args]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a fedmqtt subprocess: unbuffered output, one BLAS/OpenMP thread (2 shared cores)."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+class ProcessGroup:
+    """A test's named subprocesses (tests/test_e2e.py, tests/test_dp_integration.py): each runs in its own process
+    group with its output in ``logs/NAME.log``; :meth:`close` (at teardown) kills those still running."""
+
+    exit_timeout = 60.0  # seconds wait_exit waits by default
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        with open(self.logs / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True
+            )
+        self.processes[name] = process
+        return process
+
+    def fail_if_one_failed(self, what: str) -> None:
+        """Fail the test, with its log, if a process exited with an error while the test waited for ``what``."""
+        for name, process in self.processes.items():
+            if process.poll() not in (None, 0):
+                pytest.fail(f"{name} exited with {process.returncode} while waiting for {what}:\n{self.log(name)}")
+
+    def wait_exit(self, name: str, timeout: float | None = None) -> int:
+        timeout = self.exit_timeout if timeout is None else timeout
+        try:
+            return self.processes[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} did not exit within {timeout} s:\n{self.log(name)}")
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
+
+    def close(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 # --- make_job: a coordinator subprocess, a view of its job and played devices (tests/harness.py) ---

@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 import zstandard
 
+from conftest import fedmqtt_argv, subprocess_env
 from fedmqtt.arrays import ModelArrays
 from fedmqtt.codecs import decode_frame, encode_frame
 from fedmqtt.models import model_manifest
@@ -53,7 +54,6 @@ from fedmqtt.schema import (
 )
 from fedmqtt.topics import Topics
 
-PYTHON = sys.executable
 MODEL = "mlp"
 MANIFEST = model_manifest(MODEL)
 NUMEL = sum(entry.numel for entry in MANIFEST)
@@ -124,14 +124,6 @@ def with_header_field(frame: bytes, key: str, value: Any) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------- processes
-
-
-def fedmqtt_argv(*args: str) -> list[str]:
-    return [PYTHON, "-m", "fedmqtt.cli", *args]
-
-
-def subprocess_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
 class CoordinatorProcess:

@@ -1,11 +1,23 @@
-"""A test helper: :class:`Inbox`, a thread-safe list of the messages a :class:`fedmqtt.mqtt.MqttConnection`
-delivered, passed as its ``on_message``, with :meth:`Inbox.wait_for` to wait for them from the test's thread."""
+"""Test helpers for waiting: :class:`Inbox`, a thread-safe list of the messages a
+:class:`fedmqtt.mqtt.MqttConnection` delivered, passed as its ``on_message``, with :meth:`Inbox.wait_for` to wait
+for them from the test's thread; :func:`wait_until` polls any condition."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import NamedTuple
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``condition`` every 20 ms until it is true or ``timeout`` seconds passed; return its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
 
 
 class ReceivedMessage(NamedTuple):

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import MqttClientFactory
 from fedmqtt.broker.accounts import list_accounts
 from fedmqtt.broker.mosquitto import MosquittoBroker
 from fedmqtt.broker.net import find_free_port
 from fedmqtt.cli import main
 from fedmqtt.mqtt import AuthenticationRefused, ClientSettings, MqttConnection, parse_broker_url
-
-MqttClientFactory = Callable[..., MqttConnection]
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

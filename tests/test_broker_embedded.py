@@ -8,22 +8,18 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable
 
-import paho.mqtt.client as paho
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion
 
+from conftest import MqttClientFactory, raw_oversize_publish_is_dropped
 from fedmqtt.broker.embedded import EmbeddedBroker, PacketFramer, amqtt_config
 from fedmqtt.broker.errors import BrokerError, BrokerStartError
 from fedmqtt.broker.net import find_free_port, mqtt_probe
 from fedmqtt.mqtt import ClientSettings, MqttConnection, PayloadTooLarge, SubscriptionRefused
 from fedmqtt.topics import Topics
 from inbox import Inbox
-
-MqttClientFactory = Callable[..., MqttConnection]
 
 
 def open_fds() -> set[tuple[str, str]]:
@@ -109,17 +105,7 @@ def test_a_packet_over_max_packet_size_is_refused_and_the_broker_keeps_serving(
 ) -> None:
     topics = Topics(job="j", prefix="p" + uuid.uuid4().hex[:8])
     with EmbeddedBroker(max_packet_size=64 * 1024) as broker:
-        dropped = threading.Event()
-        raw = paho.Client(CallbackAPIVersion.VERSION2, client_id="raw", protocol=paho.MQTTv311)
-        raw.on_disconnect = lambda *_args: dropped.set()
-        raw.connect("127.0.0.1", broker.port)
-        raw.loop_start()
-        try:
-            raw.publish(topics.model, b"x" * 100_000, qos=1)
-            assert dropped.wait(5)
-        finally:
-            raw.disconnect()
-            raw.loop_stop()
+        assert raw_oversize_publish_is_dropped(broker.port, topics.model)
 
         inbox = Inbox()
         receiver = mqtt_client(broker.url, subscriptions=[(topics.model, 1)], on_message=inbox)

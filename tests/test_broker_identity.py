@@ -7,7 +7,6 @@ writing another device's topics.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,31 +15,21 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from conftest import MqttClientFactory
 from fedmqtt.broker.accounts import COORDINATOR_USER, WATCHER_USER
 from fedmqtt.broker.mosquitto import MosquittoBroker
 from fedmqtt.mqtt import ClientSettings, MqttConnection, PublishRefused, parse_broker_url
 from fedmqtt.topics import Topics
-from inbox import Inbox
+from inbox import Inbox, wait_until
 
 if TYPE_CHECKING:
     from conftest import SecureBroker
 
 pytestmark = pytest.mark.mosquitto
 
-MqttClientFactory = Callable[..., MqttConnection]
-
 
 def _job() -> str:
     return "j" + uuid.uuid4().hex[:8]
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 @dataclass
@@ -198,7 +187,7 @@ def test_one_connection_per_account_a_second_one_takes_the_first_over(
         ClientSettings.from_url(url, client_id="fedmqtt-job-b-d1", protocol="5", clean_start=True)
     )
     assert second.is_connected
-    assert _wait_until(lambda: len(drops) == 1), "the first connection of the account was not closed"
+    assert wait_until(lambda: len(drops) == 1), "the first connection of the account was not closed"
     first.close()  # before its reconnect takes the account's connection back
 
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
+from conftest import MqttClientFactory, raw_oversize_publish_is_dropped
 from fedmqtt.broker.accounts import (
     COORDINATOR_USER,
     WATCHER_USER,
@@ -35,23 +33,12 @@ from fedmqtt.mqtt import (
     TlsError,
 )
 from fedmqtt.topics import Topics, coordinator_acl, device_acl, watcher_acl
-from inbox import Inbox
+from inbox import Inbox, wait_until
 
 if TYPE_CHECKING:
     from conftest import SecureBroker
 
 pytestmark = pytest.mark.mosquitto
-
-MqttClientFactory = Callable[..., MqttConnection]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 # --- generated files (pure) ------------------------------------------------------------------------------------
@@ -346,17 +333,7 @@ def test_a_packet_over_max_packet_size_is_refused_and_the_broker_keeps_serving(
     topics = Topics(job="j", prefix="p" + uuid.uuid4().hex[:8])
 
     # A raw MQTT 3.1.1 client has no idea of the limit: the broker drops its connection.
-    dropped = threading.Event()
-    raw = paho.Client(CallbackAPIVersion.VERSION2, client_id="raw", protocol=paho.MQTTv311)
-    raw.on_disconnect = lambda *_args: dropped.set()
-    raw.connect("127.0.0.1", broker.port)
-    raw.loop_start()
-    try:
-        raw.publish(topics.model, b"x" * 100_000, qos=1)
-        assert dropped.wait(5)
-    finally:
-        raw.disconnect()
-        raw.loop_stop()
+    assert raw_oversize_publish_is_dropped(broker.port, topics.model)
     assert "oversize packet" in broker.log_text()
 
     # fedmqtt's MQTT 5 client learns the limit from CONNACK and refuses to send.

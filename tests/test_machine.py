@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -12,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import update_header as header
 from fedmqtt.coordinator.errors import IllegalEvent, StateDictError
 from fedmqtt.coordinator.machine import (
     TRANSITIONS,
@@ -43,28 +43,6 @@ def config(**overrides: Any) -> RoundConfig:
     values: dict[str, Any] = {"job": JOB, "rounds": 3, "min_updates": 2, "round_timeout": 10.0}
     values.update(overrides)
     return RoundConfig(**values)
-
-
-def header(
-    sender: str,
-    round: int,
-    body: str = "body",
-    *,
-    job: str = JOB,
-    kind: FrameKind = FrameKind.UPDATE,
-    num_samples: int = 10,
-) -> FrameHeader:
-    return FrameHeader(
-        kind=kind,
-        job=job,
-        round=round,
-        sender=sender,
-        num_samples=num_samples,
-        codec="float32+zstd:1",
-        tensors=(),
-        body_size=0,
-        body_blake2b=hashlib.blake2b(body.encode(), digest_size=16).hexdigest(),
-    )
 
 
 def of_type(actions: list[Action], kind: type) -> list[Any]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import update_header
 from fedmqtt.coordinator.machine import (
     CloseRound,
     JobFinished,
@@ -19,7 +19,7 @@ from fedmqtt.coordinator.machine import (
     StatusChanged,
     StopCause,
 )
-from fedmqtt.schema import FrameHeader, FrameKind, Phase
+from fedmqtt.schema import Phase
 
 REASON = "privacy budget: one more round would exceed target epsilon 8 (spent 7.900 at delta 1.00e-05)"
 
@@ -33,17 +33,7 @@ def machine(**overrides: Any) -> RoundMachine:
 
 
 def close_round(m: RoundMachine, now: float) -> CloseRound:
-    header = FrameHeader(
-        kind=FrameKind.UPDATE,
-        job="job",
-        round=m.round,
-        sender="d1",
-        num_samples=1,
-        codec="float32+zstd:1",
-        tensors=(),
-        body_size=0,
-        body_blake2b=hashlib.blake2b(str(m.round).encode(), digest_size=16).hexdigest(),
-    )
+    header = update_header("d1", m.round, str(m.round), num_samples=1)
     (closed,) = [a for a in m.accept_update("d1", header, now) if isinstance(a, CloseRound)]
     return closed
 

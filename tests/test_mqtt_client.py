@@ -8,10 +8,10 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable
 
 import pytest
 
+from conftest import MqttClientFactory
 from fedmqtt.broker.embedded import EmbeddedBroker
 from fedmqtt.broker.mosquitto import MosquittoBroker
 from fedmqtt.mqtt import (
@@ -26,18 +26,7 @@ from fedmqtt.mqtt import (
     Will,
 )
 from fedmqtt.topics import Topics
-from inbox import Inbox, ReceivedMessage
-
-MqttClientFactory = Callable[..., MqttConnection]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
+from inbox import Inbox, ReceivedMessage, wait_until
 
 
 def test_publish_and_receive(

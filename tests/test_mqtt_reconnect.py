@@ -10,24 +10,15 @@ from collections.abc import Callable
 
 import pytest
 
+from conftest import MqttClientFactory
 from fedmqtt.broker.mosquitto import MosquittoBroker
-from fedmqtt.mqtt import MqttConnection, NotConnected
+from fedmqtt.mqtt import NotConnected
 from fedmqtt.topics import Topics
-from inbox import Inbox
+from inbox import Inbox, wait_until
 
 pytestmark = pytest.mark.mosquitto
 
-MqttClientFactory = Callable[..., MqttConnection]
 FAST_RECONNECT = {"reconnect_min_delay": 0.1, "reconnect_max_delay": 0.5}
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def test_reconnect_after_restart_and_queued_delivery_to_a_persistent_session(
@@ -56,8 +47,8 @@ def test_reconnect_after_restart_and_queued_delivery_to_a_persistent_session(
     )
 
     broker.restart()
-    assert wait_until(lambda: device.reconnects == 1 and device.is_connected)
-    assert wait_until(lambda: fresh.reconnects == 1 and fresh.is_connected)
+    assert wait_until(lambda: device.reconnects == 1 and device.is_connected, timeout=10.0)
+    assert wait_until(lambda: fresh.reconnects == 1 and fresh.is_connected, timeout=10.0)
     assert sessions == [False, True]  # the broker restored the session from its database
 
     coordinator = mqtt_client(broker.url)
@@ -99,7 +90,7 @@ def test_qos1_publish_waits_for_the_reconnect(
     device = mqtt_client(broker.url, clean_start=False, **FAST_RECONNECT)
 
     broker.stop()
-    assert wait_until(lambda: not device.is_connected)
+    assert wait_until(lambda: not device.is_connected, timeout=10.0)
     with pytest.raises(NotConnected, match="QoS 0"):
         device.publish(topics.update("d1"), b"lost", qos=0)
     errors: list[BaseException] = []
