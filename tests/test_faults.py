@@ -296,6 +296,10 @@ def test_an_update_that_ended_the_process_live_is_quarantined_when_the_broker_de
     first = job.start(*flags)
     job.devices.online("d1", "d2", "d3")
     job.view.wait_plan(1)
+    deadline = time.monotonic() + 30
+    while not (ckpt / "coordinator.npz").exists():  # the open round is checkpointed: --resume resumes it
+        assert time.monotonic() < deadline, "no checkpoint of the open round"
+        time.sleep(0.05)
     first.kill()
     culprit = job.frame(1, "d1", 0.01)
     # What a process that died handling this frame leaves behind; the frame itself waits, unacknowledged, in the
