@@ -288,6 +288,31 @@ def raw_oversize_publish_is_dropped(port: int, topic: str, size: int = 100_000) 
         raw.loop_stop()
 
 
+# --- processes, read from /proc (no psutil) ---------------------------------------------------------------------
+
+
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """``(pid, fields)`` of every process, ``fields`` being /proc/PID/stat after the command name: state, ppid,
+    pgrp, ... A process that ends while it is read is passed over."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            yield int(entry.name), stat[stat.rfind(")") + 2 :].split()
+
+
+def child_pids(pid: int) -> set[int]:
+    """Every process whose parent is ``pid``."""
+    return {child for child, fields in proc_stats() if int(fields[1]) == pid}
+
+
+def live_pids_in_groups(groups: set[int]) -> set[int]:
+    """Every process (zombies aside) of the process groups ``groups``."""
+    return {pid for pid, fields in proc_stats() if fields[0] != "Z" and int(fields[2]) in groups}
+
+
 # --- an update's frame header, for the round machine's tests (no frame body: the machine reads headers only) ---
 
 

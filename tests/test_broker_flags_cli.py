@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import child_pids
 from fedmqtt.broker.mosquitto import MosquittoBroker
 from fedmqtt.cli import build_parser
 from fedmqtt.mqtt import PASSWORD_ENV, broker_settings_from_args
@@ -145,19 +146,6 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(e.split("=", 1) for e in entries if "=" in e)
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.parametrize("source", ["--password", "--password-file", PASSWORD_ENV])
 def test_simulate_passes_the_password_by_environment_never_argv(
     source: str, mosquitto_broker: MosquittoBroker, tiny_data: Path, tmp_path: Path
@@ -182,7 +170,7 @@ def test_simulate_passes_the_password_by_environment_never_argv(
         for line in process.stdout:
             if "logs in" in line:  # the children have been started
                 break
-        children = _children(process.pid)
+        children = child_pids(process.pid)
         assert len(children) >= 2, children  # the coordinator and a device process
         for pid in children:
             cmdline = _cmdline(pid)

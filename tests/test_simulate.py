@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import child_pids, live_pids_in_groups
 from fedmqtt.cli import build_parser
 from fedmqtt.coordinator.config import config_from_args
 from fedmqtt.data import DatasetNotFound
@@ -56,36 +57,6 @@ def simulate_args(*argv: str) -> argparse.Namespace:
 
 def plan_of(*argv: str, env: dict[str, str] | None = None, limit: int = 100) -> Any:
     return plan_simulation(simulate_args(*argv), env=env or {}, max_clients_per_process=limit, cpu_count=2, now=0.0)
-
-
-def proc_children(pid: int) -> set[int]:
-    """Every process whose parent is ``pid`` (read from /proc, no psutil)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # Fields after the ")" that ends the command name: state ppid pgrp ...
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if int(fields[1]) == pid:
-                found.add(int(entry.name))
-    return found
-
-
-def processes_in_groups(groups: set[int]) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if fields[0] != "Z" and int(fields[2]) in groups:
-                found.add(int(entry.name))
-    return found
 
 
 # --- the plan -----------------------------------------------------------------------------------
@@ -300,14 +271,14 @@ def test_stop_all_kills_a_child_that_ignores_sigterm_and_its_own_children(
     child = supervisor.start("stubborn", [PYTHON, "-c", _STUBBORN], tmp_path / "stubborn.log", os.environ)
     _wait_for_log(child.log_path, "ready")
     group = {child.process.pid}
-    assert len(processes_in_groups(group)) == 2  # the child and its grandchild share its process group
+    assert len(live_pids_in_groups(group)) == 2  # the child and its grandchild share its process group
     assert os.getpgid(child.process.pid) == child.process.pid != os.getpgid(0)
     started = time.monotonic()
     supervisor.stop_all()
     assert time.monotonic() - started < 10
     assert child.returncode == -signal.SIGKILL
     deadline = time.monotonic() + 5
-    while processes_in_groups(group):  # the orphaned grandchild is reaped by init a moment later
+    while live_pids_in_groups(group):  # the orphaned grandchild is reaped by init a moment later
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
@@ -370,7 +341,7 @@ def test_ctrl_c_stops_simulate_and_leaves_no_process_behind(tmp_path: Path, tiny
         if "round 1 closed by" in line:  # stop mid-job: round 2 is open, devices are training
             break
         assert time.monotonic() < deadline, "".join(lines)
-    children = proc_children(process.pid)
+    children = child_pids(process.pid)
     assert len(children) >= 4, children  # the coordinator and three device processes
     groups = {os.getpgid(pid) for pid in children}
     assert os.getpgid(process.pid) not in groups  # every child leads its own group
@@ -378,8 +349,8 @@ def test_ctrl_c_stops_simulate_and_leaves_no_process_behind(tmp_path: Path, tiny
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGINT, stderr
     assert "SIGINT received: stopping" in stderr
-    assert processes_in_groups(groups) == set()
-    assert proc_children(process.pid) == set()
+    assert live_pids_in_groups(groups) == set()
+    assert child_pids(process.pid) == set()
     # The rounds done so far are reported.
     assert "report of the" in stderr
     report = json.loads((out / REPORT_JSON).read_text())
@@ -392,12 +363,12 @@ def test_sigterm_while_the_children_start_stops_simulate_too(tmp_path: Path, tin
     for line in process.stdout:
         if "logs in" in line:  # the children have been started
             break
-    groups = {os.getpgid(pid) for pid in proc_children(process.pid)}
+    groups = {os.getpgid(pid) for pid in child_pids(process.pid)}
     assert len(groups) >= 4, groups  # coordinator, three device processes (and Mosquitto's own group)
     process.terminate()
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr
-    assert processes_in_groups(groups) == set()
+    assert live_pids_in_groups(groups) == set()
 
 
 def test_a_failing_coordinator_is_reported_with_the_tail_of_its_log(tmp_path: Path, tiny_data: Path) -> None:
