@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,20 +17,16 @@ from typing import Any
 
 import pytest
 
+from conftest import ProcessGroup, fedmqtt_argv
 from fedmqtt.mqtt import BrokerSettings
 from fedmqtt.topics import Topics
 from fedmqtt.watch import StateHolder, WatchState, client_settings, open_watch, random_client_id
 
 pytestmark = pytest.mark.e2e
 
-PYTHON = sys.executable
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 CHANCE = 0.1
-
-
-def fedmqtt(*args: str) -> list[str]:
-    return [PYTHON, "-m", "fedmqtt.cli", *args]
 
 
 def mqtt_version_for(request: pytest.FixtureRequest) -> str:
@@ -55,16 +50,15 @@ def slow_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_idx_dataset(tmp_path_factory.mktemp("slow"), num_train=8000, num_test=10, seed=11)
 
 
-class Job:
+class Job(ProcessGroup):
     """One job's processes (each in its own process group, killed at teardown) and a live view of it."""
 
     def __init__(self, broker_url: str, version: str, prefix: str, job: str, logs: Path) -> None:
+        super().__init__(logs)
         self.broker_url = broker_url
         self.version = version
         self.prefix = prefix
         self.job = job
-        self.logs = logs
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.holder = StateHolder(WatchState(topics=Topics(job=job, prefix=prefix)))
         self.watcher: Any = None
 
@@ -72,17 +66,10 @@ class Job:
         return ["--broker", self.broker_url, "--job", self.job, "--prefix", self.prefix,
                 "--mqtt-version", self.version]  # fmt: skip
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        with open(self.logs / f"{name}.log", "wb") as log:
-            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.processes[name] = process
-        return process
-
     def coordinator(self, data: Path, *flags: str) -> subprocess.Popen[bytes]:
         return self.start(
             "coordinator",
-            fedmqtt("coordinator", *self.connection_flags(), "--model", "mlp", "--eval-data", str(data),
+            fedmqtt_argv("coordinator", *self.connection_flags(), "--model", "mlp", "--eval-data", str(data),
                     "--local-epochs", "1", "--batch-size", "20", "--lr", "0.1", "--uplink", "int8", "--quiet",
                     *flags),
         )  # fmt: skip
@@ -90,7 +77,7 @@ class Job:
     def devices(self, name: str, data: Path, *flags: str) -> subprocess.Popen[bytes]:
         return self.start(
             name,
-            fedmqtt("device", *self.connection_flags(), "--data-dir", str(data), "--threads", "1",
+            fedmqtt_argv("device", *self.connection_flags(), "--data-dir", str(data), "--threads", "1",
                     "--exit-on-finish", *flags),
         )  # fmt: skip
 
@@ -109,30 +96,15 @@ class Job:
             state = self.state
             if predicate(state):
                 return state
-            for name, process in self.processes.items():
-                if process.poll() not in (None, 0):
-                    pytest.fail(f"{name} exited with {process.returncode} while waiting for {what}:\n{self.log(name)}")
+            self.fail_if_one_failed(what)
             if time.monotonic() > deadline:
                 pytest.fail(f"timed out waiting for {what}; state: {state.status}\n{self.log('coordinator')}")
             time.sleep(0.05)
 
-    def wait_exit(self, name: str, timeout: float = 60.0) -> int:
-        try:
-            return self.processes[name].wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{name} did not exit within {timeout} s:\n{self.log(name)}")
-
-    def log(self, name: str) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else "(no log)"
-
     def close(self) -> None:
         if self.watcher is not None:
             self.watcher.close()
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        super().close()
 
 
 @pytest.fixture
@@ -234,7 +206,7 @@ def test_the_run_survives_a_mosquitto_restart_between_rounds(
 def test_mnist_ten_devices_five_rounds_reach_95_percent(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = subprocess.run(
-        fedmqtt("simulate", "--devices", "10", "--rounds", "5", "--data-dir", str(MNIST), "--out", str(out),
+        fedmqtt_argv("simulate", "--devices", "10", "--rounds", "5", "--data-dir", str(MNIST), "--out", str(out),
                 "--partition", "iid", "--model", "cnn", "--local-epochs", "1", "--batch-size", "50", "--lr", "0.05",
                 "--timeout", "1500"),
         capture_output=True, text=True, timeout=1600,
