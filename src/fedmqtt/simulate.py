@@ -283,6 +283,47 @@ def _connection_flags(plan: SimulationPlan, url: str) -> list[str]:
     return [*broker_settings(plan, url).child_args(), "--job", plan.job, "--prefix", plan.prefix]
 
 
+def mosquitto_sub_line(connection: BrokerSettings, topics: Topics) -> str:
+    """The one ``mosquitto_sub`` command that shows a run's topics as they are published: every JSON message
+    of the job, without the binary model and update frames. Never the password: ``$FEDMQTT_PASSWORD`` stands in."""
+    import shlex
+
+    url = connection.url
+    argv = ["mosquitto_sub", "-h", url.host, "-p", str(url.port)]
+    if url.username is not None:
+        argv += ["-u", url.username]
+    if url.tls:
+        argv += ["--cafile", str(connection.tls_ca)] if connection.tls_ca else ["--capath", "/etc/ssl/certs"]
+    argv += ["-v", "-t", topics.everything_filter, "-T", topics.model, "-T", topics.updates_filter]
+    line = shlex.join(argv)
+    return line + ' -P "$FEDMQTT_PASSWORD"' if url.password is not None else line
+
+
+def result_lines(report: Mapping[str, Any], json_path: Path, png_path: Path, end: str | None, watch: str) -> list[str]:
+    """What simulate prints when the job is over: the outcome, the report, the plot and the topics line."""
+    totals = report["totals"]
+    accuracy = totals["final_accuracy"]
+    outcome = (
+        f"job {report['config']['job']} {totals['phase']}: {totals['rounds_completed']} rounds, "
+        f"final accuracy {'-' if accuracy is None else format(accuracy, '.4f')}, "
+        f"{totals['megabytes']:.2f} MB moved, {totals['wall_seconds']:.0f} s"
+    )
+    return [
+        outcome + (f" ({end})" if end else ""),
+        f"  report: {json_path}",
+        f"  plot:   {png_path}",
+        f"  watch the topics during a run (this run's broker has stopped): {watch}",
+    ]
+
+
+def _end_reason(state: Any) -> str | None:
+    """The detail of the job's last job_finished or job_stopped event (e.g. the target accuracy reached)."""
+    from fedmqtt.schema import EventType
+
+    ends = [e for e in state.recent_events if e.type in (EventType.JOB_FINISHED, EventType.JOB_STOPPED)]
+    return ends[-1].detail if ends and ends[-1].detail else None
+
+
 def fedmqtt_command(python: str = sys.executable) -> list[str]:
     return [python, "-m", "fedmqtt.cli"]
 
@@ -590,11 +631,13 @@ def _run(
                 supervisor.start(f"devices-{k}", device_command(plan, url, a, b), out_dir / f"devices-{k}.log", env)
                 for k, (a, b) in enumerate(device_ranges(plan.devices, plan.devices_per_process))
             ]
+            watch_line = mosquitto_sub_line(connection, topics)
             with _Display(out) as display:
                 display.line(
                     f"job {plan.job}: {plan.devices} devices in {len(devices)} processes, {plan.rounds} rounds, "
                     f"broker {plan.broker} ({url}), logs in {out_dir}"
                 )
+                display.line(f"watch the topics in another terminal: {watch_line}")
                 code = _supervise(plan, supervisor, coordinator, devices, holder, display, started, err)
             if code != 0:
                 return code
@@ -617,15 +660,8 @@ def _run(
         malformed_messages=holder.state.malformed,
     )
     json_path, png_path = write_report(out_dir, report)
-    totals = report["totals"]
-    accuracy = totals["final_accuracy"]
-    print(
-        f"job {plan.job} {totals['phase']}: {totals['rounds_completed']} rounds, "
-        f"final accuracy {'-' if accuracy is None else format(accuracy, '.4f')}, "
-        f"{totals['megabytes']:.2f} MB moved, {totals['wall_seconds']:.0f} s; report: {json_path}, {png_path}",
-        file=out,
-        flush=True,
-    )
+    end = _end_reason(final) or _end_reason(holder.state)
+    print("\n".join(result_lines(report, json_path, png_path, end, watch_line)), file=out, flush=True)
     return 0
 
 

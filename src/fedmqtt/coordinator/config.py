@@ -149,6 +149,12 @@ class CoordinatorConfig(BrokerSettings):
         ),
     ] = None
     max_attempts: Annotated[int, Field(gt=0, **_info("attempts per round before the job stops", group=ROUNDS))] = 3
+    target_accuracy: Annotated[
+        float | None,
+        Field(gt=0, le=1, allow_inf_nan=False, **_info(
+            "end the job (exit 0) after the first round whose test accuracy reaches this (needs --eval-data)",
+            group=ROUNDS, metavar="X")),
+    ] = None  # fmt: skip
     seed: Annotated[int, Field(**_info("seed of the model and of the selection (not under DP)", group=ROUNDS))] = 0
 
     # -- model and training

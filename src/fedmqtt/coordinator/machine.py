@@ -16,9 +16,10 @@ Lifecycle (one job)::
                                          next round; enough online: TRAINING;  after the last: FINISHED
     NEW, WAITING, TRAINING, AGGREGATING --stop(reason)--> STOPPED
     NEW, WAITING, AGGREGATING --the next round would exceed the round budget (privacy)--> STOPPED
+    AGGREGATING --aggregation_done(target_reached=...) before the last round (target accuracy)--> STOPPED
 
-A stop says why (:class:`StopCause`): the privacy budget is a rule of the job, a round that failed too often is
-a failure; the adapter derives its exit code from the cause. A stop asked for by a signal (``StopCause.SIGNAL``:
+A stop says why (:class:`StopCause`): the privacy budget and the target accuracy are rules of the job, a round
+that failed too often is a failure; the adapter derives its exit code from the cause. A stop asked for by a signal (``StopCause.SIGNAL``:
 SIGTERM, SIGINT) is a pause: :meth:`RoundMachine.state_dict` then returns the state the machine stopped from, so
 a checkpoint written after it resumes the job where it was (a restarted container carries on).
 
@@ -218,6 +219,7 @@ class StopCause(StrEnum):
     """Why a job stopped before its last round: the adapter's exit code comes from this, never from the text."""
 
     PRIVACY_BUDGET = "privacy_budget"  # the next round would pass --target-epsilon: a rule of the job, exit 0
+    TARGET_ACCURACY = "target_accuracy"  # a round reached --target-accuracy: a rule of the job, exit 0
     ROUND_FAILURES = "round_failures"  # a round failed max_attempts times
     EXTERNAL = "external"  # stop() from outside the machine
     SIGNAL = "signal"  # the process was asked to stop (SIGTERM, SIGINT): a pause, --resume continues the job
@@ -225,7 +227,7 @@ class StopCause(StrEnum):
     @property
     def by_rule(self) -> bool:
         """The job ended as configured (not a failure)."""
-        return self is StopCause.PRIVACY_BUDGET
+        return self in (StopCause.PRIVACY_BUDGET, StopCause.TARGET_ACCURACY)
 
     @property
     def resumable(self) -> bool:
@@ -347,7 +349,7 @@ _S = Stage
 _E = EventName
 # Opening a round can chain through empty Poisson draws to the end of the job, and a failure can end in
 # a retry (TRAINING), a wait for devices (WAITING) or a stop; hence these result sets.
-_OPEN_RESULTS = frozenset({_S.WAITING, _S.TRAINING, _S.FINISHED, _S.STOPPED})  # STOPPED: out of round budget
+_OPEN_RESULTS = frozenset({_S.WAITING, _S.TRAINING, _S.FINISHED, _S.STOPPED})  # STOPPED: budget, target reached
 _ROUND_RESULTS = frozenset({_S.TRAINING, _S.AGGREGATING, _S.WAITING, _S.STOPPED, _S.FINISHED})
 _QUIET = frozenset({_E.DEVICE_STATUS, _E.TICK, _E.REFUSE_UPDATE})
 
@@ -711,15 +713,20 @@ class RoundMachine:
                 actions += self._run(EventName.DEVICE_STATUS, self._offline_handler(device, now))
         return actions + self._run(EventName.TICK, lambda a: self._on_tick(now, a, hold_deadline))
 
-    def aggregation_done(self, round: int, now: float) -> list[Action]:
-        """The adapter aggregated round ``round`` and published the new model."""
+    def aggregation_done(self, round: int, now: float, *, target_reached: str | None = None) -> list[Action]:
+        """The adapter aggregated round ``round`` and published the new model.
+
+        ``target_reached``: the reason, when the new model met the job's goal (``--target-accuracy``, judged by
+        the adapter, which evaluates): the job stops with ``JobStopped(reason, StopCause.TARGET_ACCURACY)``
+        instead of opening the next round. After the last round the job finishes as usual.
+        """
         if round != self._round:
             raise IllegalEvent(
                 self._stage.value,
                 EventName.AGGREGATION_DONE,
                 f"round {round} finished aggregating, but round {self._round} is the one closed",
             )
-        return self._run(EventName.AGGREGATION_DONE, lambda actions: self._next_round(now, actions))
+        return self._run(EventName.AGGREGATION_DONE, lambda actions: self._next_round(now, actions, target_reached))
 
     def _offline_handler(self, device: str, now: float) -> Callable[[list[Action]], None]:
         return lambda actions: self._on_device_status(device, "offline", now, actions)
@@ -932,7 +939,10 @@ class RoundMachine:
         self._stage = Stage.WAITING
         return True
 
-    def _next_round(self, now: float, actions: list[Action]) -> None:
+    def _next_round(self, now: float, actions: list[Action], target_reached: str | None = None) -> None:
+        if self._round < self.config.rounds and target_reached is not None:
+            self._stop(target_reached, actions, StopCause.TARGET_ACCURACY)
+            return
         if self._round < self.config.rounds and self._out_of_budget(actions):
             return  # stopped on the round just aggregated: the next one would pass the budget
         if self._advance(now, actions):

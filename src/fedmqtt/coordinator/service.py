@@ -31,7 +31,7 @@ from fedmqtt.coordinator.config import CoordinatorConfig
 from fedmqtt.coordinator.durability import CHECKPOINT_FILE, QUARANTINE_DIR, REPLAY_MARKER, SPOOL_DIR, Durability
 from fedmqtt.coordinator.errors import AggregationError, CoordinatorConflict
 from fedmqtt.coordinator.presence import InstanceTracker, live_rival
-from fedmqtt.errors import FedmqttError
+from fedmqtt.errors import ConfigError, FedmqttError
 from fedmqtt.mqtt import (
     ClientSettings,
     MqttConnection,
@@ -66,6 +66,7 @@ log = logging.getLogger("fedmqtt.coordinator")
 # The process exit code of a job that stopped before its last round, by cause (a finished job exits 0).
 EXIT_CODES: dict[M.StopCause, int] = {
     M.StopCause.PRIVACY_BUDGET: 0,  # a rule of the job: it ended as configured
+    M.StopCause.TARGET_ACCURACY: 0,  # likewise: --target-accuracy was reached
     M.StopCause.ROUND_FAILURES: 3,
     M.StopCause.EXTERNAL: 3,
     # A pause asked for by a signal: 128 + the signal's number, as a shell reports it (143 for SIGTERM, 130 for
@@ -179,6 +180,8 @@ class CoordinatorService:
         self.files = Durability(config.checkpoint_dir)  # checkpoint, spool, quarantine (no-ops without a dir)
         self._unclipped = 0  # clip bits of this round's accepted updates (adaptive clipping)
         self._eval_set = self._load_eval_set()
+        if config.target_accuracy is not None and self._eval_set is None:
+            raise ConfigError("--target-accuracy", "needs --eval-data: the accuracy is measured on its test split")
 
         self.model_frame: bytes = b""
         self.model_hash: str = ""
@@ -897,11 +900,19 @@ class CoordinatorService:
         self._publish_privacy()
         self._set_round_budget()  # out of budget: the machine stops the job instead of opening the next round
         if self.exit_code is None:
-            self._execute(self.machine.aggregation_done(a.round, self.clock()))
+            reached = self._target_reached(accuracy)
+            self._execute(self.machine.aggregation_done(a.round, self.clock(), target_reached=reached))
             self._checkpoint()
         # Only once a checkpoint records the round as closed may its spooled updates go: a crash before this
         # point resumes the open round from the previous checkpoint, and replaying the spool closes it again.
         self.files.clear_spool()
+
+    def _target_reached(self, accuracy: float | None) -> str | None:
+        """The stop reason when the round's model reached --target-accuracy (None: go on)."""
+        target = self.config.target_accuracy
+        if target is None or accuracy is None or accuracy < target:
+            return None
+        return f"target accuracy {target:g} reached: {accuracy:.4f} after round {self.machine.round}"
 
     def _aggregate_checked(
         self, a: Any, denominator: float | None, noise: A.ModelArrays | None
