@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,6 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conftest import ProcessGroup, fedmqtt_argv
 from fedmqtt.broker.mosquitto import MosquittoBroker
 from fedmqtt.codecs import decode_frame
 from fedmqtt.mqtt import MqttConnection
@@ -40,7 +39,6 @@ from inbox import Inbox
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mosquitto]
 
-PYTHON = sys.executable
 MODEL = "mlp"
 DELTA = 1e-5
 # The RDP orders fedmqtt's accountant searches (docs/privacy.md): opacus's defaults plus the large orders TF
@@ -61,10 +59,6 @@ def opacus_epsilon(steps: list[tuple[float, float]], delta: float = DELTA) -> fl
         return float(accountant.get_epsilon(delta=delta, alphas=alphas))
 
 
-def fedmqtt(*args: str) -> list[str]:
-    return [PYTHON, "-m", "fedmqtt.cli", *args]
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fedmqtt.data import write_idx_dataset
@@ -72,17 +66,18 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_idx_dataset(tmp_path_factory.mktemp("dp-data"), num_train=200, num_test=50, seed=7)
 
 
-class Run:
+class Run(ProcessGroup):
     """One job on the shared Mosquitto: its processes (killed at teardown) and everything published under it."""
+
+    exit_timeout = 30.0
 
     def __init__(self, broker: MosquittoBroker, prefix: str, job: str, logs: Path, observer: MqttConnection,
                  inbox: Inbox) -> None:  # fmt: skip
+        super().__init__(logs)
         self.broker = broker
         self.topics = Topics(job=job, prefix=prefix)
-        self.logs = logs
         self.observer = observer
         self.inbox = inbox
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     # --------------------------------------------------------------------------- processes
 
@@ -90,22 +85,15 @@ class Run:
         return ["--broker", self.broker.url, "--job", self.topics.job, "--prefix", self.topics.prefix,
                 "--mqtt-version", "5"]  # fmt: skip
 
-    def start(self, name: str, argv: list[str]) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        with open(self.logs / f"{name}.log", "ab") as log:
-            self.processes[name] = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-
     def coordinator(self, *flags: str) -> None:
         self.start(
             "coordinator",
-            fedmqtt("coordinator", *self.connection(), "--model", MODEL, "--local-epochs", "1",
+            fedmqtt_argv("coordinator", *self.connection(), "--model", MODEL, "--local-epochs", "1",
                     "--batch-size", "50", "--lr", "0.1", "--uplink", "int8", "--quiet", *flags),
         )  # fmt: skip
 
     def devices(self, name: str, data: Path, *flags: str) -> None:
-        self.start(name, fedmqtt("device", *self.connection(), "--data-dir", str(data), "--threads", "1", *flags))
+        self.start(name, fedmqtt_argv("device", *self.connection(), "--data-dir", str(data), "--threads", "1", *flags))
 
     def terminate(self, name: str, timeout: float = 20.0) -> int:
         """SIGTERM (a clean stop: the device publishes 'offline') and wait for the exit status."""
@@ -115,22 +103,6 @@ class Run:
             return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pytest.fail(f"{name} did not stop on SIGTERM within {timeout} s:\n{self.log(name)}")
-
-    def wait_exit(self, name: str, timeout: float = 30.0) -> int:
-        try:
-            return self.processes[name].wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{name} did not exit within {timeout} s:\n{self.log(name)}")
-
-    def log(self, name: str) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
-
-    def close(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
 
     # --------------------------------------------------------------------------- what was published
 
@@ -168,9 +140,7 @@ class Run:
             value = predicate()
             if value:
                 return value
-            for name, process in self.processes.items():
-                if process.poll() not in (None, 0):
-                    pytest.fail(f"{name} exited with {process.returncode} while waiting for {what}:\n{self.log(name)}")
+            self.fail_if_one_failed(what)
             if time.monotonic() > deadline:
                 logs = "\n".join(f"--- {name}\n{self.log(name)}" for name in self.processes)
                 pytest.fail(f"timed out after {timeout} s waiting for {what}\n{logs}")
