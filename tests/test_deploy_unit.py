@@ -223,8 +223,10 @@ def test_the_units_command_runs_a_device_with_its_certificate(
     assert argv[argv.index("--max-train-seconds") + 1] == "120"  # $FEDMQTT_DEVICE_ARGS, split into words
     log = tmp_path / "device.log"
     process = run_until_online(argv, env, inbox, topics, "cam-7", log)
-    assert argv[argv.index("--state-dir") + 1] == str(board.state_root / "fedmqtt")  # %S/fedmqtt
-    stop(process, log)
+    try:
+        assert argv[argv.index("--state-dir") + 1] == str(board.state_root / "fedmqtt")  # %S/fedmqtt
+    finally:
+        stop(process, log)  # never leave the device running, whatever failed
     assert "Traceback" not in log.read_text(errors="replace")
 
 
