@@ -15,7 +15,7 @@ from conftest import MqttClientFactory, require_mosquitto
 from fedmqtt.broker.mosquitto import MosquittoBroker
 from fedmqtt.mqtt.settings import BrokerSettings
 from fedmqtt.report import REPORT_JSON, REPORT_PNG
-from fedmqtt.simulate import mosquitto_sub_line
+from fedmqtt.simulate import mosquitto_sub_line, result_lines
 from fedmqtt.topics import Topics
 
 PYTHON = sys.executable
@@ -29,6 +29,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_idx_dataset(tmp_path_factory.mktemp("idx"), num_train=300, num_test=100, seed=5)
 
 
+@pytest.mark.e2e
 def test_a_run_stops_at_its_target_accuracy_and_says_where_everything_is(tmp_path: Path, tiny_data: Path) -> None:
     out = tmp_path / "run"
     result = subprocess.run(
@@ -93,3 +94,19 @@ def test_the_line_names_the_user_and_never_the_password() -> None:
     assert "s3cret" not in line
     assert line.startswith("mosquitto_sub -h broker.lan -p 1883 -u watcher ")
     assert line.endswith(' -P "$FEDMQTT_PASSWORD"')
+
+
+def test_a_private_run_ends_with_its_epsilon_and_delta(tmp_path: Path) -> None:
+    totals = {"phase": "finished", "rounds_completed": 10, "final_accuracy": 0.9216, "megabytes": 326.29,
+              "wall_seconds": 139.6, "epsilon": 7.2724, "delta": 0.005163}  # fmt: skip
+    report = {"config": {"job": "demo-private"}, "totals": totals}
+    lines = result_lines(report, tmp_path / "report.json", tmp_path / "report.png", "completed all 10 rounds", "W")
+    assert lines[0] == (
+        "job demo-private finished: 10 rounds, final accuracy 0.9216, 326.29 MB moved, 140 s, "
+        "client-level DP: ε = 7.27 at δ = 5.2e-03 (completed all 10 rounds)"
+    )
+    assert lines[1:] == [
+        f"  report: {tmp_path / 'report.json'}",
+        f"  plot:   {tmp_path / 'report.png'}",
+        "  watch the topics during a run (this run's broker has stopped): W",
+    ]

@@ -308,6 +308,8 @@ def result_lines(report: Mapping[str, Any], json_path: Path, png_path: Path, end
         f"final accuracy {'-' if accuracy is None else format(accuracy, '.4f')}, "
         f"{totals['megabytes']:.2f} MB moved, {totals['wall_seconds']:.0f} s"
     )
+    if totals.get("epsilon") is not None:  # the accountant's (epsilon, delta) of the whole run
+        outcome += f", client-level DP: ε = {totals['epsilon']:.2f} at δ = {totals['delta']:.1e}"
     return [
         outcome + (f" ({end})" if end else ""),
         f"  report: {json_path}",
