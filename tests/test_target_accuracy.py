@@ -93,10 +93,12 @@ def test_a_job_that_reached_its_target_exits_0() -> None:
 @pytest.mark.parametrize("value", [0.0, 1.5, float("nan")])
 def test_a_target_outside_0_1_is_refused(value: float) -> None:
     with pytest.raises(ValueError, match="target_accuracy"):
-        CoordinatorConfig(job="j", rounds=2, min_updates=1, target_accuracy=value)
+        CoordinatorConfig.model_validate({"job": "j", "rounds": 2, "min_updates": 1, "target_accuracy": value})
 
 
 def test_a_target_without_an_evaluation_set_is_refused_naming_the_flag() -> None:
-    config = CoordinatorConfig(job="j", rounds=2, min_updates=1, model="mlp", target_accuracy=0.9)
+    config = CoordinatorConfig.model_validate(
+        {"job": "j", "rounds": 2, "min_updates": 1, "model": "mlp", "target_accuracy": 0.9}
+    )
     with pytest.raises(ConfigError, match=r"--target-accuracy.*--eval-data"):
         CoordinatorService(config)
