@@ -136,6 +136,7 @@ def test_a_certificate_from_another_ca_is_refused_clearly(cert_broker: CertBroke
         MqttConnection(cert_broker.settings(cert_broker.foreign).client_settings("foreign")).connect(timeout=5)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("which", ["none", "foreign"])
 def test_the_device_command_is_refused_in_one_line(cert_broker: CertBroker, tiny_data: Path, which: str) -> None:
     cert = None if which == "none" else cert_broker.foreign
@@ -175,6 +176,7 @@ def test_with_its_own_certificate_a_device_publishes_only_as_itself(cert_broker:
         victim.publish(topics.update("dev-2"), b"frame", qos=1, timeout=10)
 
 
+@pytest.mark.e2e
 def test_a_device_and_a_coordinator_with_certificates_complete_a_round(
     cert_broker: CertBroker, tiny_data: Path, tmp_path: Path
 ) -> None:

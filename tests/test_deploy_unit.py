@@ -203,6 +203,7 @@ def cert_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield broker
 
 
+@pytest.mark.e2e
 def test_the_units_command_runs_a_device_with_its_certificate(
     cert_broker: MosquittoBroker, tiny_data: Path, tmp_path: Path, mqtt_client: Callable[..., MqttConnection]
 ) -> None:
@@ -230,6 +231,7 @@ def test_the_units_command_runs_a_device_with_its_certificate(
     assert "Traceback" not in log.read_text(errors="replace")
 
 
+@pytest.mark.e2e
 def test_with_a_password_it_is_in_the_environment_never_on_the_command_line(
     secure_mosquitto: SecureBroker, tiny_data: Path, tmp_path: Path, mqtt_client: Callable[..., MqttConnection]
 ) -> None:

@@ -84,6 +84,7 @@ def group_alive(pgid: int) -> bool:
 @pytest.mark.parametrize(
     "broker", [pytest.param("mosquitto", marks=pytest.mark.mosquitto), "embedded"], ids=["mosquitto", "embedded"]
 )
+@pytest.mark.e2e
 def test_readme_job_by_hand_runs_as_written(broker: str, tmp_path: Path, data_mirror: DataMirror) -> None:
     block = readme_block()
     assert README_PORT in block and block.count(EMBEDDED_LINE) == 1, block

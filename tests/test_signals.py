@@ -69,6 +69,7 @@ def test_other_stops_end_the_job_for_good(cause: StopCause) -> None:
 # --------------------------------------------------------------------------------------------- the coordinator
 
 
+@pytest.mark.e2e
 def test_sigterm_checkpoints_publishes_job_stopped_and_resume_continues(
     mosquitto_broker: Any, make_job: Callable[[str], Job], tmp_path: Path
 ) -> None:
@@ -110,6 +111,7 @@ def test_sigterm_checkpoints_publishes_job_stopped_and_resume_continues(
     assert second.wait(timeout=WAIT) == 0
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_while_connecting_stops_at_once_without_a_checkpoint(tmp_path: Path, signum: int) -> None:
     # A broker that accepts the TCP connection and never answers: the connect would wait its whole 30 s.
@@ -152,6 +154,7 @@ def test_a_signal_while_connecting_stops_at_once_without_a_checkpoint(tmp_path: 
 # --------------------------------------------------------------------------------------------- the device
 
 
+@pytest.mark.e2e
 def test_sigterm_ends_a_device_cleanly_with_its_offline_status(
     mosquitto_broker: Any, mqtt_client: Any, topic_prefix: str, tmp_path: Path
 ) -> None:
