@@ -147,6 +147,7 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(e.split("=", 1) for e in entries if "=" in e)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("source", ["--password", "--password-file", PASSWORD_ENV])
 def test_simulate_passes_the_password_by_environment_never_argv(
     source: str, mosquitto_broker: MosquittoBroker, tiny_data: Path, tmp_path: Path

@@ -306,6 +306,7 @@ def _simulate(out: Path, data: Path, *extra: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_simulate_runs_a_job_and_writes_the_report(tmp_path: Path, tiny_data: Path) -> None:
     out = tmp_path / "run"
     process = _simulate(out, tiny_data, "--job", "tiny-run", "--devices-per-process", "2")
@@ -329,6 +330,7 @@ def test_simulate_runs_a_job_and_writes_the_report(tmp_path: Path, tiny_data: Pa
     assert "report:" in stdout
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_simulate_and_leaves_no_process_behind(tmp_path: Path, tiny_data: Path) -> None:
     out = tmp_path / "run"
     # Rounds of a long timeout and more rounds than it will get to: it is interrupted mid-job.
@@ -357,6 +359,7 @@ def test_ctrl_c_stops_simulate_and_leaves_no_process_behind(tmp_path: Path, tiny
     assert report["totals"]["rounds_completed"] >= 1 and report["totals"]["rounds_total"] == 50
 
 
+@pytest.mark.e2e
 def test_sigterm_while_the_children_start_stops_simulate_too(tmp_path: Path, tiny_data: Path) -> None:
     process = _simulate(tmp_path / "run", tiny_data, "--rounds", "50", "--devices-per-process", "1")
     assert process.stdout is not None
@@ -371,6 +374,7 @@ def test_sigterm_while_the_children_start_stops_simulate_too(tmp_path: Path, tin
     assert live_pids_in_groups(groups) == set()
 
 
+@pytest.mark.e2e
 def test_a_failing_coordinator_is_reported_with_the_tail_of_its_log(tmp_path: Path, tiny_data: Path) -> None:
     # Every attempt of round 1 misses its 10 ms deadline: the coordinator stops the job (a bad --strategy, which
     # this test used, is now refused before anything starts: test_a_bad_strategy_fails_before_anything_starts).
