@@ -853,12 +853,10 @@ class MqttConnection:
         with self._cond:
             while self._connected and self._started and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
-        try:
+        # RuntimeError: the network thread never started (an exception, e.g. a signal handler's raised inside
+        # loop_start, interrupted connect()); the exception that did so is the one to report, not this one.
+        with contextlib.suppress(RuntimeError):
             client.loop_stop()
-        except RuntimeError:
-            # The network thread never started: an exception (e.g. a signal handler's, raised inside loop_start)
-            # interrupted connect(); the exception that did so is the one to report, not this one.
-            pass
         sock = client.socket()
         if sock is not None:  # loop_stop() before the loop wrote DISCONNECT leaves the socket open
             sock.close()
