@@ -404,3 +404,23 @@ def make_job(tmp_path: Path, topic_prefix: str, mqtt_client: MqttClientFactory) 
 
     with job_maker(tmp_path, topic_prefix, mqtt_client) as make:
         yield make
+
+
+def one_device_machine(**overrides: Any) -> Any:
+    """A round machine (3 rounds, quorum 1) with device d1 online: for the tests of typed stops."""
+    from fedmqtt.coordinator.machine import RoundConfig, RoundMachine
+
+    values: dict[str, Any] = {"job": "job", "rounds": 3, "min_updates": 1, "round_timeout": 10.0}
+    values.update(overrides)
+    m = RoundMachine(RoundConfig(**values))
+    m.device_status("d1", "online", 0.0)
+    return m
+
+
+def close_round_with_d1(m: Any, now: float) -> Any:
+    """d1's update closes the open round; returns the CloseRound action."""
+    from fedmqtt.coordinator.machine import CloseRound
+
+    header = update_header("d1", m.round, str(m.round), num_samples=1)
+    (closed,) = [a for a in m.accept_update("d1", header, now) if isinstance(a, CloseRound)]
+    return closed

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import update_header
+from conftest import close_round_with_d1, one_device_machine
 from fedmqtt.coordinator.machine import (
-    CloseRound,
     JobFinished,
     JobStopped,
     OpenRound,
-    RoundConfig,
     RoundFailed,
     RoundMachine,
     StatusChanged,
@@ -24,18 +20,8 @@ from fedmqtt.schema import Phase
 REASON = "privacy budget: one more round would exceed target epsilon 8 (spent 7.900 at delta 1.00e-05)"
 
 
-def machine(**overrides: Any) -> RoundMachine:
-    values: dict[str, Any] = {"job": "job", "rounds": 3, "min_updates": 1, "round_timeout": 10.0}
-    values.update(overrides)
-    m = RoundMachine(RoundConfig(**values))
-    m.device_status("d1", "online", 0.0)
-    return m
-
-
-def close_round(m: RoundMachine, now: float) -> CloseRound:
-    header = update_header("d1", m.round, str(m.round), num_samples=1)
-    (closed,) = [a for a in m.accept_update("d1", header, now) if isinstance(a, CloseRound)]
-    return closed
+machine = one_device_machine
+close_round = close_round_with_d1
 
 
 def test_no_round_fits_stops_before_round_one() -> None:

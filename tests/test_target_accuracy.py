@@ -3,18 +3,14 @@ without an evaluation set."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from conftest import update_header
+from conftest import close_round_with_d1, one_device_machine
 from fedmqtt.coordinator.config import CoordinatorConfig
 from fedmqtt.coordinator.machine import (
-    CloseRound,
     JobFinished,
     JobStopped,
     OpenRound,
-    RoundConfig,
     RoundMachine,
     StatusChanged,
     StopCause,
@@ -26,18 +22,8 @@ from fedmqtt.schema import Phase
 REASON = "target accuracy 0.97 reached: 0.9712 after round 1"
 
 
-def machine(**overrides: Any) -> RoundMachine:
-    values: dict[str, Any] = {"job": "job", "rounds": 3, "min_updates": 1, "round_timeout": 10.0}
-    values.update(overrides)
-    m = RoundMachine(RoundConfig(**values))
-    m.device_status("d1", "online", 0.0)
-    return m
-
-
-def close_round(m: RoundMachine, now: float) -> CloseRound:
-    header = update_header("d1", m.round, str(m.round), num_samples=1)
-    (closed,) = [a for a in m.accept_update("d1", header, now) if isinstance(a, CloseRound)]
-    return closed
+machine = one_device_machine
+close_round = close_round_with_d1
 
 
 def test_reaching_the_target_stops_the_job_instead_of_opening_the_next_round() -> None:
