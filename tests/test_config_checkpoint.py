@@ -38,8 +38,8 @@ def test_flags_override_toml(tmp_path: Path) -> None:
         ({"resume": True}, "--resume: needs --checkpoint-dir"),
         ({"dp_mode": "central", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_sample_rate": 0.1,
           "trainable": ["fc2.weight"]}, "--trainable"),
-        ({"downlink": "topk:0.1+int8"}, "--downlink"),
-        ({"downlink": "float16+ef"}, "--downlink"),
+        ({"downlink": "topk:0.1+int8+ef"}, "--downlink"),
+        ({"downlink": "float16+ef"}, "drop 'ef': a compressed downlink always uses error feedback, on the coordinator"),
         ({"downlink": "bfloat16"}, "--downlink"),
         ({"target_epsilon": 3.0}, "--target-epsilon: needs --dp-mode"),
         ({"dp_mode": "local", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_sample_rate": 0.1,
@@ -59,6 +59,8 @@ def test_downlink_codec_defaults_to_exact_float32() -> None:
     base = {"job": "j", "rounds": 3, "min_updates": 2}
     assert str(load_config(None, base).downlink_codec) == "float32+zstd:1"
     assert load_config(None, {**base, "downlink": "float16"}).downlink_codec.values.value == "float16"
+    # Deltas against the model the devices hold: top-k is allowed (the coordinator does the error feedback).
+    assert load_config(None, {**base, "downlink": "topk:0.01+int8"}).downlink_codec.topk == 0.01
 
 
 def test_bad_toml_file(tmp_path: Path) -> None:

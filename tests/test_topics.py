@@ -69,20 +69,22 @@ def test_device_acl_allows_exactly_its_own_writes() -> None:
     assert _allowed(rules, "write", "d1", t.device_status("d1"))
     assert not _allowed(rules, "write", "d1", t.update("d2"))
     assert not _allowed(rules, "write", "d1", t.device_status("d2"))
-    for topic in (t.model, t.plan, t.status, t.events, t.privacy, t.round_summary(1)):
+    for topic in (t.model, t.delta, t.plan, t.status, t.events, t.privacy, t.round_summary(1)):
         assert not _allowed(rules, "write", "d1", topic)
         assert _allowed(rules, "read", "d1", topic)
     assert not _allowed(rules, "read", "d1", t.update("d2"))
     assert not _allowed(rules, "read", "d1", t.device_status("d2"))
     assert _allowed(rules, "read", "d1", t.coordinator)
     assert _allowed(coordinator_acl(), "write", "coordinator", t.model)
+    assert _allowed(coordinator_acl(), "write", "coordinator", t.delta)
+    assert t.delta == "fedmqtt/j/delta"
     assert not _allowed(watcher_acl(), "write", "watcher", t.model)
 
 
 def test_watcher_acl_reads_every_topic_but_the_updates_and_writes_nothing() -> None:
     t = Topics(job="j")
     rules = watcher_acl()
-    readable = (t.plan, t.model, t.status, t.events, t.privacy, t.coordinator, t.round_summary(3))
+    readable = (t.plan, t.model, t.delta, t.status, t.events, t.privacy, t.coordinator, t.round_summary(3))
     for topic in (*readable, t.device_status("d1")):
         assert _allowed(rules, "read", "watcher", topic)
         assert not _allowed(rules, "write", "watcher", topic)

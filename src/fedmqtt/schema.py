@@ -145,6 +145,17 @@ class FrameKind(StrEnum):
     GLOBAL_MODEL = "global_model"
     UPDATE = "update"
     PARTIAL_AGGREGATE = "partial_aggregate"
+    # The compressed difference between two global models (``PREFIX/JOB/delta``; fedmqtt.codecs.downlink).
+    MODEL_DELTA = "model_delta"
+
+
+class DownlinkPath(StrEnum):
+    """How a device obtained the global model of the round it answers (said in its update's header)."""
+
+    HELD = "held"  # its process already held the model (trained on it, or another virtual device fetched it)
+    DELTA = "delta"  # the delta frame applied to the model it held
+    FULL = "full"  # the retained full model
+    DELTA_THEN_FULL = "delta+full"  # the delta did not apply (logged), then the full model
 
 
 class TensorEncoding(_Strict):
@@ -215,6 +226,8 @@ class FrameHeader(_Strict):
     dp: DPAnnouncement | None = None
     # The run of the job this frame belongs to (global models; updates name their base model's hash instead).
     run_id: Token | None = None
+    # Updates: how the device obtained the round's global model (the coordinator counts bytes down per path).
+    downlink: DownlinkPath | None = None
 
     @field_validator("tensors")
     @classmethod
@@ -271,6 +284,9 @@ class Plan(_Strict):
     uplink: CodecSpec
     model_name: Annotated[str, Field(min_length=1, max_length=64)]
     model_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    # With a compressed downlink: the canonical digest of the model's float32 arrays
+    # (fedmqtt.codecs.downlink.arrays_digest), which a device that applied a delta must reproduce bit for bit.
+    model_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     dp: DPPlan | None = None
     # Freeze every tensor not named here (transfer learning: train only a head). None = train all.
     trainable: tuple[str, ...] | None = None
@@ -425,6 +441,10 @@ class RoundSummary(_Strict):
     refused: dict[RefusalReason, NonNegInt] = Field(default_factory=dict)
     bytes_up: NonNegInt
     bytes_down: NonNegInt
+    # Bytes down per path, counted from the accepted updates (each names the path it took): delta frames and
+    # full models. bytes_down is their sum; a device whose process already held the model counts nothing.
+    bytes_down_delta: NonNegInt | None = None
+    bytes_down_full: NonNegInt | None = None
     opened_at: FiniteFloat
     closed_at: FiniteFloat
     seconds: NonNegFloat

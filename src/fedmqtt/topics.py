@@ -2,6 +2,7 @@
 
     PREFIX/JOB/plan                    retained JSON, QoS 1: the open round's plan
     PREFIX/JOB/model                   retained, QoS 1: the current global-model frame
+    PREFIX/JOB/delta                   retained, QoS 1: the compressed delta from the previous global model
     PREFIX/JOB/updates/DEVICE          QoS 1: a device's update frame
     PREFIX/JOB/status                  retained JSON: the coordinator's live snapshot
     PREFIX/JOB/events                  JSON, not retained: one message per event
@@ -28,6 +29,7 @@ _ID_RULE = "use 1-64 characters from A-Z a-z 0-9 _ . - starting with a letter or
 # Relative topic names (below PREFIX/JOB/). Only this module uses them.
 _PLAN = "plan"
 _MODEL = "model"
+_DELTA = "delta"
 _UPDATES = "updates"
 _STATUS = "status"
 _EVENTS = "events"
@@ -75,6 +77,11 @@ class Topics:
     @property
     def model(self) -> str:
         return f"{self.base}/{_MODEL}"
+
+    @property
+    def delta(self) -> str:
+        """The retained model-delta frame (a compressed downlink, ``--downlink`` other than float32)."""
+        return f"{self.base}/{_DELTA}"
 
     @property
     def status(self) -> str:
@@ -161,7 +168,7 @@ class AclRule:
 def device_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
     """What a device account (username == device id) may do, for every job under ``prefix``.
 
-    A device writes only its own update and status topics and reads the plan, model, status, events,
+    A device writes only its own update and status topics and reads the plan, model, delta, status, events,
     round summaries, privacy ledger and coordinator presence. It can never write the model, and it can
     neither read nor write another device's topics (updates or status).
     """
@@ -172,6 +179,7 @@ def device_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
         AclRule("readwrite", f"{p}/+/{_DEVICES}/%u/{_STATUS}"),
         AclRule("read", f"{p}/+/{_PLAN}"),
         AclRule("read", f"{p}/+/{_MODEL}"),
+        AclRule("read", f"{p}/+/{_DELTA}"),
         AclRule("read", f"{p}/+/{_STATUS}"),
         AclRule("read", f"{p}/+/{_EVENTS}"),
         AclRule("read", f"{p}/+/{_ROUNDS}/+"),
@@ -199,6 +207,7 @@ def watcher_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
     return (
         AclRule("read", f"{p}/+/{_PLAN}"),
         AclRule("read", f"{p}/+/{_MODEL}"),
+        AclRule("read", f"{p}/+/{_DELTA}"),
         AclRule("read", f"{p}/+/{_STATUS}"),
         AclRule("read", f"{p}/+/{_EVENTS}"),
         AclRule("read", f"{p}/+/{_ROUNDS}/+"),

@@ -92,3 +92,12 @@ class NonFiniteInput(EncodeError):
 
 class FeedbackError(CodecError):
     """An error-feedback residual does not fit the update, or a saved state is invalid."""
+
+
+class DeltaMismatch(FrameError):
+    """A model-delta frame is for another job, run, round or base model, or does not yield the model the plan
+    names: the device fetches the full model instead."""
+
+
+class DeltaBaseMismatch(DeltaMismatch):
+    """A model-delta frame applies to another model than the one this device holds (it missed a round)."""

@@ -55,6 +55,7 @@ from fedmqtt.codecs.errors import (
 from fedmqtt.codecs.feedback import ErrorFeedback
 from fedmqtt.schema import (
     CodecSpec,
+    DownlinkPath,
     DPAnnouncement,
     FrameHeader,
     FrameKind,
@@ -132,6 +133,7 @@ def encode_frame(
     feedback: ErrorFeedback | None = None,
     rng: np.random.Generator | None = None,
     run_id: str | None = None,
+    downlink: DownlinkPath | None = None,
 ) -> bytes:
     """Encode ``arrays`` (name -> float tensor, in model order) as one frame.
 
@@ -189,6 +191,7 @@ def encode_frame(
             model_name=model_name,
             dp=dp,
             run_id=run_id,
+            downlink=downlink,
         )
     except ValidationError as exc:
         raise EncodeError(f"cannot build the frame header: {_first_error(exc)}") from None

@@ -190,7 +190,14 @@ class CoordinatorConfig(BrokerSettings):
         str, Field(**_info("device update codec, e.g. int8, float16, topk:0.01+int8+ef", group=TRAINING))
     ] = "int8"
     downlink: Annotated[
-        str, Field(**_info("global-model codec (float16 halves what each device downloads)", group=TRAINING))
+        str,
+        Field(
+            **_info(
+                "global-model codec: float32 sends the whole model each round; float16, int8, topk:0.01+int8 ... "
+                "send compressed deltas against the model devices hold (error feedback on the coordinator)",
+                group=TRAINING,
+            )
+        ),
     ] = "float32"
     trainable: Annotated[
         tuple[str, ...] | None,
@@ -304,8 +311,11 @@ class CoordinatorConfig(BrokerSettings):
             codec = CodecSpec.parse(value)
         except MessageError as exc:
             raise ValueError(exc.detail) from None
-        if info.field_name == "downlink" and (codec.topk is not None or codec.error_feedback):
-            raise ValueError("a global model is sent whole: use float32, float16 or int8 (no topk, no ef)")
+        if info.field_name == "downlink" and codec.error_feedback:
+            raise ValueError(
+                f"{value!r}: drop 'ef': a compressed downlink always uses error feedback, on the coordinator "
+                "(it tracks the model the devices hold and sends what they lack in the next delta)"
+            )
         return value
 
     @model_validator(mode="after")

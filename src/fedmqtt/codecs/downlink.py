@@ -1,0 +1,184 @@
+"""The compressed downlink: model-delta frames with server-side error feedback (pure, no network).
+
+The coordinator keeps two models: the true global model ``x`` (what aggregation updates) and ``x_hat``, the
+model the devices actually hold. Each round it sends ``q = C(x - x_hat)`` encoded with the downlink codec
+(float16, int8, top-k + int8, ...) as a :attr:`~fedmqtt.schema.FrameKind.MODEL_DELTA` frame and sets
+``x_hat <- x_hat + decode(q)``. What compression dropped stays in ``x - x_hat`` and goes out with the next
+delta: error feedback on the server (DoubleSqueeze, Tang et al. 2019; EF21-P, Gruntkowska et al. 2023), so the
+devices' copy never drifts from what the coordinator believes they hold. Devices train from ``x_hat``.
+
+Sender and receiver run the same two steps on the same bytes: :func:`~fedmqtt.codecs.decode_frame` of the
+delta frame, then :func:`apply_delta` (one float32 addition per entry, in the same order), so both hold the
+same bits. :func:`arrays_digest` names those bits; the plan carries it (``Plan.model_digest``) and a device
+that applied a delta checks it before training. The retained full model is ``x_hat`` itself, encoded
+losslessly (float32), so a device that lacks the base (a late joiner) holds exactly the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fedmqtt.arrays import ModelArrays
+from fedmqtt.codecs.errors import DeltaBaseMismatch, DeltaMismatch
+from fedmqtt.codecs.frame import DEFAULT_MAX_BODY_BYTES, Buffer, decode_frame, encode_frame, peek_header
+from fedmqtt.schema import CodecSpec, FrameKind, ManifestEntry, ValueEncoding
+
+__all__ = [
+    "DownlinkTracker",
+    "apply_delta",
+    "apply_delta_frame",
+    "arrays_digest",
+    "full_model_codec",
+    "sends_deltas",
+]
+
+_LE_F32 = np.dtype("<f4")
+
+
+def sends_deltas(codec: CodecSpec) -> bool:
+    """Whether ``--downlink codec`` means delta frames: any lossy codec (float16, int8*, top-k). A lossless one
+    (float32, at any zstd level) sends the whole model each round, as fedmqtt always did."""
+    return codec.values is not ValueEncoding.FLOAT32 or codec.topk is not None
+
+
+def full_model_codec(codec: CodecSpec) -> CodecSpec:
+    """The codec of the retained full model: ``codec`` itself when it is lossless, else float32 at its zstd level
+    (the full model must be ``x_hat`` bit for bit)."""
+    if not sends_deltas(codec):
+        return codec
+    return CodecSpec(zstd_level=codec.zstd_level)
+
+
+def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """Hex SHA-256 of a model's tensors in order: each one's name, shape and little-endian float32 bytes."""
+    digest = hashlib.sha256()
+    for name, value in arrays.items():
+        array = np.ascontiguousarray(value, dtype=_LE_F32)
+        encoded = name.encode("utf-8")
+        digest.update(len(encoded).to_bytes(4, "little") + encoded)
+        digest.update(len(array.shape).to_bytes(4, "little"))
+        digest.update(np.asarray(array.shape, dtype="<i8").tobytes())
+        digest.update(array.reshape(-1).view(np.uint8).data)
+    return digest.hexdigest()
+
+
+def apply_delta(held: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> ModelArrays:
+    """``held + delta`` in float32, tensor by tensor (the one addition both sides perform)."""
+    if list(held) != list(delta):
+        raise DeltaMismatch("the delta's tensors are not those of the held model")
+    out: ModelArrays = {}
+    for name, base in held.items():
+        step = delta[name]
+        if np.shape(base) != np.shape(step):
+            raise DeltaMismatch(f"tensor {name!r}: the delta has shape {np.shape(step)}, the model {np.shape(base)}")
+        # np.asarray again: arithmetic on 0-d arrays returns numpy scalars.
+        out[name] = np.asarray(np.add(np.asarray(base, dtype=np.float32), np.asarray(step, dtype=np.float32)))
+    return out
+
+
+def apply_delta_frame(
+    frame: Buffer,
+    *,
+    held: Mapping[str, np.ndarray],
+    held_hash: str,
+    job: str,
+    round: int,
+    run_id: str | None,
+    digest: str,
+    manifest: Sequence[ManifestEntry] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> ModelArrays:
+    """The model a device obtains from a delta frame (device side).
+
+    ``held``/``held_hash``: the model the device holds and the plan hash it was known by; ``job``, ``round``,
+    ``run_id`` and ``digest``: from the plan being served. Raises :class:`~fedmqtt.codecs.errors.FrameError`
+    (a :class:`~fedmqtt.codecs.errors.DeltaMismatch` when the frame is valid but not the one wanted, a
+    :class:`~fedmqtt.codecs.errors.DeltaBaseMismatch` when the device lacks its base), after which the device
+    fetches the full model.
+    """
+    header = peek_header(frame)  # everything but the body is checked before the body is decoded
+    if header.kind is not FrameKind.MODEL_DELTA:
+        raise DeltaMismatch(f"a {header.kind.value} frame on the delta topic; expected model_delta")
+    if header.job != job or header.run_id != run_id:
+        raise DeltaMismatch(
+            f"the delta is for job {header.job!r} run {header.run_id}, the plan for job {job!r} run {run_id}"
+        )
+    if header.round != round:
+        raise DeltaMismatch(f"the delta leads to the model of round {header.round}, the plan is for round {round}")
+    if header.base_model_hash != held_hash:
+        raise DeltaBaseMismatch(
+            f"the delta applies to model {str(header.base_model_hash)[:12]}, this device holds {held_hash[:12]}"
+        )
+    decoded = decode_frame(frame, expected_manifest=manifest, max_body_bytes=max_body_bytes)
+    result = apply_delta(held, decoded.arrays)
+    got = arrays_digest(result)
+    if got != digest:
+        raise DeltaMismatch(
+            f"held model + delta has digest {got[:12]}, the plan names {digest[:12]} (a corrupt or forged delta)"
+        )
+    return result
+
+
+class DownlinkTracker:
+    """The coordinator's side: ``x_hat`` (the model devices hold) and the delta frames that move it towards ``x``.
+
+    Starts with ``x_hat = held`` (the first model, sent whole). :meth:`delta_frame` encodes ``x - x_hat`` with
+    ``codec``, advances ``x_hat`` by exactly what a device decodes, and returns the frame.
+    """
+
+    def __init__(self, codec: CodecSpec, held: Mapping[str, np.ndarray]) -> None:
+        if codec.error_feedback:
+            raise ValueError("the downlink's error feedback is the tracker itself: pass the codec without 'ef'")
+        self.codec = codec
+        self.held: ModelArrays = {k: np.array(v, dtype=np.float32, copy=True) for k, v in held.items()}
+
+    def residual(self, target: Mapping[str, np.ndarray]) -> ModelArrays:
+        """``target - x_hat``: what the devices still lack."""
+        return {k: np.asarray(np.subtract(np.asarray(target[k], dtype=np.float32), v)) for k, v in self.held.items()}
+
+    def delta_frame(
+        self,
+        target: Mapping[str, np.ndarray],
+        *,
+        job: str,
+        round: int,
+        sender: str,
+        base_model_hash: str,
+        model_name: str | None = None,
+        run_id: str | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> bytes:
+        """Encode ``target - x_hat`` as a delta frame on ``base_model_hash`` (the plan hash of the current
+        ``x_hat``) leading to the model of ``round``; then ``x_hat <- x_hat + decode(frame)``."""
+        if list(target) != list(self.held):
+            raise ValueError("the target model's tensors are not those of the tracked model")
+        frame = encode_frame(
+            self.residual(target),
+            kind=FrameKind.MODEL_DELTA,
+            job=job,
+            round=round,
+            sender=sender,
+            codec=self.codec,
+            base_model_hash=base_model_hash,
+            model_name=model_name,
+            run_id=run_id,
+            rng=rng,
+        )
+        # Decode what was sent, as a device does: x_hat then holds the very bits the devices will.
+        numel = sum(int(v.size) for v in self.held.values())
+        decoded = decode_frame(frame, max_body_bytes=max(DEFAULT_MAX_BODY_BYTES, 10 * numel))
+        self.held = apply_delta(self.held, decoded.arrays)
+        return frame
+
+    def state_dict(self) -> dict[str, object]:
+        return {"held": {k: v.copy() for k, v in self.held.items()}}
+
+    @classmethod
+    def from_state_dict(cls, codec: CodecSpec, state: Mapping[str, object]) -> DownlinkTracker:
+        held = state.get("held")
+        if not isinstance(held, Mapping):
+            raise ValueError("a downlink state needs 'held': the model the devices hold")
+        return cls(codec, held)
