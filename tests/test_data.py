@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from fedmqtt.data import (
     default_cache_dir,
     describe_partition,
     load_dataset,
+    load_parts,
     partition,
     read_idx_file,
     resolve_data_dir,
@@ -217,6 +219,24 @@ def _corrupt_label_range(tmp_path: Path) -> Path:
     return write_idx_file(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1, 12], dtype=np.uint8))
 
 
+def _gzipped_payload(tmp_path: Path, edit) -> Path:
+    """A well-formed gzip stream whose IDX content ``edit`` damaged (so only the IDX checks can catch it)."""
+    _good_labels(tmp_path)
+    plain = _good_images(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(edit(plain.read_bytes()), mtime=0))
+    plain.unlink()
+    return path
+
+
+def _corrupt_gzip_truncated(tmp_path: Path) -> Path:
+    return _gzipped_payload(tmp_path, lambda data: data[:-800])  # 2352 bytes of images promised, 1552 there
+
+
+def _corrupt_gzip_trailing(tmp_path: Path) -> Path:
+    return _gzipped_payload(tmp_path, lambda data: data + b"\0\0\0")
+
+
 @pytest.mark.parametrize(
     ("make", "problem"),
     [
@@ -231,12 +251,18 @@ def _corrupt_label_range(tmp_path: Path) -> Path:
         (_corrupt_image_size, "32×32"),
         (_corrupt_count_mismatch, "holds 2 labels"),
         (_corrupt_label_range, "label 12 is out of range"),
+        (_corrupt_gzip_truncated, "the file holds 1552"),
+        (_corrupt_gzip_trailing, "it has 3 unexpected bytes"),
     ],
 )
-def test_corrupt_files_raise_dataset_corrupt(tmp_path: Path, make, problem: str) -> None:
+@pytest.mark.parametrize("lean", [False, True], ids=["load_dataset", "load_parts"])
+def test_corrupt_files_raise_dataset_corrupt(tmp_path: Path, make, problem: str, lean: bool) -> None:
     path = make(tmp_path)
     with pytest.raises(DatasetCorrupt) as caught:
-        load_dataset("mnist", tmp_path, train=True)
+        if lean:
+            load_parts("mnist", tmp_path, "iid", 1, [0], seed=0)
+        else:
+            load_dataset("mnist", tmp_path, train=True)
     assert caught.value.path == path
     assert problem in str(caught.value)
     assert str(path) in str(caught.value)
@@ -563,6 +589,88 @@ def test_select_part_returns_that_part_of_the_data(tmp_path: Path) -> None:
             select_part(dataset, "iid", 5, bad, seed=0)
 
 
+# --------------------------------------------------------------------------------------------------
+# A device's part, read without the rest (load_parts)
+
+LEAN_SPECS = ["iid", "iid:unequal", "shards:2", "dirichlet:0.3"]
+
+
+def assert_same_data(got: ImageDataset, expected: ImageDataset) -> None:
+    assert torch.equal(got.labels, expected.labels)
+    assert torch.equal(got.images, expected.images)  # bit for bit: the same float32 values
+    assert got.images.shape[1:] == (1, 28, 28) and got.num_classes == expected.num_classes
+
+
+@pytest.fixture(scope="module")
+def lean_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, tuple[Path, ImageDataset]]:
+    """The same 3,000 synthetic training images, gzipped and plain (3,000 rows span three decompressed chunks)."""
+    sets = {}
+    for gz in (True, False):
+        directory = write_idx_dataset(
+            tmp_path_factory.mktemp(f"lean-gz{gz}"), num_train=3000, num_test=0, seed=5, gz=gz
+        )
+        sets[gz] = (directory, load_dataset("mnist", directory, train=True))
+    return sets
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "plain"])
+@pytest.mark.parametrize("spec", LEAN_SPECS)
+def test_load_parts_equals_the_part_of_the_full_load(lean_sets, gz: bool, spec: str) -> None:
+    directory, full = lean_sets[gz]
+    wanted = [3, 0, 17, 3, 29]  # any order, repeats allowed: each comes back in the order asked for
+    for part, got in zip(wanted, load_parts("mnist", directory, spec, 30, wanted, seed=11), strict=True):
+        assert_same_data(got, select_part(full, spec, 30, part, seed=11))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    gz=st.booleans(),
+    num_parts=st.integers(1, 60),
+    seed=st.integers(0, 2**32 - 1),
+    spec=st.sampled_from(LEAN_SPECS),
+    picks=st.lists(st.integers(0, 59), min_size=1, max_size=6),
+)
+def test_load_parts_matches_select_part_for_any_split(lean_sets, gz, num_parts, seed, spec, picks) -> None:
+    directory, full = lean_sets[gz]
+    wanted = [pick % num_parts for pick in picks]
+    for part, got in zip(wanted, load_parts("mnist", directory, spec, num_parts, wanted, seed=seed), strict=True):
+        assert_same_data(got, select_part(full, spec, num_parts, part, seed=seed))
+
+
+def test_load_parts_reads_the_test_split_and_checks_part_numbers(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path, num_train=20, num_test=40, seed=2)
+    test = load_dataset("fashion-mnist", tmp_path, train=False)
+    (got,) = load_parts("fashion-mnist", tmp_path, "iid", 4, [2], seed=1, train=False)
+    assert_same_data(got, select_part(test, "iid", 4, 2, seed=1))
+    for bad in (-1, 4):
+        with pytest.raises(ConfigError, match=r"0\.\.3"):
+            load_parts("mnist", tmp_path, "iid", 4, [0, bad], seed=0)
+    assert load_parts("mnist", tmp_path, "iid", 4, [], seed=0) == []
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "plain"])
+def test_load_parts_never_holds_the_whole_image_array(tmp_path: Path, gz: bool) -> None:
+    """tracemalloc sees every numpy buffer: the lean path's peak stays far below the images' size."""
+    count = 20_000  # 15.7 MB of uint8 pixels, 62.7 MB as float32
+    rng = np.random.default_rng(0)
+    write_split(tmp_path, rng.integers(0, 256, (count, 28, 28), dtype=np.uint8),
+                rng.integers(0, 10, count, dtype=np.uint8), train=True, gz=gz)  # fmt: skip
+    image_bytes = count * 28 * 28
+
+    def peak(load) -> int:
+        tracemalloc.start()
+        try:
+            load()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    lean = peak(lambda: load_parts("mnist", tmp_path, "iid", 100, [5, 6], seed=0))  # 400 images: 1.25 MB float32
+    full = peak(lambda: select_part(load_dataset("mnist", tmp_path, train=True), "iid", 100, 5, seed=0))
+    assert full > image_bytes * 4  # the old path: the bytes, then all of them as float32
+    assert lean < 4_000_000, f"load_parts peaked at {lean / 1e6:.1f} MB for 400 of {count} images"
+
+
 def test_describe_partition_counts() -> None:
     labels = np.array([0, 0, 1, 1])
     stats = describe_partition(labels, [np.array([0, 1]), np.array([2, 3])])
@@ -595,3 +703,15 @@ def test_real_mnist_files_resolve_and_load(monkeypatch: pytest.MonkeyPatch) -> N
         assert float(pixels.min()) >= -1e-6 and float(pixels.max()) <= 1 + 1e-6
     with gzip.open(shared / "mnist" / "train-labels-idx1-ubyte.gz") as stream:
         assert stream.read(8) == bytes([0, 0, 8, 1, 0, 0, 0xEA, 0x60])  # 60000 labels
+
+
+@pytest.mark.slow
+def test_real_mnist_parts_load_leanly_as_from_the_whole_set() -> None:
+    mnist = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+    assert mnist.is_dir(), f"real MNIST files expected in {mnist} (see shared/data/SOURCES.md)"
+    full = load_dataset("mnist", mnist, train=True)
+    for spec in ("iid", "shards:2"):  # McMahan et al.'s 100 devices of 600 images
+        wanted = [0, 42, 99]
+        for part, got in zip(wanted, load_parts("mnist", mnist, spec, 100, wanted, seed=0), strict=True):
+            assert len(got) == 600
+            assert_same_data(got, select_part(full, spec, 100, part, seed=0))

@@ -264,13 +264,13 @@ def _read_bytes(path: Path) -> bytes:
         raise DatasetCorrupt(path, f"cannot decompress it ({exc})") from exc
 
 
-def read_idx_file(path: Path, ndim: int) -> np.ndarray:
-    """An unsigned-byte IDX file (plain or gzipped) with ``ndim`` dimensions, as a uint8 array."""
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise DatasetCorrupt(path, f"it is {len(data)} bytes long, shorter than the 4-byte magic number")
+def _idx_header(path: Path, head: bytes, ndim: int) -> tuple[tuple[int, ...], int]:
+    """Shape and header size of an unsigned-byte IDX file with ``ndim`` dimensions, from ``head``: its first
+    ``4 + 4 * ndim`` bytes (fewer only when the file is shorter)."""
+    if len(head) < 4:
+        raise DatasetCorrupt(path, f"it is {len(head)} bytes long, shorter than the 4-byte magic number")
     expected_magic = (_IDX_UBYTE << 8) | ndim
-    magic = int.from_bytes(data[:4], "big")
+    magic = int.from_bytes(head[:4], "big")
     if magic != expected_magic:
         raise DatasetCorrupt(
             path,
@@ -278,11 +278,14 @@ def read_idx_file(path: Path, ndim: int) -> np.ndarray:
             f"(unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''})",
         )
     header_size = 4 + 4 * ndim
-    if len(data) < header_size:
-        raise DatasetCorrupt(path, f"its header is truncated ({len(data)} of {header_size} bytes)")
-    dims = struct.unpack(f">{ndim}I", data[4:header_size])
+    if len(head) < header_size:
+        raise DatasetCorrupt(path, f"its header is truncated ({len(head)} of {header_size} bytes)")
+    return struct.unpack(f">{ndim}I", head[4:header_size]), header_size
+
+
+def _check_idx_length(path: Path, dims: tuple[int, ...], present: int) -> None:
+    """``present`` bytes of data follow the header: exactly what ``dims`` promises, else DatasetCorrupt."""
     expected = math.prod(dims)
-    present = len(data) - header_size
     if present < expected:
         raise DatasetCorrupt(
             path,
@@ -290,7 +293,79 @@ def read_idx_file(path: Path, ndim: int) -> np.ndarray:
         )
     if present > expected:
         raise DatasetCorrupt(path, f"it has {present - expected} unexpected bytes after the data")
-    return np.frombuffer(data, dtype=np.uint8, count=expected, offset=header_size).reshape(dims)
+
+
+def read_idx_file(path: Path, ndim: int) -> np.ndarray:
+    """An unsigned-byte IDX file (plain or gzipped) with ``ndim`` dimensions, as a uint8 array."""
+    data = _read_bytes(path)
+    dims, header_size = _idx_header(path, data[: 4 + 4 * ndim], ndim)
+    _check_idx_length(path, dims, len(data) - header_size)
+    return np.frombuffer(data, dtype=np.uint8, count=math.prod(dims), offset=header_size).reshape(dims)
+
+
+_ROWS_CHUNK = 1 << 20  # bytes of a gzipped IDX file decompressed at a time when picking rows from it
+
+
+@dataclass(frozen=True)
+class _IdxFile:
+    """An IDX file whose header was read and checked (and, for a plain file, its length): its rows not yet."""
+
+    path: Path
+    dims: tuple[int, ...]
+    header_size: int
+
+    @classmethod
+    def open(cls, path: Path, ndim: int) -> _IdxFile:
+        try:
+            with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as stream:
+                head = stream.read(4 + 4 * ndim)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise DatasetCorrupt(path, f"cannot decompress it ({exc})") from exc
+        dims, header_size = _idx_header(path, head, ndim)
+        if path.suffix != ".gz":  # a gzipped file's length is checked while its rows stream past
+            _check_idx_length(path, dims, path.stat().st_size - header_size)
+        return cls(path, dims, header_size)
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The rows ``rows`` (sorted, distinct, in range) as a uint8 array: only those rows are ever in memory.
+
+        A plain file is memory-mapped and the rows copied out; a gzipped one is decompressed in chunks of
+        about a MiB and each chunk's wanted rows are kept, checking the whole file as the old read did.
+        The caller has checked the row shape (28×28), so a chunk holds at least one row.
+        """
+        count, row_bytes = self.dims[0], math.prod(self.dims[1:])
+        out = np.empty((rows.size, row_bytes), dtype=np.uint8)
+        if self.path.suffix != ".gz":
+            if rows.size and row_bytes:
+                mapped = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.header_size,
+                                   shape=(count, row_bytes))  # fmt: skip
+                out[:] = mapped[rows]
+                del mapped
+            return out.reshape((rows.size, *self.dims[1:]))
+        chunk_rows = max(1, _ROWS_CHUNK // max(row_bytes, 1))
+        buffer = np.empty(chunk_rows * row_bytes, dtype=np.uint8)
+        try:
+            with gzip.open(self.path, "rb") as stream:
+                stream.read(self.header_size)
+                start = 0
+                while start < count:
+                    take = min(chunk_rows, count - start)
+                    view = buffer.data[: take * row_bytes]
+                    got = 0
+                    while got < len(view) and (n := stream.readinto(view[got:])):
+                        got += n
+                    if got < len(view):
+                        _check_idx_length(self.path, self.dims, start * row_bytes + got)
+                    low, high = np.searchsorted(rows, (start, start + take))
+                    out[low:high] = buffer[: take * row_bytes].reshape(take, row_bytes)[rows[low:high] - start]
+                    start += take
+                trailing = 0
+                while chunk := stream.read(_ROWS_CHUNK):
+                    trailing += len(chunk)
+                _check_idx_length(self.path, self.dims, count * row_bytes + trailing)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise DatasetCorrupt(self.path, f"cannot decompress it ({exc})") from exc
+        return out.reshape((rows.size, *self.dims[1:]))
 
 
 def write_idx_file(path: Path, array: np.ndarray) -> Path:
@@ -333,12 +408,8 @@ def _dir_holding(base: Path, dataset: str, stems: Sequence[str]) -> Path | None:
     return found[0].parent if found else None
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike[str], *, train: bool) -> ImageDataset:
-    """The training (``train=True``) or test split of ``name`` from ``data_dir``.
-
-    ``data_dir`` may hold the IDX files itself, or hold them in a ``<name>/`` subdirectory (the layout
-    of ``$FEDMQTT_DATA``), or be a torchvision root (``MNIST/raw``). Each file may be gzipped.
-    """
+def _split_files(name: str, data_dir: str | os.PathLike[str], train: bool) -> tuple[Path, Path]:
+    """The images and labels files of a split under ``data_dir`` (see :func:`load_dataset` for the layouts)."""
     _check_dataset_name(name)
     stems = TRAIN_FILES if train else TEST_FILES
     base = Path(data_dir).expanduser()
@@ -346,22 +417,75 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str], *, train: bool) ->
     if found is None:
         raise DatasetNotFound(name, _candidate_dirs(base, name), list(stems))
     images_path, labels_path = found
-    images = read_idx_file(images_path, 3)
-    labels = read_idx_file(labels_path, 1)
-    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+    return images_path, labels_path
+
+
+def _check_split(
+    name: str, images_path: Path, image_dims: tuple[int, ...], labels_path: Path, labels: np.ndarray
+) -> None:
+    """Images of the data set's size, one label per image, labels in range: else DatasetCorrupt."""
+    if image_dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise DatasetCorrupt(
-            images_path, f"images are {images.shape[1]}×{images.shape[2]}, {name} has {IMAGE_SIZE}×{IMAGE_SIZE}"
+            images_path, f"images are {image_dims[1]}×{image_dims[2]}, {name} has {IMAGE_SIZE}×{IMAGE_SIZE}"
         )
-    if images.shape[0] != labels.shape[0]:
+    if image_dims[0] != labels.shape[0]:
         raise DatasetCorrupt(
-            labels_path, f"it holds {labels.shape[0]} labels but {images_path.name} holds {images.shape[0]} images"
+            labels_path, f"it holds {labels.shape[0]} labels but {images_path.name} holds {image_dims[0]} images"
         )
     if labels.size and int(labels.max()) >= NUM_CLASSES:
         raise DatasetCorrupt(labels_path, f"label {int(labels.max())} is out of range 0..{NUM_CLASSES - 1}")
+
+
+def _as_dataset(name: str, images: np.ndarray, labels: np.ndarray) -> ImageDataset:
+    """uint8 images (N×28×28) and labels as an :class:`ImageDataset`, normalised with ``NORMALISATION[name]``."""
     mean, std = NORMALISATION[name]
     pixels = torch.from_numpy(images.astype(np.float32))
     pixels.div_(255.0).sub_(mean).div_(std)
     return ImageDataset(pixels.unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), num_classes=NUM_CLASSES)
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike[str], *, train: bool) -> ImageDataset:
+    """The training (``train=True``) or test split of ``name`` from ``data_dir``, all of it.
+
+    ``data_dir`` may hold the IDX files itself, or hold them in a ``<name>/`` subdirectory (the layout
+    of ``$FEDMQTT_DATA``), or be a torchvision root (``MNIST/raw``). Each file may be gzipped.
+    A device that trains on a part of the split loads only that part with :func:`load_parts`.
+    """
+    images_path, labels_path = _split_files(name, data_dir, train)
+    images = read_idx_file(images_path, 3)
+    labels = read_idx_file(labels_path, 1)
+    _check_split(name, images_path, images.shape, labels_path, labels)
+    return _as_dataset(name, images, labels)
+
+
+def load_parts(
+    name: str,
+    data_dir: str | os.PathLike[str],
+    spec: PartitionSpec | str,
+    num_parts: int,
+    parts: Sequence[int],
+    seed: int | None,
+    *,
+    train: bool = True,
+) -> list[ImageDataset]:
+    """Parts ``parts`` of a split cut by :func:`partition`, reading and normalising only their images.
+
+    Each part is what ``select_part(load_dataset(name, data_dir, train=train), spec, num_parts, part, seed)``
+    gives (same samples, order and values), but the whole split's images are never in memory: the labels
+    (all of them: the partition needs them) are read, then only the rows of the wanted parts (see
+    :meth:`_IdxFile.read_rows`). The files are checked as :func:`load_dataset` checks them.
+    """
+    for part in parts:
+        _check_part(part, num_parts)
+    images_path, labels_path = _split_files(name, data_dir, train)
+    images_file = _IdxFile.open(images_path, 3)
+    labels = read_idx_file(labels_path, 1)
+    _check_split(name, images_path, images_file.dims, labels_path, labels)
+    cut = partition(labels.astype(np.int64), spec, num_parts, seed)
+    rows = np.unique(np.concatenate([cut[part] for part in parts])) if parts else np.empty(0, np.int64)
+    images = images_file.read_rows(rows)
+    chosen = [np.searchsorted(rows, cut[part]) for part in parts]
+    return [_as_dataset(name, images[where], labels[cut[part]]) for part, where in zip(parts, chosen, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -754,12 +878,16 @@ def partition(
     return [np.sort(part).astype(np.int64, copy=False) for part in parts]
 
 
+def _check_part(part: int, num_parts: int) -> None:
+    if not 0 <= part < num_parts:
+        raise ConfigError("part", f"must lie in 0..{num_parts - 1}, got {part}")
+
+
 def select_part(
     dataset: ImageDataset, spec: PartitionSpec | str, num_parts: int, part: int, seed: int | None
 ) -> ImageDataset:
-    """Part ``part`` (0-based) of ``dataset`` split by :func:`partition`: a simulated device's data."""
-    if not 0 <= part < num_parts:
-        raise ConfigError("part", f"must lie in 0..{num_parts - 1}, got {part}")
+    """Part ``part`` (0-based) of ``dataset`` split by :func:`partition` (:func:`load_parts` reads only the part)."""
+    _check_part(part, num_parts)
     parts = partition(dataset.labels.numpy(), spec, num_parts, seed)
     return dataset.subset(parts[part])
 

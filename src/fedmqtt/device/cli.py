@@ -98,7 +98,7 @@ def device_ids_and_parts(args: argparse.Namespace) -> list[tuple[str, int | None
 
 
 def run_device(args: argparse.Namespace) -> int:
-    from fedmqtt.mqtt import MAX_CLIENTS_PER_PROCESS
+    from fedmqtt.mqtt import max_clients_per_process
     from fedmqtt.mqtt.settings import broker_settings_from_args
 
     # Every flag and file first, before torch is imported, the data set read or the broker dialled.
@@ -113,11 +113,12 @@ def run_device(args: argparse.Namespace) -> int:
     if args.max_train_seconds is not None and not 0 < args.max_train_seconds < float("inf"):
         raise ConfigError("--max-train-seconds", f"must be a positive number of seconds, got {args.max_train_seconds}")
 
-    if len(devices) > MAX_CLIENTS_PER_PROCESS:
+    limit = max_clients_per_process() if len(devices) > 1 else 1  # many devices share one network loop
+    if len(devices) > limit:
         raise ConfigError(
             "parts",
-            f"{len(devices)} virtual devices exceed {MAX_CLIENTS_PER_PROCESS} MQTT clients per process "
-            "(paho's select() loop cannot watch more sockets); split them over several processes",
+            f"{len(devices)} virtual devices exceed the {limit} MQTT clients this process can hold (one open file "
+            "each: raise `ulimit -n`, or systemd's LimitNOFILE=); or split them over several processes",
         )
 
     # SIGTERM (docker stop, systemctl stop) and SIGINT: training is abandoned, every device publishes its offline
@@ -145,14 +146,17 @@ def _serve(
     runtimes: list[Any],
     stop_requested: list[int],
 ) -> int:
-    from fedmqtt.data import PartitionSpec, load_dataset, partition, resolve_data_dir
+    from fedmqtt.data import PartitionSpec, load_dataset, load_parts, resolve_data_dir
     from fedmqtt.device.agent import DeviceOptions, DeviceRuntime
 
     data_dir = resolve_data_dir(args.data_dir, args.dataset, split="train")
-    dataset = load_dataset(args.dataset, data_dir, train=True)
-    parts: list[Any] | None = None
-    if args.partition is not None:
-        parts = partition(dataset.labels.numpy(), PartitionSpec.parse(args.partition), args.num_parts, args.seed)
+    datasets: list[Any]
+    if args.partition is None:  # a board: all of its own data, shared by its devices
+        datasets = [load_dataset(args.dataset, data_dir, train=True)] * len(devices)
+    else:  # simulated devices: only this process's parts are read and normalised, never the whole set
+        spec = PartitionSpec.parse(args.partition)
+        wanted = [part for _, part in devices if part is not None]
+        datasets = load_parts(args.dataset, data_dir, spec, args.num_parts, wanted, args.seed)
 
     options = DeviceOptions(
         broker=broker,
@@ -164,9 +168,9 @@ def _serve(
         exit_on_finish=args.exit_on_finish,
     )
     runtime = DeviceRuntime(options, threads=args.threads)
-    for device_id, part in devices:
-        runtime.add_device(device_id, dataset if part is None or parts is None else dataset.subset(parts[part]))
-    del dataset, parts  # each device keeps only its own part
+    for (device_id, _), dataset in zip(devices, datasets, strict=True):
+        runtime.add_device(device_id, dataset)
+    del datasets
 
     runtimes.append(runtime)
     if stop_requested:  # stopped while the data loaded: nothing connected, nothing to announce
