@@ -6,7 +6,8 @@
 * :mod:`fedmqtt.mqtt.settings`: the broker flags (:class:`BrokerSettings`, :func:`add_broker_flags`) and the
   settings of one connection (:class:`ClientSettings`, :class:`Will`);
 * :mod:`fedmqtt.mqtt.connection`: :class:`MqttConnection`, the process-wide connection budget and the cache of
-  the protocol each broker speaks.
+  the protocol each broker speaks;
+* :mod:`fedmqtt.mqtt.netloop`: :class:`NetworkLoop`, one network thread for many connections (epoll).
 """
 
 from fedmqtt.mqtt.connection import (
@@ -37,6 +38,7 @@ from fedmqtt.mqtt.errors import (
     TooManyClients,
     mask_password,
 )
+from fedmqtt.mqtt.netloop import NetworkLoop, max_clients_per_process, raise_fd_limit
 from fedmqtt.mqtt.settings import (
     BROKER_FLAGS,
     DEFAULT_BROKER,
@@ -86,6 +88,7 @@ __all__ = [
     "MqttConnection",
     "MqttError",
     "MqttVersionField",
+    "NetworkLoop",
     "NotConnected",
     "PasswordField",
     "PasswordFileField",
@@ -105,7 +108,9 @@ __all__ = [
     "broker_settings_from_args",
     "check_tls_ca",
     "mask_password",
+    "max_clients_per_process",
     "parse_broker_url",
+    "raise_fd_limit",
     "read_password_file",
     "tls_ca_problem",
     "tls_cert_problem",

@@ -12,14 +12,19 @@ It wraps paho-mqtt 2.x (``CallbackAPIVersion.VERSION2``) and adds what fedmqtt r
   subscriptions. Brokers do send other messages (amqtt sends a connecting client the retained messages of every
   session's filters; a persistent session keeps subscriptions an earlier process made), so those are dropped and
   counted in ``ignored_messages``;
-* a process-wide guard on the number of live connections (paho's loop uses ``select()``, which cannot watch file
-  descriptors above 1023) and a refusal to publish packets larger than the broker accepts (Mosquitto disconnects
+* a process-wide guard on the number of live connections that run their own network thread (paho's loop uses
+  ``select()``, which cannot watch file descriptors above 1023) and a refusal to publish packets larger than the broker accepts (Mosquitto disconnects
   a client that sends one, and paho would resend it after every reconnect, forever).
 
 With ``protocol="auto"`` the MQTT version is detected once per process and broker (host, port, TLS) and
 remembered in :data:`PROTOCOLS`: a thousand devices in one process make one probe, not a thousand.
 
-Callbacks run on paho's network thread: they only deliver. Hand messages to another thread (a queue) and never
+Each connection runs paho's network thread (``loop_start()``) unless it is given a shared
+:class:`~fedmqtt.mqtt.netloop.NetworkLoop` (``network_loop=``): then one thread drives all of the process's
+connections on an epoll selector, with no per-process cap but the open-file limit (a process with many virtual
+devices; a real device keeps its own thread).
+
+Callbacks run on the network thread: they only deliver. Hand messages to another thread (a queue) and never
 call ``publish()``/``subscribe()`` from inside a callback.
 """
 
@@ -55,13 +60,15 @@ from fedmqtt.mqtt.errors import (
     TlsError,
     TooManyClients,
 )
+from fedmqtt.mqtt.netloop import NetworkLoop
 from fedmqtt.mqtt.settings import ClientSettings
 from fedmqtt.mqtt.topic_names import topic_matches, validate_topic_filter, validate_topic_name
 from fedmqtt.mqtt.url import BrokerURL
 
 logger = logging.getLogger("fedmqtt.mqtt")
 
-#: The most live :class:`MqttConnection` objects one process may hold. paho's network loop watches its sockets
+#: The most live :class:`MqttConnection` objects with their own network thread one process may hold (connections
+#: on a shared :class:`~fedmqtt.mqtt.netloop.NetworkLoop` do not count). paho's network loop watches its sockets
 #: with ``select()``, which cannot watch file descriptors above 1023; each connection uses three (its socket and
 #: a wake-up socket pair). Measured: 300 clients in one process worked, 400 silently received nothing.
 MAX_CLIENTS_PER_PROCESS = 250
@@ -103,7 +110,8 @@ class ConnectionBudget:
                 raise TooManyClients(
                     f"this process already holds {self._live} MQTT connections, the most one process can run "
                     f"(paho's network loop uses select(), which cannot watch file descriptors above "
-                    f"{SELECT_FD_LIMIT - 1}); run the simulated devices in several processes"
+                    f"{SELECT_FD_LIMIT - 1}); drive many clients from one fedmqtt.mqtt.NetworkLoop "
+                    "(MqttConnection(network_loop=...)) or run them in several processes"
                 )
             self._live += 1
 
@@ -212,7 +220,8 @@ class MqttConnection:
     ``on_message(topic, payload, qos, retain, mid)`` runs on paho's network thread for messages whose topic
     matches a current subscription. With ``manual_ack=True`` QoS 1/2 messages are acknowledged only when the
     caller calls ``ack(mid, qos)`` (after storing the message, say). ``on_connected(session_present)`` runs after
-    every successful (re)connect.
+    every successful (re)connect. ``network_loop``: drive this connection from that shared loop's thread instead
+    of a thread of its own.
     """
 
     def __init__(
@@ -223,8 +232,10 @@ class MqttConnection:
         manual_ack: bool = False,
         on_connected: Callable[[bool], None] | None = None,
         on_disconnected: Callable[[str, bool], None] | None = None,
+        network_loop: NetworkLoop | None = None,
     ) -> None:
         self.settings = settings
+        self._network_loop = network_loop
         self._on_disconnected = on_disconnected
         self.taken_over = 0
         # Connections lost soon after they were made (another process with our client id, a broker that drops
@@ -312,8 +323,9 @@ class MqttConnection:
             raise MqttError("this connection was closed; create a new MqttConnection")
         if self._started:
             raise MqttError("connect() was already called")
-        CONNECTION_BUDGET.acquire()
-        self._holds_budget = True
+        if self._network_loop is None:  # a shared loop has its own limit (open files), checked by attach()
+            CONNECTION_BUDGET.acquire()
+            self._holds_budget = True
         self._started = True
         deadline = time.monotonic() + timeout
         try:
@@ -448,10 +460,15 @@ class MqttConnection:
             self._initial_filters = []
         client = self._build_client()
         self._client = client
-        self._connect_socket(client, deadline, lambda: self._send_connect(client))
-        self._check_fds(client)
-        client.loop_start()
-        self._check_fds(client)
+        if self._network_loop is not None:
+            # The loop registers the socket when paho opens it (on_socket_open) and reconnects with paho's backoff.
+            self._network_loop.attach(client, lambda: not self._closed and self._client is client)
+            self._connect_socket(client, deadline, lambda: self._send_connect(client))
+        else:
+            self._connect_socket(client, deadline, lambda: self._send_connect(client))
+            self._check_fds(client)
+            client.loop_start()
+            self._check_fds(client)
 
         with self._cond:
             while self._connack is None and time.monotonic() < deadline:
@@ -853,10 +870,13 @@ class MqttConnection:
         with self._cond:
             while self._connected and self._started and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
-        # RuntimeError: the network thread never started (an exception, e.g. a signal handler's raised inside
-        # loop_start, interrupted connect()); the exception that did so is the one to report, not this one.
-        with contextlib.suppress(RuntimeError):
-            client.loop_stop()
+        if self._network_loop is not None:
+            self._network_loop.detach(client)
+        else:
+            # RuntimeError: the network thread never started (an exception, e.g. a signal handler's raised inside
+            # loop_start, interrupted connect()); the exception that did so is the one to report, not this one.
+            with contextlib.suppress(RuntimeError):
+                client.loop_stop()
         sock = client.socket()
         if sock is not None:  # loop_stop() before the loop wrote DISCONNECT leaves the socket open
             sock.close()
