@@ -81,22 +81,31 @@ def test_default_packing_uses_two_processes_per_core() -> None:
 
 
 def test_devices_per_process_above_the_client_limit_is_refused_clearly(tiny_data: Path) -> None:
-    from fedmqtt.mqtt import MAX_CLIENTS_PER_PROCESS
+    # A process's virtual devices share one network loop (epoll): the limit is the open-file limit, not select()'s.
+    from fedmqtt.mqtt import MAX_CLIENTS_PER_PROCESS, max_clients_per_process
+    from fedmqtt.mqtt.netloop import SPARE_FDS
 
-    assert check_devices_per_process(MAX_CLIENTS_PER_PROCESS, MAX_CLIENTS_PER_PROCESS) == MAX_CLIENTS_PER_PROCESS
-    with pytest.raises(ConfigError, match=f"above the limit of {MAX_CLIENTS_PER_PROCESS} MQTT clients"):
-        check_devices_per_process(MAX_CLIENTS_PER_PROCESS + 1, MAX_CLIENTS_PER_PROCESS)
+    assert max_clients_per_process() > 4 * MAX_CLIENTS_PER_PROCESS  # 1,000 devices fit in one process here
+    assert check_devices_per_process(1000, 1000) == 1000
+    with pytest.raises(ConfigError, match=r"above the limit of 1000 MQTT clients per process .*ulimit -n"):
+        check_devices_per_process(1001, 1000)
     with pytest.raises(ConfigError, match="must be >= 1"):
-        check_devices_per_process(0, MAX_CLIENTS_PER_PROCESS)
-    # Through the command line: refused before anything starts.
+        check_devices_per_process(0, 1000)
+    # Through the command line, with a hard open-file limit of 300: refused before anything starts.
+    import resource
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+
     result = subprocess.run(
-        [PYTHON, "-m", "fedmqtt.cli", "simulate", "--devices", str(MAX_CLIENTS_PER_PROCESS + 5), "--rounds", "1",
-         "--data-dir", str(tiny_data), "--devices-per-process", str(MAX_CLIENTS_PER_PROCESS + 1)],
-        capture_output=True, text=True, timeout=60,
+        [PYTHON, "-m", "fedmqtt.cli", "simulate", "--devices", "400", "--rounds", "1",
+         "--data-dir", str(tiny_data), "--devices-per-process", "400"],
+        capture_output=True, text=True, timeout=60, preexec_fn=low_fd_limit,
     )  # fmt: skip
     assert result.returncode == 1
     assert "--devices-per-process" in result.stderr
-    assert f"limit of {MAX_CLIENTS_PER_PROCESS} MQTT clients per process" in result.stderr
+    assert f"limit of {300 - SPARE_FDS} MQTT clients per process" in result.stderr
+    assert "ulimit -n" in result.stderr
 
 
 def test_plan_defaults(tiny_data: Path) -> None:

@@ -87,13 +87,18 @@ def default_devices_per_process(num_devices: int, cpu_count: int) -> int:
 
 
 def check_devices_per_process(per_process: int, limit: int) -> int:
+    """``limit``: :func:`fedmqtt.mqtt.max_clients_per_process` (a process's virtual devices share one network
+    loop; each holds one socket)."""
+    from fedmqtt.mqtt.netloop import SPARE_FDS
+
     if per_process < 1:
         raise ConfigError("--devices-per-process", f"must be >= 1, got {per_process}")
     if per_process > limit:
         raise ConfigError(
             "--devices-per-process",
-            f"{per_process} is above the limit of {limit} MQTT clients per process "
-            f"(fedmqtt.mqtt.MAX_CLIENTS_PER_PROCESS); use at most {limit}, which starts more processes",
+            f"{per_process} is above the limit of {limit} MQTT clients per process (one open file each: the "
+            f"open-file limit, `ulimit -n`, less {SPARE_FDS} spare); use at most {limit}, which starts more "
+            "processes, or raise the limit",
         )
     return per_process
 
@@ -735,14 +740,14 @@ def _wait_for_devices(devices: list[Child], timeout_s: float) -> None:
 
 
 def run_simulate_command(args: argparse.Namespace) -> int:
-    from fedmqtt.mqtt import MAX_CLIENTS_PER_PROCESS
+    from fedmqtt.mqtt import max_clients_per_process
 
     for module in ("rich", "matplotlib"):  # the live view and the report plot: refused now, not after the run
         require("sim", module, "fedmqtt simulate")
     plan = plan_simulation(
         args,
         env=os.environ,
-        max_clients_per_process=MAX_CLIENTS_PER_PROCESS,
+        max_clients_per_process=max_clients_per_process(),  # raises this process's (and its children's) limit
         cpu_count=os.cpu_count() or 1,
         now=time.time(),
     )

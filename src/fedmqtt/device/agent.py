@@ -41,6 +41,7 @@ from fedmqtt.mqtt import (
     ConnectionRefused,
     MqttConnection,
     MqttError,
+    NetworkLoop,
     PublishRefused,
     TlsError,
     Will,
@@ -66,6 +67,10 @@ log = logging.getLogger("fedmqtt.device")
 # Plan screenings worth a log line at INFO (the others are routine: not selected, already answered, ...).
 _TOLD = frozenset({PlanReason.RUN_ENDED, PlanReason.STALE, PlanReason.SUPERSEDED, PlanReason.EXPIRED})
 _DETAIL_MAX = 500  # DeviceStatus.detail
+
+
+#: Devices of one process that connect at the same time on a shared network loop (connect_all).
+CONNECT_CONCURRENCY = 16
 
 
 class DeviceRefusal(FedmqttError):
@@ -152,6 +157,7 @@ class VirtualDevice:
             subscriptions=[(topics.plan, 1), (topics.status, 1), (topics.device_status(self.device_id), 1)],
             on_connected=self._on_connected,
             on_disconnected=self._on_disconnected,
+            network_loop=self.runtime.network_loop,
         )
         self.conn.connect(timeout=timeout)
 
@@ -286,8 +292,13 @@ class DeviceRuntime:
         threads: int | None = None,
         train_seed: int | None = None,
         clock: Callable[[], float] = time.time,
+        shared_loop: bool | None = None,
     ) -> None:
         self.options = options
+        # One network thread for all virtual devices (fedmqtt.mqtt.NetworkLoop, epoll: no 250-client cap) instead of
+        # paho's thread per client; None: shared when the process hosts more than one device. Made in connect_all.
+        self.shared_loop = shared_loop
+        self.network_loop: NetworkLoop | None = None
         self.topics = Topics(job=options.job, prefix=options.prefix)
         self.inbox: queue.Queue[_Inbound] = queue.Queue()
         self.devices: list[VirtualDevice] = []
@@ -321,9 +332,16 @@ class DeviceRuntime:
 
     def connect_all(self, timeout: float = 30.0, attempts: int = 3) -> None:
         """Connect every device; a broker that is slow to answer (a loaded embedded broker, say) gets
-        ``attempts`` tries per device. A refused login or a TLS error is final at once."""
-        for device in self.devices:
+        ``attempts`` tries per device. A refused login or a TLS error is final at once. With a shared network loop
+        the devices connect :data:`CONNECT_CONCURRENCY` at a time (each waits for its CONNACK and SUBACK)."""
+        shared = self.shared_loop if self.shared_loop is not None else len(self.devices) > 1
+        if shared and self.network_loop is None:
+            self.network_loop = NetworkLoop(name="fedmqtt-devices-netloop")
+
+        def connect(device: VirtualDevice) -> None:
             for attempt in range(1, attempts + 1):
+                if self._stop.is_set():  # stopped (a signal) while the others connected
+                    return
                 try:
                     device.connect(timeout)
                     break
@@ -337,12 +355,30 @@ class DeviceRuntime:
                         raise
                     log.warning("%s: %s; trying again (%d/%d)", device.device_id, exc, attempt + 1, attempts)
 
+        if self.network_loop is None or len(self.devices) < 2:
+            for device in self.devices:
+                connect(device)
+            return
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+        with ThreadPoolExecutor(CONNECT_CONCURRENCY, thread_name_prefix="fedmqtt-connect") as pool:
+            futures = [pool.submit(connect, device) for device in self.devices]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in done if f.exception() is not None), None)
+            if failed is not None:
+                for future in futures:
+                    future.cancel()
+                failed.result()  # raises the first failure
+
     def stop(self) -> None:
         self._stop.set()
 
     def close(self) -> None:
         for device in self.devices:
             device.close()
+        if self.network_loop is not None:
+            self.network_loop.stop()
+            self.network_loop = None
 
     # --------------------------------------------------------------------- worker loop
 
