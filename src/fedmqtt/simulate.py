@@ -299,7 +299,7 @@ def mosquitto_sub_line(connection: BrokerSettings, topics: Topics) -> str:
         argv += ["-u", url.username]
     if url.tls:
         argv += ["--cafile", str(connection.tls_ca)] if connection.tls_ca else ["--capath", "/etc/ssl/certs"]
-    argv += ["-v", "-t", topics.everything_filter, "-T", topics.model, "-T", topics.updates_filter]
+    argv += ["-v", "-t", topics.everything_filter, "-T", topics.model, "-T", topics.delta, "-T", topics.updates_filter]
     line = shlex.join(argv)
     return line + ' -P "$FEDMQTT_PASSWORD"' if url.password is not None else line
 

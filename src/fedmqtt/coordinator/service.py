@@ -24,6 +24,7 @@ import numpy as np
 from fedmqtt import arrays as A
 from fedmqtt.codecs import decode_frame, encode_frame, model_hash, peek_header
 from fedmqtt.codecs import errors as codec_errors
+from fedmqtt.codecs.downlink import DownlinkTracker, arrays_digest, full_model_codec, sends_deltas
 from fedmqtt.coordinator import machine as M
 from fedmqtt.coordinator import numeric
 from fedmqtt.coordinator.aggregation import Strategy, build_strategy
@@ -44,6 +45,7 @@ from fedmqtt.schema import (
     CodecSpec,
     CoordinatorPresence,
     DeviceStatus,
+    DownlinkPath,
     Event,
     EventType,
     FrameHeader,
@@ -138,7 +140,9 @@ class _RoundBook:
     attempt: int
     opened_at: float
     bytes_up: int = 0
-    bytes_down: int = 0
+    bytes_down: int = 0  # bytes_down_delta + bytes_down_full
+    bytes_down_delta: int = 0
+    bytes_down_full: int = 0
 
 
 class CoordinatorService:
@@ -186,6 +190,11 @@ class CoordinatorService:
         self.model_frame: bytes = b""
         self.model_hash: str = ""
         self.model_round = 0  # the round the current global model opens
+        # A compressed downlink (--downlink float16, int8, topk...): the model devices hold (x_hat), its digest
+        # for the plan, and the retained delta frame that led to it (fedmqtt.codecs.downlink).
+        self._downlink: DownlinkTracker | None = None
+        self.model_digest: str | None = None
+        self.delta_frame: bytes = b""
         self.metrics: Metrics | None = None
         self.history: list[dict[str, Any]] = []
         self.book: _RoundBook | None = None
@@ -525,7 +534,7 @@ class CoordinatorService:
                     f"job {self.config.job!r} already reached round {old.round} on the broker; resuming would move "
                     "the job backwards: resume from the newer checkpoint"
                 )
-            self._publish_global_model()
+            self._publish_global_model(advance=False)  # the very model (and delta) the checkpointed plan names
             if self.machine.done:
                 self._end_resumed_job()
                 return
@@ -727,6 +736,7 @@ class CoordinatorService:
             self._unclipped += 1
         if self.book is not None:
             self.book.bytes_up += len(payload)
+            self._count_down(frame.header.downlink)
         progress.accepted = True
         self._execute(self.machine.accept_update(device, header, received_at if received_at is not None else now))
 
@@ -791,7 +801,7 @@ class CoordinatorService:
         if self.model_round != a.round:
             self.model_round = a.round
             self._publish_global_model()
-        self.book.bytes_down = len(self.model_frame) * len(a.selected)
+        # Bytes down are counted per path as the selected devices' updates arrive (_count_down).
         self.plan = self._make_plan(a)
         self._publish(self.topics.plan, to_json(self.plan), retain=True)
         self._event(
@@ -820,6 +830,7 @@ class CoordinatorService:
             uplink=self.codec,
             model_name=c.model,
             model_hash=self.model_hash,
+            model_digest=self.model_digest,
             dp=self.privacy.plan() if self.privacy is not None else None,
             trainable=c.trainable,
             run_id=self.run_id,
@@ -878,6 +889,8 @@ class CoordinatorService:
             refused={RefusalReason(k): v for k, v in a.refused.items()},
             bytes_up=book.bytes_up,
             bytes_down=book.bytes_down,
+            bytes_down_delta=book.bytes_down_delta,
+            bytes_down_full=book.bytes_down_full,
             opened_at=a.opened_at,
             closed_at=closed,
             seconds=max(0.0, closed - a.opened_at),
@@ -984,19 +997,55 @@ class CoordinatorService:
         event = Event(job=self.config.job, type=type_, ts=self.clock(), run_id=self.run_id, **fields)
         self._publish(self.topics.events, to_json(event), qos=0)
 
-    def _publish_global_model(self) -> None:
+    def _publish_global_model(self, *, advance: bool = True) -> None:
+        """Publish the model of ``model_round`` (retained). With a compressed downlink, first the delta frame
+        that moves the devices' model (x_hat) towards the global model, then x_hat whole and lossless for devices
+        that lack the base. ``advance=False`` (a resume) republishes the checkpointed x_hat and delta as they were."""
+        codec = self.config.downlink_codec
+        held: A.ModelArrays = self.global_arrays
+        if sends_deltas(codec):
+            tracker = self._downlink
+            if tracker is None:
+                # The first model goes out whole; no delta leads to it (a stale one of an earlier run is cleared).
+                tracker = self._downlink = DownlinkTracker(codec, self.global_arrays)
+                self.delta_frame = b""
+                self._publish(self.topics.delta, b"", retain=True)
+            elif advance:
+                self.delta_frame = tracker.delta_frame(
+                    self.global_arrays,
+                    job=self.config.job,
+                    round=self.model_round,
+                    sender=COORDINATOR_ID,
+                    base_model_hash=self.model_hash,
+                    model_name=self.config.model,
+                    run_id=self.run_id,
+                )
+            held = tracker.held
         self.model_frame = encode_frame(
-            self.global_arrays,
+            held,
             kind=FrameKind.GLOBAL_MODEL,
             job=self.config.job,
             round=self.model_round,
             sender=COORDINATOR_ID,
-            codec=self.config.downlink_codec,
+            codec=full_model_codec(codec),
             model_name=self.config.model,
             run_id=self.run_id,
         )
         self.model_hash = model_hash(self.model_frame)
+        self.model_digest = arrays_digest(held) if self._downlink is not None else None
         self._publish(self.topics.model, self.model_frame, retain=True)
+        if self.delta_frame:
+            self._publish(self.topics.delta, self.delta_frame, retain=True)
+
+    def _count_down(self, path: DownlinkPath | None) -> None:
+        """Bytes down of one accepted update, by the path its device says it took (none said: the full model)."""
+        if self.book is None or path is DownlinkPath.HELD:
+            return
+        if path in (DownlinkPath.DELTA, DownlinkPath.DELTA_THEN_FULL):
+            self.book.bytes_down_delta += len(self.delta_frame)
+        if path is not DownlinkPath.DELTA:
+            self.book.bytes_down_full += len(self.model_frame)
+        self.book.bytes_down = self.book.bytes_down_delta + self.book.bytes_down_full
 
     def status(self, phase: Phase | None = None) -> Status:
         snap = self.machine.snapshot(self.clock())
@@ -1070,6 +1119,9 @@ class CoordinatorService:
             "model": self.config.model,
             "model_round": self.model_round,
             "global": dict(self.global_arrays),
+            "downlink": None
+            if self._downlink is None
+            else {**self._downlink.state_dict(), "delta_frame": np.frombuffer(self.delta_frame, dtype=np.uint8)},
             "strategy": self.strategy.state_dict(),
             "machine": self.machine.state_dict(),
             **privacy,
@@ -1091,6 +1143,13 @@ class CoordinatorService:
             )
         self.global_arrays = {k: np.asarray(v, dtype=np.float32) for k, v in state["global"].items()}
         self.model_round = int(state["model_round"])
+        downlink = state.get("downlink")
+        if downlink is not None and sends_deltas(self.config.downlink_codec):
+            self._downlink = DownlinkTracker.from_state_dict(self.config.downlink_codec, downlink)
+            self.delta_frame = bytes(np.asarray(downlink["delta_frame"], dtype=np.uint8))
+        elif sends_deltas(self.config.downlink_codec):
+            # A checkpoint of a job that sent whole models: the devices hold the global model itself.
+            self._downlink = DownlinkTracker(self.config.downlink_codec, self.global_arrays)
         self.strategy.load_state_dict(state["strategy"])
         self.machine = M.RoundMachine.from_state_dict(self._round_config(), state["machine"])
         if self.privacy is not None:

@@ -26,6 +26,7 @@ from fedmqtt import arrays as A
 from fedmqtt.checkpoint import load_state, save_state, write_atomic
 from fedmqtt.codecs import ErrorFeedback, decode_frame, encode_frame, model_hash
 from fedmqtt.codecs import errors as codec_errors
+from fedmqtt.codecs.downlink import apply_delta_frame
 from fedmqtt.device.screening import (
     DeviceScreen,
     PlanReason,
@@ -49,6 +50,7 @@ from fedmqtt.mqtt import (
 from fedmqtt.schema import (
     DeviceState,
     DeviceStatus,
+    DownlinkPath,
     DPAnnouncement,
     DPMode,
     FrameKind,
@@ -67,6 +69,8 @@ log = logging.getLogger("fedmqtt.device")
 # Plan screenings worth a log line at INFO (the others are routine: not selected, already answered, ...).
 _TOLD = frozenset({PlanReason.RUN_ENDED, PlanReason.STALE, PlanReason.SUPERSEDED, PlanReason.EXPIRED})
 _DETAIL_MAX = 500  # DeviceStatus.detail
+# How long a device waits for the retained delta frame after subscribing before it fetches the full model.
+DELTA_WAIT_SECONDS = 5.0
 
 
 #: Devices of one process that connect at the same time on a shared network loop (connect_all).
@@ -187,8 +191,8 @@ class VirtualDevice:
             with self._lock:
                 self.pending.append(item)
             self.runtime.inbox.put(item)
-        elif topic == topics.model:
-            self.model_frames.put(payload)
+        elif topic == topics.model or topic == topics.delta:
+            self.model_frames.put(payload)  # one of the two at a time (DeviceRuntime.obtain_global)
         elif topic == topics.device_status(self.device_id) and payload:
             try:
                 status = from_json(DeviceStatus, payload)
@@ -505,16 +509,90 @@ class DeviceRuntime:
         return self._models[name]
 
     def fetch_global(self, device: VirtualDevice, plan: Plan) -> A.ModelArrays:
-        """Subscribe to the retained model, take the frame whose hash the plan names, unsubscribe."""
-        if self._cached_global is not None and self._cached_global[0] == plan.model_hash:
-            return self._cached_global[1]
-        from fedmqtt.models import model_manifest
+        """The global model the plan names (see :meth:`obtain_global`)."""
+        return self.obtain_global(device, plan)[0]
 
-        assert device.conn is not None
-        manifest = model_manifest(plan.model_name)
+    def obtain_global(self, device: VirtualDevice, plan: Plan) -> tuple[A.ModelArrays, DownlinkPath]:
+        """The global model the plan names, and how it came: the process already holds it (the last model it
+        trained on, or another virtual device fetched it); else, when the plan names a digest (a compressed
+        downlink), the retained delta frame applied to the held model; else, or when the delta does not apply,
+        the retained full model."""
+        held = self._cached_global
+        if held is not None and held[0] == plan.model_hash:
+            return held[1], DownlinkPath.HELD
+        path = DownlinkPath.FULL
+        if held is not None and plan.model_digest is not None:
+            arrays, received = self._fetch_delta(device, plan, held)
+            if arrays is not None:
+                self._cached_global = (plan.model_hash, arrays)
+                return arrays, DownlinkPath.DELTA
+            if received:
+                path = DownlinkPath.DELTA_THEN_FULL
+        return self._fetch_full(device, plan), path
+
+    def _take_frames(self, device: VirtualDevice, topic: str) -> None:
         while not device.model_frames.empty():
             device.model_frames.get_nowait()
-        device.conn.subscribe(self.topics.model, 1)
+        assert device.conn is not None
+        device.conn.subscribe(topic, 1)
+
+    def _fetch_delta(
+        self, device: VirtualDevice, plan: Plan, held: tuple[str, A.ModelArrays]
+    ) -> tuple[A.ModelArrays | None, bool]:
+        """Subscribe to the retained delta, apply it to the held model and check the result against the plan's
+        digest; unsubscribe. Returns (the model or None, whether a delta frame arrived)."""
+        from fedmqtt.models import model_manifest
+
+        assert plan.model_digest is not None
+        manifest = model_manifest(plan.model_name)
+        self._take_frames(device, self.topics.delta)
+        try:
+            until = min(plan.deadline, self.clock() + DELTA_WAIT_SECONDS)
+            while True:
+                remaining = until - self.clock()
+                if remaining <= 0:
+                    log.info("%s: no delta for round %d came; fetching the full model", device.device_id, plan.round)
+                    return None, False
+                if self._stop.is_set():
+                    raise _Abandoned("the device is stopping")
+                self._check_wanted(device, plan)
+                try:
+                    frame = device.model_frames.get(timeout=min(remaining, 1.0))
+                except queue.Empty:
+                    continue
+                if not frame:
+                    return None, False  # no delta leads to this model (the first one of a run)
+                try:
+                    arrays = apply_delta_frame(
+                        frame,
+                        held=held[1],
+                        held_hash=held[0],
+                        job=plan.job,
+                        round=plan.round,
+                        run_id=plan.run_id,
+                        digest=plan.model_digest,
+                        manifest=manifest,
+                    )
+                except codec_errors.DeltaBaseMismatch as exc:  # it missed a round: routine
+                    log.info("%s: %s; fetching the full model", device.device_id, exc)
+                    return None, True
+                except codec_errors.FrameError as exc:
+                    log.warning(
+                        "%s: refused the delta frame for round %d: %s; fetching the full model",
+                        device.device_id, plan.round, exc,
+                    )  # fmt: skip
+                    return None, True
+                return arrays, True
+        finally:
+            if device.conn is not None:
+                device.conn.unsubscribe(self.topics.delta)
+
+    def _fetch_full(self, device: VirtualDevice, plan: Plan) -> A.ModelArrays:
+        """Subscribe to the retained model, take the frame whose hash the plan names, unsubscribe."""
+        from fedmqtt.models import model_manifest
+
+        manifest = model_manifest(plan.model_name)
+        self._take_frames(device, self.topics.model)
         try:
             while True:
                 remaining = plan.deadline - self.clock()
@@ -550,7 +628,7 @@ class DeviceRuntime:
         # Screening (device.screening) has checked the job, selection, deadline, model name and privacy budget.
         dp = plan.dp if plan.dp is not None and plan.dp.mode is not DPMode.OFF else None
         model = self._model(plan.model_name)
-        global_arrays = self.fetch_global(device, plan)
+        global_arrays, downlink = self.obtain_global(device, plan)
         device.publish_status("training", round_number=plan.round, run_id=plan.run_id)
         set_arrays(model, global_arrays)
         result = train_local(
@@ -594,6 +672,7 @@ class DeviceRuntime:
             base_model_hash=plan.model_hash,
             model_name=plan.model_name,
             dp=announcement,
+            downlink=downlink,
             feedback=feedback,
         )
         if dp is not None and device.ledger is not None:
