@@ -172,7 +172,7 @@ def test_a_selected_device_that_dies_stops_being_waited_for(
         job.devices.send("d1", job.frame(1, "d1"))
         job.view.wait_event(EventType.UPDATE_ACCEPTED, device="d1")
         doomed.send_signal(signal.SIGKILL)  # no DISCONNECT: the broker publishes the last will
-        job.view.wait_event(EventType.DEVICE_OFFLINE, device="d2")
+        job.view.wait_event(EventType.DEVICES_OFFLINE, devices=("d2",))  # presence events are batched
         summary = job.view.wait_summary(1)
     finally:
         if doomed.poll() is None:

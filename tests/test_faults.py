@@ -604,7 +604,7 @@ def test_a_last_will_shrinks_the_round(mosquitto_broker: Any, make_job: Callable
         job.devices.send("d1", job.frame(1, "d1"))
         job.view.wait_event(EventType.UPDATE_ACCEPTED, device="d1")
         doomed.send_signal(signal.SIGKILL)
-        job.view.wait_event(EventType.DEVICE_OFFLINE, device="d2")
+        job.view.wait_event(EventType.DEVICES_OFFLINE, devices=("d2",))  # presence events are batched
         summary = job.view.wait_summary(1)
     finally:
         if doomed.poll() is None:

@@ -403,6 +403,12 @@ class EventType(StrEnum):
     ROUND_CLOSED = "round_closed"
     ROUND_FAILED = "round_failed"
     MODEL_PUBLISHED = "model_published"
+    # Presence, batched (fedmqtt.coordinator.presence.PresenceBatch): devices that came online / went offline since
+    # the last such event, at most one of each per second; ``count`` says how many, ``devices`` names the first ones.
+    DEVICES_ONLINE = "devices_online"
+    DEVICES_OFFLINE = "devices_offline"
+    # One event per device: no longer published (a fleet of n devices made n events); kept so that a watcher still
+    # reads the events of an older coordinator.
     DEVICE_ONLINE = "device_online"
     DEVICE_OFFLINE = "device_offline"
     JOB_FINISHED = "job_finished"
@@ -411,6 +417,9 @@ class EventType(StrEnum):
     DEVICE_DECLINED = "device_declined"
     COORDINATOR_CONFLICT = "coordinator_conflict"
     RUN_STARTED = "run_started"
+
+
+EVENT_DEVICES_MAX = 50  # device ids one batched presence event names
 
 
 class Event(_Strict):
@@ -426,6 +435,9 @@ class Event(_Strict):
     reason: RefusalReason | None = None
     detail: Annotated[str, Field(max_length=2000)] = ""
     run_id: Token | None = None
+    # devices_online / devices_offline: how many devices, and the first of them (at most EVENT_DEVICES_MAX).
+    count: NonNegInt | None = None
+    devices: Annotated[tuple[Identifier, ...], Field(max_length=EVENT_DEVICES_MAX)] = ()
 
 
 class RoundSummary(_Strict):

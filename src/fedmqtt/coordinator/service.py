@@ -31,7 +31,7 @@ from fedmqtt.coordinator.aggregation import Strategy, build_strategy
 from fedmqtt.coordinator.config import CoordinatorConfig
 from fedmqtt.coordinator.durability import CHECKPOINT_FILE, QUARANTINE_DIR, REPLAY_MARKER, SPOOL_DIR, Durability
 from fedmqtt.coordinator.errors import AggregationError, CoordinatorConflict
-from fedmqtt.coordinator.presence import InstanceTracker, live_rival
+from fedmqtt.coordinator.presence import InstanceTracker, PresenceBatch, live_rival
 from fedmqtt.errors import ConfigError, FedmqttError
 from fedmqtt.mqtt import (
     ClientSettings,
@@ -91,6 +91,17 @@ _FRAME_ERROR_REASONS: dict[type[Exception], RefusalReason] = {
     codec_errors.ManifestMismatch: RefusalReason.MANIFEST_MISMATCH,
     codec_errors.NonFiniteValues: RefusalReason.NON_FINITE,
 }
+
+
+# What a device's status alone leads to (batched: see _execute_presence), and the actions whose events must follow
+# the presence changes before them.
+_PRESENCE_ACTIONS = (M.DeviceOnline, M.DeviceOffline, M.StatusChanged)
+_ROUND_ACTIONS = (M.OpenRound, M.CloseRound, M.RoundFailed, M.JobFinished, M.JobStopped)
+
+
+def _presence_detail(count: int, devices: tuple[str, ...], shown: int = 5) -> str:
+    listed = ", ".join(devices[:shown])
+    return f"{count} device{'s' if count != 1 else ''}: {listed}" + (" ..." if count > shown else "")
 
 
 def _refusal_reason(exc: Exception) -> RefusalReason:
@@ -210,6 +221,7 @@ class CoordinatorService:
         self.taken_over_by: str | None = None
         self._link = _Link()
         self._instances = InstanceTracker()
+        self._presence_batch = PresenceBatch()  # presence transitions not yet published (batched events)
         self._tainted: str | None = None  # why the open attempt's accumulator cannot be trusted
         # (round, strategy state before the step) of the last attempt whose aggregate was not finite
         self._failed_state: tuple[int, dict[str, Any]] | None = None
@@ -341,6 +353,7 @@ class CoordinatorService:
                 if self.exit_code is None:
                     hold = self._holding_deadline() or self._backlog_before_deadline()
                     self._execute(self.machine.tick(self.clock(), hold_deadline=hold))
+                    self._flush_presence()
                     self._maybe_publish_status(force=False)
             return self.exit_code
         finally:
@@ -602,7 +615,7 @@ class CoordinatorService:
         now = self.clock()
         grace = self._grace_until(item.received_at)
         if not item.payload:  # a cleared retained status
-            self._execute(self.machine.device_status(device, "offline", now, grace_until=grace))
+            self._execute_presence(self.machine.device_status(device, "offline", now, grace_until=grace))
             return
         try:
             status = from_json(DeviceStatus, item.payload)
@@ -623,7 +636,36 @@ class CoordinatorService:
             )
         if status.detail and status.detail.startswith("declined"):
             self._event(EventType.DEVICE_DECLINED, device=device, round=status.round, detail=status.detail)
-        self._execute(self.machine.device_status(device, status.state, now, grace_until=grace))
+        self._execute_presence(self.machine.device_status(device, status.state, now, grace_until=grace))
+
+    def _execute_presence(self, actions: list[M.Action]) -> None:
+        """Carry out what a device's status led to. A change of presence alone publishes nothing now: the status
+        heartbeat (once a second) carries ``devices_online``, :meth:`_flush_presence` the batched events. What
+        else it led to (a round opens, or closes without the device) is carried out at once."""
+        if all(isinstance(a, _PRESENCE_ACTIONS) for a in actions):
+            actions = [a for a in actions if not isinstance(a, M.StatusChanged)]
+        self._execute(actions)
+
+    def _flush_presence(self, *, at_once: bool = False) -> None:
+        """Publish the presence changes batched since the last call that published them: at most one
+        ``devices_online`` and one ``devices_offline`` event per PRESENCE_BATCH_SECONDS (``at_once``: now, so that
+        a round's events follow the arrivals that opened it)."""
+        batch = self._presence_batch
+        now = self.clock()
+        if self.exit_code is not None or not batch.pending or not (at_once or batch.due(now)):
+            return
+        report = batch.take(now)
+        for type_, count, devices in (
+            (EventType.DEVICES_ONLINE, report.online_count, report.online),
+            (EventType.DEVICES_OFFLINE, report.offline_count, report.offline),
+        ):
+            if count:
+                self._event(type_, count=count, devices=devices, detail=_presence_detail(count, devices))
+        if report.transitions > report.online_count + report.offline_count:
+            log.info(
+                "presence: %d status changes; net %d came online, %d went offline (the others came and went)",
+                report.transitions, report.online_count, report.offline_count,
+            )  # fmt: skip
 
     def _internal_error(self, item: _Inbound, exc: Exception) -> None:
         summary = f"{type(exc).__name__}: {exc}"
@@ -753,6 +795,8 @@ class CoordinatorService:
         for action in actions:
             if self.exit_code is not None:
                 return  # the job ended (e.g. stopped by the privacy budget): the rest of the batch is void
+            if isinstance(action, _ROUND_ACTIONS):
+                self._flush_presence(at_once=True)  # the arrivals that opened (or ended) a round come first
             match action:
                 case M.OpenRound():
                     self._open_round(action)
@@ -785,9 +829,9 @@ class CoordinatorService:
                     self._event(EventType.JOB_STOPPED, detail=action.reason)
                     self._finish(self._exit_code(action.cause))
                 case M.DeviceOnline():
-                    self._event(EventType.DEVICE_ONLINE, device=action.device)
+                    self._presence_batch.add(action.device, online=True)
                 case M.DeviceOffline():
-                    self._event(EventType.DEVICE_OFFLINE, device=action.device)
+                    self._presence_batch.add(action.device, online=False)
                 case M.StatusChanged():
                     self._maybe_publish_status(force=True)
                 case _:
