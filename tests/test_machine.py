@@ -29,6 +29,7 @@ from fedmqtt.coordinator.machine import (
     Screening,
     Stage,
     StatusChanged,
+    StopCause,
     UpdateAccepted,
     UpdateRefused,
     Verdict,
@@ -444,6 +445,7 @@ EVENTS: dict[EventName, Callable[[RoundMachine], list[Action]]] = {
     EventName.AGGREGATION_DONE: lambda m: m.aggregation_done(m.round, 5.0),
     EventName.AGGREGATION_FAILED: lambda m: m.aggregation_failed(m.round, "non-finite", 5.0),
     EventName.STOP: lambda m: m.stop("why", 5.0),
+    EventName.TARGET_REACHED: lambda m: m.target_reached("target accuracy 0.5 reached: 0.6 after round 1", 5.0),
 }
 
 
@@ -816,3 +818,52 @@ def test_failed_aggregation_retries_the_round_then_stops() -> None:
     actions = machine.aggregation_failed(1, "again", 4.0)
     assert machine.stage is Stage.STOPPED
     assert "aggregation failed: again" in (machine.end_reason or "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# pipelined evaluation: --target-accuracy judged while the next round already runs
+# ---------------------------------------------------------------------------------------------------
+
+REACHED = "target accuracy 0.9 reached: 0.9125 after round 1"
+
+
+def test_target_reached_while_the_next_round_trains_stops_the_job_and_drops_its_updates() -> None:
+    machine = training_machine(devices=2, min_updates=2, rounds=3)
+    accept(machine, "d0", 1.0)
+    accept(machine, "d1", 1.0)
+    machine.aggregation_done(1, 2.0)  # round 1's accuracy is not known yet: round 2 opens
+    accept(machine, "d0", 3.0)
+    assert machine.phase is Phase.TRAINING and machine.round == 2
+    actions = machine.target_reached(REACHED, 4.0)
+    assert actions == [JobStopped(REACHED, StopCause.TARGET_ACCURACY), StatusChanged()]
+    assert machine.phase is Phase.STOPPED and machine.round == 2 and machine.end_reason == REACHED
+    assert machine.end_cause is StopCause.TARGET_ACCURACY and machine.deadline is None
+    restored = RoundMachine.from_state_dict(machine.config, json.loads(json.dumps(machine.state_dict())))
+    assert restored.end_cause is StopCause.TARGET_ACCURACY and restored.done
+
+
+def test_target_reached_while_waiting_for_devices_stops_the_job() -> None:
+    machine = training_machine(devices=2, min_updates=2, rounds=3)
+    accept(machine, "d0", 1.0)
+    accept(machine, "d1", 1.0)
+    machine.device_status("d1", "offline", 1.5)
+    machine.aggregation_done(1, 2.0)
+    assert machine.phase is Phase.WAITING
+    (stopped, _) = machine.target_reached(REACHED, 3.0)
+    assert stopped == JobStopped(REACHED, StopCause.TARGET_ACCURACY) and machine.phase is Phase.STOPPED
+
+
+def test_target_reached_after_the_job_ended_changes_nothing() -> None:
+    for stage in (Stage.FINISHED, Stage.STOPPED):
+        machine = machine_in(stage)
+        before = machine.state_dict()
+        assert machine.target_reached(REACHED, 9.0) == []
+        assert machine.stage is stage and machine.state_dict() == before
+
+
+def test_target_reached_during_aggregation_is_illegal_it_goes_to_aggregation_done() -> None:
+    machine = machine_in(Stage.AGGREGATING)
+    before = machine.state_dict()
+    with pytest.raises(IllegalEvent, match="target_reached"):
+        machine.target_reached(REACHED, 2.0)
+    assert machine.state_dict() == before

@@ -417,6 +417,7 @@ class EventType(StrEnum):
     DEVICE_DECLINED = "device_declined"
     COORDINATOR_CONFLICT = "coordinator_conflict"
     RUN_STARTED = "run_started"
+    ROUND_EVALUATED = "round_evaluated"  # a closed round's model was evaluated (or its evaluation failed)
 
 
 EVENT_DEVICES_MAX = 50  # device ids one batched presence event names
@@ -464,6 +465,11 @@ class RoundSummary(_Strict):
     loss: NonNegFloat | None = None
     epsilon: NonNegFloat | None = None
     run_id: Token | None = None
+    # Which model accuracy and loss belong to: the sha256 of the global model frame published when this round
+    # closed (the plan of the next round names the same hash; accuracy and loss are those of the round's
+    # aggregate). None until the evaluation arrives (it runs while the next round trains, and the summary is
+    # published again with it), without --eval-data, and when the evaluation failed.
+    evaluated_model: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
 class PrivacyLedger(_Strict):

@@ -439,6 +439,13 @@ def describe_changes(old: WatchState, new: WatchState, *, devices: bool = True) 
     if new.run_id is not None and old.run_id is not None and new.run_id != old.run_id:
         lines.append(f"new run {new.run_id}: the view starts over")
     lines += [describe_round(new.rounds[n]) for n in sorted(set(new.rounds) - set(old.rounds))]
+    # Pipelined rounds: a closed round's accuracy arrives later, in its summary published again.
+    lines += [
+        f"round {n} evaluated: accuracy {_fmt_opt(new.rounds[n].accuracy, '.4f')}, "
+        f"loss {_fmt_opt(new.rounds[n].loss, '.4f')}"
+        for n in sorted(set(new.rounds) & set(old.rounds))
+        if new.rounds[n].evaluated_model is not None and old.rounds[n].evaluated_model is None
+    ]
     o, n = old.status, new.status
     if n is not None and (o is None or (o.phase, o.round, o.attempt) != (n.phase, n.round, n.attempt)):
         if n.phase.value == "training":

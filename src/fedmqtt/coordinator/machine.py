@@ -17,6 +17,7 @@ Lifecycle (one job)::
     NEW, WAITING, TRAINING, AGGREGATING --stop(reason)--> STOPPED
     NEW, WAITING, AGGREGATING --the next round would exceed the round budget (privacy)--> STOPPED
     AGGREGATING --aggregation_done(target_reached=...) before the last round (target accuracy)--> STOPPED
+    WAITING, TRAINING --target_reached (an earlier round's model, evaluated while this round runs)--> STOPPED
 
 A stop says why (:class:`StopCause`): the privacy budget and the target accuracy are rules of the job, a round
 that failed too often is a failure; the adapter derives its exit code from the cause. A stop asked for by a signal (``StopCause.SIGNAL``:
@@ -342,6 +343,7 @@ class EventName(StrEnum):
     TICK = "tick"
     AGGREGATION_DONE = "aggregation_done"
     AGGREGATION_FAILED = "aggregation_failed"
+    TARGET_REACHED = "target_reached"
     STOP = "stop"
 
 
@@ -373,6 +375,13 @@ TRANSITIONS: dict[tuple[Stage, EventName], frozenset[Stage]] = {
     # fails like a deadline without quorum: retried, or the job stops after max_attempts.
     (_S.AGGREGATING, _E.AGGREGATION_FAILED): frozenset({_S.WAITING, _S.TRAINING, _S.STOPPED, _S.FINISHED}),
     (_S.AGGREGATING, _E.STOP): frozenset({_S.STOPPED}),
+    # Pipelined evaluation: the model of a closed round reached --target-accuracy while the next round waits or
+    # trains; the job stops there. In AGGREGATING the adapter passes it to aggregation_done instead; after the
+    # end of the job it changes nothing.
+    (_S.WAITING, _E.TARGET_REACHED): frozenset({_S.STOPPED}),
+    (_S.TRAINING, _E.TARGET_REACHED): frozenset({_S.STOPPED}),
+    (_S.FINISHED, _E.TARGET_REACHED): frozenset({_S.FINISHED}),
+    (_S.STOPPED, _E.TARGET_REACHED): frozenset({_S.STOPPED}),
     **{(_S.AGGREGATING, e): frozenset({_S.AGGREGATING}) for e in _QUIET},
     **{(_S.FINISHED, e): frozenset({_S.FINISHED}) for e in _QUIET},
     **{(_S.STOPPED, e): frozenset({_S.STOPPED}) for e in _QUIET},
@@ -727,6 +736,18 @@ class RoundMachine:
                 f"round {round} finished aggregating, but round {self._round} is the one closed",
             )
         return self._run(EventName.AGGREGATION_DONE, lambda actions: self._next_round(now, actions, target_reached))
+
+    def target_reached(self, reason: str, now: float) -> list[Action]:
+        """The model of an already closed round met --target-accuracy, judged when its evaluation arrived (the
+        adapter evaluates off the critical path, so the next round may already wait or train): stop the job with
+        ``JobStopped(reason, StopCause.TARGET_ACCURACY)``; the open round's updates are dropped. After the job
+        ended it changes nothing; while a round is being aggregated, pass it to :meth:`aggregation_done`."""
+
+        def handle(actions: list[Action]) -> None:
+            if self._stage in (Stage.WAITING, Stage.TRAINING):
+                self._stop(reason, actions, StopCause.TARGET_ACCURACY)
+
+        return self._run(EventName.TARGET_REACHED, handle)
 
     def _offline_handler(self, device: str, now: float) -> Callable[[list[Action]], None]:
         return lambda actions: self._on_device_status(device, "offline", now, actions)

@@ -31,6 +31,7 @@ from fedmqtt.coordinator.aggregation import Strategy, build_strategy
 from fedmqtt.coordinator.config import CoordinatorConfig
 from fedmqtt.coordinator.durability import CHECKPOINT_FILE, QUARANTINE_DIR, REPLAY_MARKER, SPOOL_DIR, Durability
 from fedmqtt.coordinator.errors import AggregationError, CoordinatorConflict
+from fedmqtt.coordinator.evaluation import Evaluation, Evaluator, model_evaluation, unevaluated
 from fedmqtt.coordinator.presence import InstanceTracker, PresenceBatch, live_rival
 from fedmqtt.errors import ConfigError, FedmqttError
 from fedmqtt.mqtt import (
@@ -197,6 +198,11 @@ class CoordinatorService:
         self._eval_set = self._load_eval_set()
         if config.target_accuracy is not None and self._eval_set is None:
             raise ConfigError("--target-accuracy", "needs --eval-data: the accuracy is measured on its test split")
+        # Pipelined rounds: the model of a closed round is evaluated by a worker thread while the next round runs.
+        self._evaluator: Evaluator | None = None
+        if self._eval_set is not None:
+            self._evaluator = Evaluator(model_evaluation(config.model, self._eval_set))
+        self._target_pending: str | None = None  # reached while a round was being aggregated
 
         self.model_frame: bytes = b""
         self.model_hash: str = ""
@@ -348,6 +354,8 @@ class CoordinatorService:
                     next_item = None
                 if next_item is not None:
                     self._handle(next_item)
+                if self.exit_code is None:
+                    self._collect_evaluations()
                 if self.exit_code is None and self.stop_signal is not None:
                     self._stop_on_request()
                 if self.exit_code is None:
@@ -357,6 +365,8 @@ class CoordinatorService:
                     self._maybe_publish_status(force=False)
             return self.exit_code
         finally:
+            if self._evaluator is not None:
+                self._evaluator.close()
             conn.close()
             self._conn = None
 
@@ -548,6 +558,7 @@ class CoordinatorService:
                     "the job backwards: resume from the newer checkpoint"
                 )
             self._publish_global_model(advance=False)  # the very model (and delta) the checkpointed plan names
+            self._resume_evaluations()
             if self.machine.done:
                 self._end_resumed_job()
                 return
@@ -827,7 +838,7 @@ class CoordinatorService:
                     self._finish(0)
                 case M.JobStopped():
                     self._event(EventType.JOB_STOPPED, detail=action.reason)
-                    self._finish(self._exit_code(action.cause))
+                    self._finish(self._exit_code(action.cause), evaluations=not action.cause.resumable)
                 case M.DeviceOnline():
                     self._presence_batch.add(action.device, online=True)
                 case M.DeviceOffline():
@@ -892,7 +903,10 @@ class CoordinatorService:
             self.privacy.record_empty_draw()
             self._publish_privacy()
 
-    def _finish(self, code: int) -> None:
+    def _finish(self, code: int, *, evaluations: bool = True) -> None:
+        # The job ends once every evaluation is attached, so the last summary carries its accuracy. A pause
+        # (signal) does not wait: --resume evaluates the checkpoint's model again.
+        self._collect_evaluations(wait=evaluations)
         self._maybe_publish_status(force=True)
         self._publish(self.topics.coordinator, to_json(self._presence("stopped")), retain=True)
         self._checkpoint()
@@ -916,12 +930,15 @@ class CoordinatorService:
             return  # the attempt failed (reported); the machine retries the round or stops the job
         self.global_arrays = aggregate
         epsilon = self.privacy.record_round(count, self._unclipped) if self.privacy is not None else None
-        accuracy, loss = self._evaluate()
-        accuracy, loss = numeric.finite_or_none(accuracy), numeric.finite_or_none(loss)
-        self.metrics = Metrics(accuracy=accuracy, loss=loss) if accuracy is not None else self.metrics
+        # Pipelined rounds: this model is evaluated by the worker while the next round trains; its accuracy is
+        # attached to this summary (published again) when it arrives (_attach_evaluation).
+        accuracy: float | None = None
+        loss: float | None = None
         self.model_round = a.round + 1
         self._publish_global_model()
         closed = self.clock()
+        # Summaries stay in round order: the previous round's evaluation, if still running, is attached first.
+        self._collect_evaluations(wait=True)
         book = self.book or _RoundBook(a.round, a.attempt, a.opened_at)
         summary = RoundSummary(
             job=c.job,
@@ -950,26 +967,28 @@ class CoordinatorService:
             round=a.round,
             attempt=a.attempt,
             detail=f"closed by {a.closed_by} with {len(a.participants)} updates"
-            + (f"; accuracy {accuracy:.4f}" if accuracy is not None else "")
             + f"; aggregation {closed - started:.2f}s",
         )
         self._event(EventType.MODEL_PUBLISHED, round=a.round + 1, detail=f"model {self.model_hash[:12]}")
+        if self._evaluator is not None:
+            self._evaluator.submit(a.round, self.model_hash, self.global_arrays)
         self._publish_privacy()
         self._set_round_budget()  # out of budget: the machine stops the job instead of opening the next round
         if self.exit_code is None:
-            reached = self._target_reached(accuracy)
+            # An earlier round's model that reached --target-accuracy while this round was aggregated stops the job.
+            reached, self._target_pending = self._target_pending, None
             self._execute(self.machine.aggregation_done(a.round, self.clock(), target_reached=reached))
             self._checkpoint()
         # Only once a checkpoint records the round as closed may its spooled updates go: a crash before this
         # point resumes the open round from the previous checkpoint, and replaying the spool closes it again.
         self.files.clear_spool()
 
-    def _target_reached(self, accuracy: float | None) -> str | None:
-        """The stop reason when the round's model reached --target-accuracy (None: go on)."""
+    def _target_reached(self, accuracy: float | None, round_number: int) -> str | None:
+        """The stop reason when the model of round ``round_number`` reached --target-accuracy (None: go on)."""
         target = self.config.target_accuracy
         if target is None or accuracy is None or accuracy < target:
             return None
-        return f"target accuracy {target:g} reached: {accuracy:.4f} after round {self.machine.round}"
+        return f"target accuracy {target:g} reached: {accuracy:.4f} after round {round_number}"
 
     def _aggregate_checked(
         self, a: Any, denominator: float | None, noise: A.ModelArrays | None
@@ -1117,15 +1136,57 @@ class CoordinatorService:
 
     # ------------------------------------------------------------------------------------ evaluation
 
-    def _evaluate(self) -> tuple[float | None, float | None]:
-        if self._eval_set is None:
-            return None, None
-        from fedmqtt.models import set_arrays
-        from fedmqtt.training import evaluate
+    def _collect_evaluations(self, *, wait: bool = False) -> None:
+        """Attach the evaluations that are ready (``wait``: every one submitted) to their rounds' records."""
+        evaluator = self._evaluator
+        if evaluator is None or not evaluator.pending:
+            return
+        for result in evaluator.wait() if wait else evaluator.poll():
+            self._attach_evaluation(result)
 
-        set_arrays(self._model, self.global_arrays)
-        accuracy, loss = evaluate(self._model, self._eval_set)
-        return float(accuracy), float(loss)
+    def _attach_evaluation(self, result: Evaluation) -> None:
+        """Publish round ``result.round``'s summary again with its accuracy (every other field kept), update the
+        history and the status's last metrics, say ``round_evaluated``, judge --target-accuracy, checkpoint."""
+        if result.error is not None:
+            log.error("round %d: %s", result.round, result.detail)
+        index = next((i for i in range(len(self.history) - 1, -1, -1) if self.history[i]["round"] == result.round), None)
+        if index is None:
+            log.warning("round %d was evaluated but has no record; its accuracy is dropped", result.round)
+        else:
+            evaluated = result.model_hash if result.error is None else None
+            summary = RoundSummary.model_validate(
+                {**self.history[index], "accuracy": result.accuracy, "loss": result.loss, "evaluated_model": evaluated}
+            )
+            self.history[index] = summary.model_dump(mode="json")
+            self._publish(self.topics.round_summary(result.round), to_json(summary), retain=True)
+        if result.accuracy is not None:
+            self.metrics = Metrics(accuracy=result.accuracy, loss=result.loss)
+        self._event(EventType.ROUND_EVALUATED, round=result.round, detail=result.detail)
+        reason = self._target_reached(result.accuracy, result.round)
+        if reason is not None and self.machine.stage is M.Stage.AGGREGATING:
+            self._target_pending = reason  # _close_round passes it to aggregation_done
+        elif reason is not None and not self.machine.done:
+            self._execute(self.machine.target_reached(reason, self.clock()))  # the round after is open: stop
+        if self.exit_code is None:
+            self._maybe_publish_status(force=True)
+            if self.machine.stage is not M.Stage.AGGREGATING:  # _close_round checkpoints once the round is closed
+                self._checkpoint()
+
+    def _resume_evaluations(self) -> None:
+        """After a restart: evaluate the checkpoint's model if its round lacks an accuracy; earlier rounds that lack
+        one keep None (a checkpoint holds only the latest model)."""
+        if self._evaluator is None:
+            return
+        current, lost = unevaluated(self.history)
+        if lost:
+            log.warning(
+                "round(s) %s have no accuracy: their evaluation did not complete, and the checkpoint holds only the "
+                "latest model, so it stays unknown",
+                ", ".join(map(str, lost)),
+            )
+        if current is not None:
+            log.info("round %d's model (the checkpoint's) was not evaluated: evaluating it now", current)
+            self._evaluator.submit(current, self.model_hash, self.global_arrays)
 
     # ------------------------------------------------------------------------------------ durability
 
