@@ -222,3 +222,66 @@ def test_a_device_refuses_bad_deltas_takes_the_full_model_and_applies_good_ones(
     down.next_round()
     served(down.round, DownlinkPath.DELTA)
     assert scene.processes["dev"].poll() is None
+
+
+# --- checkpoint and resume -------------------------------------------------------------------------------------
+
+
+class Frames:
+    """Every model and delta frame published on a job, in order."""
+
+    def __init__(self, topics: Any) -> None:
+        self.topics = topics
+        self._frames: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+        if payload:
+            with self._lock:
+                self._frames.append((topic, payload))
+
+    def of(self, topic: str, round_number: int) -> list[bytes]:
+        with self._lock:
+            return [p for t, p in self._frames if t == topic and peek_header(p).round == round_number]
+
+
+def test_a_resumed_coordinator_republishes_the_same_model_delta_and_digest(
+    mosquitto_broker: Any, make_job: Callable[[str], Any], tmp_path: Path, mqtt_client: Callable[..., MqttConnection]
+) -> None:
+    from fedmqtt.codecs import decode_frame
+    from fedmqtt.codecs.downlink import apply_delta_frame
+    from harness import WAIT
+
+    job = make_job(mosquitto_broker.url)
+    t = job.topics
+    frames = Frames(t)
+    mqtt_client(mosquitto_broker.url, subscriptions=[(t.model, 1), (t.delta, 1)], on_message=frames)
+    flags = ("--rounds", "3", "--min-updates", "1", "--round-timeout", "120", "--downlink", "topk:0.1+int8",
+             "--checkpoint-dir", str(tmp_path / "ckpt"))  # fmt: skip
+    first = job.start(*flags)
+    job.devices.online("d1")
+    plan1 = job.view.wait_plan(1)
+    assert plan1.model_digest is not None
+    job.devices.send("d1", job.frame(1, "d1", 0.01))
+    plan2 = job.view.wait_plan(2)
+    first.kill()
+    (full1,), (full2,), (delta2,) = frames.of(t.model, 1), frames.of(t.model, 2), frames.of(t.delta, 2)
+    assert model_hash(full2) == plan2.model_hash and peek_header(delta2).base_model_hash == plan1.model_hash
+    held = apply_delta_frame(delta2, held=decode_frame(full1).arrays, held_hash=plan1.model_hash, job=t.job, round=2,
+                             run_id=plan2.run_id, digest=plan2.model_digest or "")  # fmt: skip
+    assert arrays_digest(held) == arrays_digest(decode_frame(full2).arrays) == plan2.model_digest
+    summary1 = job.view.wait_summary(1)
+    # A hand-made update names no path: counted as a full model.
+    assert (summary1.bytes_down_delta, summary1.bytes_down_full, summary1.bytes_down) == (0, len(full1), len(full1))
+
+    job.start(*flags, "--resume")
+    job.view.wait_until("the round-2 frames republished", lambda: len(frames.of(t.delta, 2)) >= 2 or None)
+    job.view.wait_until("the model republished", lambda: len(frames.of(t.model, 2)) >= 2 or None)
+    assert set(frames.of(t.delta, 2)) == {delta2} and set(frames.of(t.model, 2)) == {full2}
+    job.devices.send("d1", job.frame(2, "d1", 0.01))
+    plan3 = job.view.wait_plan(3)
+    (delta3,) = job.view.wait_until("the round-3 delta", lambda: frames.of(t.delta, 3) or None)
+    assert peek_header(delta3).base_model_hash == plan2.model_hash and plan3.model_digest != plan2.model_digest
+    job.devices.send("d1", job.frame(3, "d1", 0.01))
+    job.view.wait_summary(3)
+    assert job.processes[-1].wait(timeout=WAIT) == 0
