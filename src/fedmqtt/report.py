@@ -5,7 +5,8 @@ the two files. The JSON layout::
 
     {"config": {...the simulation's settings...},
      "rounds": [{"round", "accuracy", "loss", "participants", "refused", "bytes_up", "bytes_down",
-                 "seconds", "closed_by", "refused_by_reason", "epsilon", "cumulative_megabytes"}, ...],
+                 "bytes_down_delta", "bytes_down_full", "seconds", "closed_by", "refused_by_reason", "epsilon",
+                 "cumulative_megabytes"}, ...],
      "totals": {"rounds_completed", "rounds_total", "phase", "final_accuracy", "final_loss",
                 "best_accuracy", "bytes_up", "bytes_down", "megabytes", "round_seconds", "wall_seconds",
                 "refused", "refused_by_reason", "epsilon", "delta", "malformed_messages"}}
@@ -32,6 +33,8 @@ ROUND_KEYS = (
     "refused",
     "bytes_up",
     "bytes_down",
+    "bytes_down_delta",
+    "bytes_down_full",
     "seconds",
     "closed_by",
     "refused_by_reason",
@@ -55,6 +58,8 @@ def round_entry(summary: RoundSummary, cumulative_bytes: int) -> dict[str, Any]:
         "refused": sum(refused.values()),
         "bytes_up": summary.bytes_up,
         "bytes_down": summary.bytes_down,
+        "bytes_down_delta": summary.bytes_down_delta,
+        "bytes_down_full": summary.bytes_down_full,
         "seconds": summary.seconds,
         "closed_by": summary.closed_by,
         "refused_by_reason": refused,
