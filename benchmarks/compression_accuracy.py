@@ -1,0 +1,159 @@
+"""Accuracy against bytes per uplink and downlink codec through the real system (issue #13, benchmark 3).
+
+The job of benchmarks/overhead.py (10 devices, 5 rounds, the McMahan et al. CNN, E = 1, B = 10, lr 0.05, IID)
+run with ``fedmqtt simulate`` on Mosquitto once per uplink codec (downlink float32) and once per downlink codec
+(uplink float32); the float32/float32 run is the baseline of both columns, measured in the same run. Per run:
+final accuracy, uplink bytes per update and per round, downlink bytes per round, and their ratios to float32.
+Goal: >= 250x fewer uplink bytes than float32 at <= 0.5 point accuracy loss after the same rounds.
+
+    .venv/bin/python benchmarks/compression_accuracy.py            # 7 runs of the job (~1 h on 2 idle cores)
+    .venv/bin/python benchmarks/compression_accuracy.py --quick    # mlp, 4 devices, 2 rounds (a few minutes)
+    .venv/bin/python benchmarks/compression_accuracy.py --uplinks float32 int8 --downlinks float32
+
+Results: a table on stdout, JSON at --json (default benchmarks/results/compression_accuracy.json; --quick:
+compression_accuracy-quick.json), rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, replace
+from typing import Any
+
+import _runner as R
+
+BASELINE = "float32"
+# CodecSpec strings (fedmqtt.schema.CodecSpec.parse): top-k fraction, value encoding, error feedback.
+UPLINK_CODECS = ("float32", "float16", "int8", "topk:0.01+int8+ef", "topk:0.001+int8+ef")
+# Whole-model codecs today; top-k delta frames (with server-side error feedback) join this list once the
+# coordinator's --downlink accepts them.
+DOWNLINK_CODECS = ("float32", "float16", "int8")
+GOAL = {"uplink_ratio_vs_float32": 250.0, "max_accuracy_loss_points": 0.5}
+QUICK = {"model": "mlp", "devices": 4, "rounds": 2}
+
+
+def configurations(uplinks: list[str], downlinks: list[str]) -> list[tuple[str, str]]:
+    """(uplink, downlink) pairs: the baseline first, then each uplink with a float32 downlink, each downlink
+    with a float32 uplink."""
+    pairs = [(BASELINE, BASELINE)]
+    pairs += [(u, BASELINE) for u in uplinks if u != BASELINE]
+    pairs += [(BASELINE, d) for d in downlinks if d != BASELINE]
+    return pairs
+
+
+def record(run: R.SimRun) -> dict[str, Any]:
+    totals, rounds = run.totals, run.rounds
+    updates = sum(r["participants"] for r in rounds)
+    return {
+        "uplink": run.job.uplink,
+        "downlink": run.job.downlink,
+        "final_accuracy": totals["final_accuracy"],
+        "bytes_up_per_update": round(R.per_round(totals["bytes_up"], updates)),
+        "bytes_up_per_round": round(R.per_round(totals["bytes_up"], len(rounds))),
+        "bytes_down_per_round": round(R.per_round(totals["bytes_down"], len(rounds))),
+        "rounds": len(rounds),
+        "round_seconds": totals["round_seconds"],
+        "curve": [(r["round"], r["accuracy"]) for r in rounds],
+    }
+
+
+def with_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each record with ``ratio_vs_float32`` (uplink bytes), ``downlink_ratio_vs_float32`` and
+    ``accuracy_loss_points``, against the float32/float32 record of the same run."""
+    base = next(r for r in records if r["uplink"] == BASELINE and r["downlink"] == BASELINE)
+    out = []
+    for r in records:
+        loss = None
+        if r["final_accuracy"] is not None and base["final_accuracy"] is not None:
+            loss = round(100 * (base["final_accuracy"] - r["final_accuracy"]), 2)
+        out.append(
+            {
+                **r,
+                "ratio_vs_float32": R.ratio(base["bytes_up_per_update"], r["bytes_up_per_update"], 1),
+                "downlink_ratio_vs_float32": R.ratio(base["bytes_down_per_round"], r["bytes_down_per_round"], 2),
+                "accuracy_loss_points": loss,
+            }
+        )
+    return out
+
+
+def goal_met(records: list[dict[str, Any]]) -> list[str]:
+    """The uplink codecs that reach the goal."""
+    return [
+        r["uplink"]
+        for r in records
+        if r["downlink"] == BASELINE
+        and (r["ratio_vs_float32"] or 0) >= GOAL["uplink_ratio_vs_float32"]
+        and r["accuracy_loss_points"] is not None
+        and r["accuracy_loss_points"] <= GOAL["max_accuracy_loss_points"]
+    ]
+
+
+def print_table(records: list[dict[str, Any]]) -> None:
+    body = [
+        [
+            r["uplink"],
+            r["downlink"],
+            R.fmt(r["final_accuracy"], ".4f"),
+            R.fmt(r["accuracy_loss_points"], "+.2f"),
+            f"{r['bytes_up_per_update']:,}",
+            R.fmt(r["ratio_vs_float32"], ".1f"),
+            f"{r['bytes_down_per_round']:,}",
+            R.fmt(r["downlink_ratio_vs_float32"], ".2f"),
+        ]
+        for r in records
+    ]
+    header = ["uplink", "downlink", "accuracy", "loss pt", "B up/update", "up x", "B down/round", "down x"]
+    print(R.table(header, body))
+    met = goal_met(records)
+    print(
+        f"goal (>= {GOAL['uplink_ratio_vs_float32']:g}x fewer uplink bytes at <= "
+        f"{GOAL['max_accuracy_loss_points']} point loss): " + (", ".join(met) if met else "not met")
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    R.common_flags(parser, "compression_accuracy")
+    parser.add_argument("--uplinks", nargs="+", default=list(UPLINK_CODECS), help="uplink codecs to run")
+    parser.add_argument("--downlinks", nargs="+", default=list(DOWNLINK_CODECS), help="downlink codecs to run")
+    parser.add_argument("--model", default=R.PAPER_JOB["model"], help="model (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=R.PAPER_JOB["rounds"], help="rounds (default: %(default)s)")
+    parser.add_argument("--devices", type=int, default=R.PAPER_JOB["devices"], help="devices (default: %(default)s)")
+    args = parser.parse_args(argv)
+    from fedmqtt.errors import FedmqttError
+    from fedmqtt.schema import CodecSpec
+
+    for codec in [*args.uplinks, *args.downlinks]:
+        try:
+            CodecSpec.parse(codec)
+        except FedmqttError as exc:
+            parser.error(str(exc))
+    if args.quick:
+        args.model, args.devices, args.rounds = QUICK["model"], QUICK["devices"], QUICK["rounds"]
+        if args.json == R.RESULTS / "compression_accuracy.json":
+            args.json = R.RESULTS / "compression_accuracy-quick.json"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data = R.data_dir(args.data_dir)
+    base = replace(R.Job(**R.PAPER_JOB), model=args.model, rounds=args.rounds, devices=args.devices)  # type: ignore[arg-type]
+    records: list[dict[str, Any]] = []
+    for uplink, downlink in configurations(args.uplinks, args.downlinks):
+        job = replace(base, uplink=uplink, downlink=downlink)
+        print(f"compression_accuracy: {job.label()}", file=sys.stderr)
+        name = f"up-{uplink}-down-{downlink}".replace(":", "_").replace("+", "_")
+        records.append(record(R.run_simulate(job, data=data, out_dir=args.out / name, timeout=args.timeout)))
+        result = {"job": asdict(base), "goal": GOAL, "machine": R.machine(), "records": with_ratios(records)}
+        R.write_json(args.json, result)
+    final = with_ratios(records)
+    print(f"job: {base.label()} (codecs vary per row)")
+    print_table(final)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
