@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from fedmqtt.coordinator.machine import DeviceOffline, DeviceOnline, OpenRound, RoundConfig, RoundMachine
 from fedmqtt.coordinator.presence import LISTED_DEVICES, PRESENCE_BATCH_SECONDS, PresenceBatch
-from fedmqtt.schema import EVENT_DEVICES_MAX, Event, EventType, Phase
+from fedmqtt.schema import EVENT_DEVICES_MAX, DeviceStatus, Event, EventType, Phase, to_json
 
 # --------------------------------------------------------------------------------------------- the pure core
 
@@ -64,6 +64,17 @@ def test_a_flap_within_a_batch_is_no_change_and_a_will_after_one_is_an_offline()
     batch.add("d1", online=False)
     report = batch.take(5.0)
     assert report.offline == ("d1",) and report.offline_count == 1 and report.online_count == 0
+
+
+def test_refused_statuses_are_counted_and_reported_in_the_batch() -> None:
+    batch = PresenceBatch(listed=3)
+    for i in range(1000):  # a flood of junk on many devices' topics
+        batch.refuse(f"x{i % 5}", f"junk {i}")
+    batch.add("d1", online=True)
+    report = batch.take(0.0)
+    assert report.refused_count == 1000 and report.refused == ("x0", "x1", "x2") and report.refused_first == "junk 0"
+    assert report.online == ("d1",)
+    assert not batch.pending and not batch.take(1.0)
 
 
 @settings(max_examples=200, deadline=None)
@@ -125,10 +136,20 @@ def _presence_events(events: list[Event], type_: EventType) -> list[Event]:
     return [e for e in events if e.type is type_]
 
 
+def _wait_total(view: Any, type_: EventType, total: int) -> list[Event]:
+    """The batched events of ``type_``, once their counts add up to ``total``."""
+
+    def found() -> list[Event] | None:
+        events = _presence_events(view.events, type_)
+        return events if sum(e.count or 0 for e in events) == total else None
+
+    return view.wait_until(f"{type_.value} events counting {total}", found)
+
+
 def test_a_fleet_of_300_is_registered_with_batched_publishes_and_round_one_opens(
     mosquitto_broker: Any, make_job: Callable[[str], Any]
 ) -> None:
-    n, selected, dropped = 300, 30, 100
+    n, selected, dropped, hostile = 300, 30, 100, 40
     job = make_job(mosquitto_broker.url)
     job.start("--rounds", "1", "--min-devices", str(n), "--devices-per-round", str(selected), "--min-updates", "3",
               "--round-timeout", "600")  # fmt: skip
@@ -141,6 +162,11 @@ def test_a_fleet_of_300_is_registered_with_batched_publishes_and_round_one_opens
     started = time.monotonic()
     fleet.start()
     try:
+        # Meanwhile hostile statuses (the test broker has no ACLs): unreadable ones, and ones naming another device.
+        publish = job.devices.connection.publish
+        for i in range(hostile):
+            junk = b"online" if i % 2 else to_json(DeviceStatus(device=devices[0], state="offline"))
+            publish(job.topics.device_status(f"evil{i:03d}"), junk, qos=1, retain=True)
         plan = view.wait_plan(1)  # hang guard only (60 s): no timing is asserted
         elapsed = time.monotonic() - started
         assert len(plan.selected) == selected and set(plan.selected) <= set(devices)
@@ -151,16 +177,19 @@ def test_a_fleet_of_300_is_registered_with_batched_publishes_and_round_one_opens
             statuses = view.statuses[statuses_before:]
             events = view.events[events_before:]
         online = _presence_events(events, EventType.DEVICES_ONLINE)
+        budget = int(elapsed / PRESENCE_BATCH_SECONDS) + 3  # events of one kind, or statuses, in that time
         # Every arrival is reported exactly once, in events that each name at most EVENT_DEVICES_MAX devices.
         assert sum(e.count or 0 for e in online) == n
         assert all(len(e.devices) == min(e.count or 0, EVENT_DEVICES_MAX) for e in online)
         assert len({d for e in online for d in e.devices}) == sum(len(e.devices) for e in online)
         assert not _presence_events(events, EventType.DEVICE_ONLINE)  # no event per device any more
+        # The hostile statuses are refused, counted and reported, batched too; none brought anybody online or off.
+        refused = _wait_total(view, EventType.DEVICE_STATUSES_REFUSED, hostile)
+        assert len(refused) <= budget and all(d.startswith("evil") for e in refused for d in e.devices)
         # The arrivals before the plan came first; then the round's event.
         assert events.index(opened) > events.index(online[-1])
         # O(1) publishes per batch: one presence event and one status heartbeat per second, not one per device.
         until_plan = [s for s in statuses if s.round == 0 or s.phase is Phase.WAITING]
-        budget = int(elapsed / PRESENCE_BATCH_SECONDS) + 3
         assert len(online) <= budget < n, (len(online), elapsed)
         assert len(until_plan) <= budget, (len(until_plan), elapsed)
 
@@ -168,16 +197,7 @@ def test_a_fleet_of_300_is_registered_with_batched_publishes_and_round_one_opens
         spare = [i for i, d in enumerate(devices) if d not in plan.selected][:dropped]
         fleet.drop(spare)
         view.wait_status(f"{n - dropped} devices online", lambda s: s.devices_online == n - dropped)
-        view.wait_until(
-            f"{dropped} devices reported offline",
-            lambda: (
-                True
-                if sum(e.count or 0 for e in _presence_events(view.events, EventType.DEVICES_OFFLINE)) == dropped
-                else None
-            ),
-        )
-        with view._cond:
-            offline = _presence_events(view.events, EventType.DEVICES_OFFLINE)
+        offline = _wait_total(view, EventType.DEVICES_OFFLINE, dropped)
         assert {d for e in offline for d in e.devices} <= {devices[i] for i in spare}
         assert len(offline) < dropped / 4  # batched (a handful of events), not one per will
         status = view.statuses[-1]

@@ -411,6 +411,8 @@ class EventType(StrEnum):
     # reads the events of an older coordinator.
     DEVICE_ONLINE = "device_online"
     DEVICE_OFFLINE = "device_offline"
+    # Device statuses refused (unreadable, or naming another device than their topic), batched the same way.
+    DEVICE_STATUSES_REFUSED = "device_statuses_refused"
     JOB_FINISHED = "job_finished"
     JOB_STOPPED = "job_stopped"
     DEVICE_DUPLICATE = "device_duplicate"
@@ -436,7 +438,8 @@ class Event(_Strict):
     reason: RefusalReason | None = None
     detail: Annotated[str, Field(max_length=2000)] = ""
     run_id: Token | None = None
-    # devices_online / devices_offline: how many devices, and the first of them (at most EVENT_DEVICES_MAX).
+    # devices_online / devices_offline / device_statuses_refused: how many, and the first devices (at most
+    # EVENT_DEVICES_MAX).
     count: NonNegInt | None = None
     devices: Annotated[tuple[Identifier, ...], Field(max_length=EVENT_DEVICES_MAX)] = ()
 

@@ -102,16 +102,22 @@ class PresenceReport:
     offline: tuple[str, ...] = ()
     offline_count: int = 0
     transitions: int = 0  # every transition the batch took, flaps included
+    # Statuses refused (unreadable, or naming another device than their topic): the devices whose topics they came
+    # on (first ``listed``, each once), how many, and why the first one was refused.
+    refused: tuple[str, ...] = ()
+    refused_count: int = 0
+    refused_first: str = ""
 
     def __bool__(self) -> bool:
-        return bool(self.online_count or self.offline_count)
+        return bool(self.online_count or self.offline_count or self.refused_count)
 
 
 class PresenceBatch:
     """Collects a device's online/offline transitions (as the round machine reports them) between two reports.
 
-    ``add`` is O(1); :meth:`take` is O(devices in the batch) and returns one :class:`PresenceReport`, so whatever
-    the number of arrivals, a batch costs the adapter at most two events. :meth:`due` says when to take it: at once
+    ``add`` and ``refuse`` are O(1); :meth:`take` is O(devices in the batch) and returns one
+    :class:`PresenceReport`, so whatever the number of arrivals (or of hostile statuses), a batch costs the adapter
+    at most three events. :meth:`due` says when to take it: at once
     for the first change after a quiet period, then at most once per ``interval`` seconds.
     """
 
@@ -121,6 +127,9 @@ class PresenceBatch:
         self._was_online: dict[str, bool] = {}  # device -> its state before the batch (insertion: first change)
         self._now_online: dict[str, bool] = {}
         self._transitions = 0
+        self._refused: dict[str, None] = {}  # devices whose topics carried a refused status (first ``listed``)
+        self._refused_count = 0
+        self._refused_first = ""
         self._last_report: float | None = None
 
     def add(self, device: str, online: bool) -> None:
@@ -130,13 +139,21 @@ class PresenceBatch:
         self._now_online[device] = online
         self._transitions += 1
 
+    def refuse(self, device: str, why: str) -> None:
+        """A status on ``device``'s topic was refused (``why``: what was wrong with it)."""
+        if self._refused_count == 0:
+            self._refused_first = why
+        self._refused_count += 1
+        if len(self._refused) < self.listed:
+            self._refused[device] = None
+
     @property
     def pending(self) -> int:
-        """Transitions taken since the last report."""
-        return self._transitions
+        """Transitions and refusals taken since the last report."""
+        return self._transitions + self._refused_count
 
     def due(self, now: float) -> bool:
-        if not self._transitions:
+        if not self.pending:
             return False
         return self._last_report is None or now - self._last_report >= self.interval or now < self._last_report
 
@@ -150,7 +167,11 @@ class PresenceBatch:
             offline=tuple(offline[: self.listed]),
             offline_count=len(offline),
             transitions=self._transitions,
+            refused=tuple(self._refused),
+            refused_count=self._refused_count,
+            refused_first=self._refused_first,
         )
         self._was_online, self._now_online, self._transitions = {}, {}, 0
+        self._refused, self._refused_count, self._refused_first = {}, 0, ""
         self._last_report = now
         return report

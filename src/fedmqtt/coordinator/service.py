@@ -630,11 +630,11 @@ class CoordinatorService:
             return
         try:
             status = from_json(DeviceStatus, item.payload)
-        except MessageError as exc:
-            log.warning("ignored malformed status of %s: %s", device, exc)
+        except MessageError as exc:  # refused, counted and reported in the next presence batch
+            self._presence_batch.refuse(device, f"unreadable status on {device}'s topic: {exc}")
             return
         if status.device != device:
-            log.warning("ignored status on %s's topic claiming to be %s", device, status.device)
+            self._presence_batch.refuse(device, f"a status on {device}'s topic claims to be {status.device}")
             return
         if self._instances.observe(device, status.instance, now):
             instances = ", ".join(self._instances.instances(device))
@@ -659,8 +659,8 @@ class CoordinatorService:
 
     def _flush_presence(self, *, at_once: bool = False) -> None:
         """Publish the presence changes batched since the last call that published them: at most one
-        ``devices_online`` and one ``devices_offline`` event per PRESENCE_BATCH_SECONDS (``at_once``: now, so that
-        a round's events follow the arrivals that opened it)."""
+        ``devices_online``, one ``devices_offline`` and one ``device_statuses_refused`` event per
+        PRESENCE_BATCH_SECONDS (``at_once``: now, so that a round's events follow the arrivals that opened it)."""
         batch = self._presence_batch
         now = self.clock()
         if self.exit_code is not None or not batch.pending or not (at_once or batch.due(now)):
@@ -672,6 +672,14 @@ class CoordinatorService:
         ):
             if count:
                 self._event(type_, count=count, devices=devices, detail=_presence_detail(count, devices))
+        if report.refused_count:
+            log.warning("refused %d device status(es); the first: %s", report.refused_count, report.refused_first)
+            self._event(
+                EventType.DEVICE_STATUSES_REFUSED,
+                count=report.refused_count,
+                devices=report.refused,
+                detail=f"{report.refused_count} refused; the first: {report.refused_first}",
+            )
         if report.transitions > report.online_count + report.offline_count:
             log.info(
                 "presence: %d status changes; net %d came online, %d went offline (the others came and went)",
