@@ -67,7 +67,7 @@ def load_state(path: Path) -> dict[str, Any]:
             arrays = {k: npz[k] for k in npz.files if k != _STATE_KEY}
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); remove it or start without --resume") from None
     result = _join(json.loads(document), arrays)
     if not isinstance(result, dict):
