@@ -1,7 +1,9 @@
 """Image data sets in IDX format (MNIST, Fashion-MNIST), and how a data set is split across devices.
 
 Everything here is pure and synchronous: files in, tensors and index arrays out. A simulated device
-trains on one part of a partition (:func:`select_part`); a real board trains on all of its own data.
+trains on one part of a partition, and its process reads only its parts' images (:func:`load_parts`: all the
+labels, then the wanted rows of the image file, memory-mapped or streamed from the ``.gz``); a real board trains
+on all of its own data (:func:`load_dataset`, also the coordinator's test set).
 
 The IDX reader is ours, not torchvision's: torchvision 0.29's ``read_sn3_pascalvincent_tensor`` opens
 plain files only (no ``.gz``) and checks headers with ``assert``, which gives a bare ``AssertionError``
