@@ -105,6 +105,21 @@ def data_dir(flag: str | None) -> Path:
     return Path(resolve_data_dir(flag, "mnist", env=os.environ))
 
 
+def sample_data(source: Path, out: Path, train_samples: int | None) -> Path:
+    """``source`` itself, or (``train_samples``) a copy in ``out`` of its first ``train_samples`` training
+    images with the whole test split: the --quick runs train on less, and are measured on the same test set."""
+    if train_samples is None:
+        return source
+    from fedmqtt.data import IDX_FILES, TRAIN_FILES, read_idx_file, write_idx_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stem in IDX_FILES:
+        path = next(p for p in (source / stem, source / f"{stem}.gz") if p.exists())
+        array = read_idx_file(path, 3 if "images" in stem else 1)
+        write_idx_file(out / stem, array[:train_samples] if stem in TRAIN_FILES else array)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # fedmqtt simulate, observed
 # ---------------------------------------------------------------------------------------------------
@@ -320,3 +335,16 @@ def common_flags(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / name, help="simulate's run folders")
     parser.add_argument("--quick", action="store_true", help="a small configuration that runs in a few minutes")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up on one simulate run after this")
+    parser.add_argument(
+        "--train-samples", type=int, help="train on the first N training images only (--quick: 6000; default: all)"
+    )
+
+
+QUICK_TRAIN_SAMPLES = 6000
+
+
+def prepared_data(args: argparse.Namespace) -> Path:
+    """The data the runs train on: MNIST as found, or its first --train-samples training images (--quick: 6000)."""
+    if args.quick and args.train_samples is None:
+        args.train_samples = QUICK_TRAIN_SAMPLES
+    return sample_data(data_dir(args.data_dir), args.out / "data", args.train_samples)

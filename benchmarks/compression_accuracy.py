@@ -7,7 +7,7 @@ final accuracy, uplink bytes per update and per round, downlink bytes per round,
 Goal: >= 250x fewer uplink bytes than float32 at <= 0.5 point accuracy loss after the same rounds.
 
     .venv/bin/python benchmarks/compression_accuracy.py            # 7 runs of the job (~1 h on 2 idle cores)
-    .venv/bin/python benchmarks/compression_accuracy.py --quick    # mlp, 4 devices, 2 rounds (a few minutes)
+    .venv/bin/python benchmarks/compression_accuracy.py --quick    # mlp, 2 rounds, 6,000 images (minutes)
     .venv/bin/python benchmarks/compression_accuracy.py --uplinks float32 int8 --downlinks float32
 
 Results: a table on stdout, JSON at --json (default benchmarks/results/compression_accuracy.json; --quick:
@@ -30,7 +30,7 @@ UPLINK_CODECS = ("float32", "float16", "int8", "topk:0.01+int8+ef", "topk:0.001+
 # coordinator's --downlink accepts them.
 DOWNLINK_CODECS = ("float32", "float16", "int8")
 GOAL = {"uplink_ratio_vs_float32": 250.0, "max_accuracy_loss_points": 0.5}
-QUICK = {"model": "mlp", "devices": 4, "rounds": 2}
+QUICK = {"model": "mlp", "devices": 10, "rounds": 2}
 
 
 def configurations(uplinks: list[str], downlinks: list[str]) -> list[tuple[str, str]]:
@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    data = R.data_dir(args.data_dir)
+    data = R.prepared_data(args)
     base = replace(R.Job(**R.PAPER_JOB), model=args.model, rounds=args.rounds, devices=args.devices)  # type: ignore[arg-type]
     records: list[dict[str, Any]] = []
     for uplink, downlink in configurations(args.uplinks, args.downlinks):
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compression_accuracy: {job.label()}", file=sys.stderr)
         name = f"up-{uplink}-down-{downlink}".replace(":", "_").replace("+", "_")
         records.append(record(R.run_simulate(job, data=data, out_dir=args.out / name, timeout=args.timeout)))
-        result = {"job": asdict(base), "goal": GOAL, "machine": R.machine(), "records": with_ratios(records)}
+        result = {"job": asdict(base), "train_samples": args.train_samples, "goal": GOAL, "machine": R.machine()}
+        result["records"] = with_ratios(records)
         R.write_json(args.json, result)
     final = with_ratios(records)
     print(f"job: {base.label()} (codecs vary per row)")

@@ -17,7 +17,7 @@ Where fedmqtt's extra time goes comes from the job's events and device statuses 
 ``round_phases``): model download, device training and upload, and the close (aggregation, evaluation, publish).
 
     .venv/bin/python benchmarks/overhead.py            # the job above (~10 min on 2 idle cores)
-    .venv/bin/python benchmarks/overhead.py --quick    # mlp, 2 rounds (~2 min on 2 idle cores)
+    .venv/bin/python benchmarks/overhead.py --quick    # mlp, 2 rounds, 6,000 training images (~1 min idle)
 
 Results: a table on stdout, JSON at --json (default benchmarks/results/overhead.json; --quick: overhead-quick.json).
 """
@@ -291,14 +291,15 @@ def job_of(args: argparse.Namespace) -> R.Job:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     job = job_of(args)
-    data = R.data_dir(args.data_dir)
+    data = R.prepared_data(args)
     print(f"overhead: {job.label()}", file=sys.stderr)
     inprocess = run_inprocess(job, data)
     print(f"  in-process: {inprocess['seconds']:.1f} s", file=sys.stderr)
     floor = run_floor(job, data)
     print(f"  floor: {floor['seconds']:.1f} s", file=sys.stderr)
     run = R.run_simulate(job, data=data, out_dir=args.out, timeout=args.timeout)
-    result = {"job": asdict(job), "machine": R.machine(), **summarize(inprocess, floor, run)}
+    result = {"job": asdict(job), "train_samples": args.train_samples, "machine": R.machine()}
+    result.update(summarize(inprocess, floor, run))
     print_tables(job, result)
     R.write_json(args.json, result)
     return 0

@@ -9,7 +9,7 @@ as the paper's devices send it). The uplink codec is fedmqtt's default (int8) un
 
     .venv/bin/python benchmarks/rounds_to_accuracy.py --max-rounds 300     # both partitions: hours on 2 cores
     .venv/bin/python benchmarks/rounds_to_accuracy.py --partitions iid      # IID alone (~20 rounds)
-    .venv/bin/python benchmarks/rounds_to_accuracy.py --quick               # IID, 3 rounds (a few minutes)
+    .venv/bin/python benchmarks/rounds_to_accuracy.py --quick               # IID, 3 rounds, 6,000 images (minutes)
 
 Results: a table on stdout, JSON at --json (default benchmarks/results/rounds_to_accuracy.json; --quick:
 rounds_to_accuracy-quick.json), rewritten after each partition.
@@ -125,7 +125,7 @@ def job_for(args: argparse.Namespace, partition: str) -> R.Job:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    data = R.data_dir(args.data_dir)
+    data = R.prepared_data(args)
     rows: list[dict[str, Any]] = []
     for partition in args.partitions:
         job = job_for(args, partition)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         R.write_json(
             args.json,
             {"paper": PAPER, "goal_iid_rounds_to_99": GOAL_IID_ROUNDS, "setting": SETTING, "max_rounds": args.max_rounds,
-             "lr": args.lr, "machine": R.machine(), "rows": rows},
+             "lr": args.lr, "train_samples": args.train_samples, "machine": R.machine(), "rows": rows},
         )  # fmt: skip
     print(f"setting: {SETTING} lr {args.lr:g}, uplink {args.uplink}, at most {args.max_rounds} rounds; paper: {PAPER}")
     print_table(rows)

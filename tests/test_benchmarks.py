@@ -82,6 +82,18 @@ def test_job_flags_are_simulates_own_and_give_the_floor_its_plan(tmp_path: Path)
     assert plan.threads_per_process >= 1
 
 
+def test_sample_data_keeps_the_first_training_images_and_the_whole_test_split(tmp_path: Path) -> None:
+    from fedmqtt.data import load_dataset, write_idx_dataset
+
+    source = write_idx_dataset(tmp_path / "full", num_train=50, num_test=20, seed=3)
+    assert R.sample_data(source, tmp_path / "unused", None) == source
+    small = R.sample_data(source, tmp_path / "small", 30)
+    full, part = load_dataset("mnist", source, train=True), load_dataset("mnist", small, train=True)
+    assert len(part) == 30 and bool((part.images == full.images[:30]).all())
+    assert bool((part.labels == full.labels[:30]).all())
+    assert len(load_dataset("mnist", small, train=False)) == 20
+
+
 def _event(job: str, type_: EventType, ts: float, round_: int, detail: str = "") -> tuple[float, str, bytes]:
     topics = Topics(job=job)
     return (ts, topics.events, to_json(Event(job=job, type=type_, ts=ts, round=round_, detail=detail)))
@@ -198,7 +210,7 @@ def test_compression_configurations_and_flags() -> None:
     assert pairs[0] == ("float32", "float32") and len(pairs) == len(set(pairs)) == 7
     assert ("topk:0.001+int8+ef", "float32") in pairs and ("float32", "int8") in pairs
     args = compression.parse_args(["--quick"])
-    assert (args.model, args.devices, args.rounds) == ("mlp", 4, 2)
+    assert (args.model, args.devices, args.rounds) == ("mlp", 10, 2)
     assert args.json.name == "compression_accuracy-quick.json"
     with pytest.raises(SystemExit):
         compression.parse_args(["--uplinks", "int9"])  # not a CodecSpec
