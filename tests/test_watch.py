@@ -459,6 +459,18 @@ def test_describe_changes_narrates_rounds_devices_and_phases() -> None:
     assert describe_changes(s5, s6) == []
 
 
+def test_an_accuracy_that_arrives_after_the_summary_is_told_once_and_kept() -> None:
+    """Pipelined rounds: a round's summary comes first without accuracy, then again with it."""
+    s0 = empty().apply(T.status, to_json(status(round=2)))
+    s1 = s0.apply(T.round_summary(1), to_json(summary(1, accuracy=None, loss=None)))
+    (closed,) = describe_changes(s0, s1)
+    assert "accuracy -, loss -" in closed and s1.last_metrics() == (None, None)
+    s2 = s1.apply(T.round_summary(1), to_json(summary(1, accuracy=0.8125, loss=0.5, evaluated_model="ab" * 32)))
+    assert describe_changes(s1, s2) == ["round 1 evaluated: accuracy 0.8125, loss 0.5000"]
+    assert s2.rounds_done == 1 and s2.last_metrics() == (0.8125, 0.5) and s2.bytes_up == 1_500_000
+    assert describe_changes(s2, s2.apply(T.round_summary(1), to_json(s2.rounds[1]))) == []
+
+
 def test_a_closed_round_is_told_before_the_next_round_opens() -> None:
     before = empty().apply(T.status, to_json(status(round=1)))
     after = apply_all(before, [(T.round_summary(1), to_json(summary(1))), (T.status, to_json(status(round=2)))])
