@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fedmqtt import arrays as A
 from fedmqtt.checkpoint import load_state, save_state, write_atomic
@@ -75,6 +75,9 @@ DELTA_WAIT_SECONDS = 5.0
 
 #: Devices of one process that connect at the same time on a shared network loop (connect_all).
 CONNECT_CONCURRENCY = 16
+#: Distinct plan and job-status payloads whose parsed form a process keeps (DeviceRuntime.parse).
+_PARSED_KEPT = 64
+_Message = TypeVar("_Message", Plan, Status)
 
 
 class DeviceRefusal(FedmqttError):
@@ -219,9 +222,9 @@ class VirtualDevice:
         for other in later:
             try:
                 if other.kind == "plan":
-                    parsed.append(from_json(Plan, other.payload) if other.payload else None)
+                    parsed.append(self.runtime.parse(Plan, other.payload) if other.payload else None)
                 elif other.payload:
-                    parsed.append(from_json(Status, other.payload))
+                    parsed.append(self.runtime.parse(Status, other.payload))
             except MessageError:
                 continue
         return parsed
@@ -303,6 +306,8 @@ class DeviceRuntime:
         # paho's thread per client; None: shared when the process hosts more than one device. Made in connect_all.
         self.shared_loop = shared_loop
         self.network_loop: NetworkLoop | None = None
+        # Plans and job statuses parsed once per distinct payload (see parse()), newest last.
+        self._parsed: dict[tuple[type, bytes], Any] = {}
         self.topics = Topics(job=options.job, prefix=options.prefix)
         self.inbox: queue.Queue[_Inbound] = queue.Queue()
         self.devices: list[VirtualDevice] = []
@@ -322,6 +327,25 @@ class DeviceRuntime:
             import torch
 
             torch.set_num_threads(threads)
+
+    def parse(self, kind: type[_Message], payload: bytes) -> _Message:
+        """``from_json(kind, payload)``, once per distinct payload: every virtual device of the process receives
+        its own copy of each plan and job status, and parsing each copy cost O(devices) per message; with a status
+        a second and 250 devices a process, the worker fell behind and a plan waited behind minutes of statuses.
+        Worker thread only. Raises :class:`MessageError` (remembered too: a hostile payload is parsed once)."""
+        key = (kind, payload)
+        hit = self._parsed.get(key)
+        if hit is None:
+            try:
+                hit = from_json(kind, payload)
+            except MessageError as exc:
+                hit = exc
+            self._parsed[key] = hit
+            if len(self._parsed) > _PARSED_KEPT:
+                del self._parsed[next(iter(self._parsed))]
+        if isinstance(hit, MessageError):
+            raise MessageError(hit.model, hit.detail)  # a fresh one: re-raising one object grows its traceback
+        return hit
 
     def add_device(self, device_id: str, dataset: Any) -> VirtualDevice:
         device = VirtualDevice(device_id=device_id, dataset=dataset, runtime=self)
@@ -418,7 +442,7 @@ class DeviceRuntime:
         if not item.payload:
             return
         try:
-            status = from_json(Status, item.payload)
+            status = self.parse(Status, item.payload)
         except MessageError as exc:
             log.warning("%s: ignored an invalid job status: %s", device.device_id, exc)
             return
@@ -434,7 +458,7 @@ class DeviceRuntime:
         if not item.payload:
             return  # the retained plan was cleared (a new run starts)
         try:
-            plan = from_json(Plan, item.payload)
+            plan = self.parse(Plan, item.payload)
         except MessageError as exc:
             log.warning("%s: ignored an invalid plan: %s", device.device_id, exc)
             return
