@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -146,6 +147,8 @@ def _wait_total(view: Any, type_: EventType, total: int) -> list[Event]:
     return view.wait_until(f"{type_.value} events counting {total}", found)
 
 
+@pytest.mark.e2e  # a coordinator process and 300 clients (~20 s): like the coordinator's process tests, not in test-fast
+@pytest.mark.mosquitto
 def test_a_fleet_of_300_is_registered_with_batched_publishes_and_round_one_opens(
     mosquitto_broker: Any, make_job: Callable[[str], Any]
 ) -> None:
