@@ -99,7 +99,7 @@ def test_devices_holding_the_model_take_the_delta_a_late_joiner_the_full_model_b
     assert (r2.bytes_down_delta, r2.bytes_down_full) == (frames.delta(2), frames.full(2))
     assert (r3.bytes_down_delta, r3.bytes_down_full) == (2 * frames.delta(3), 0)
     for r in (r1, r2, r3):
-        assert r.bytes_down == r.bytes_down_delta + r.bytes_down_full
+        assert r.bytes_down == (r.bytes_down_delta or 0) + (r.bytes_down_full or 0)
     assert frames.delta(3) * 4 < frames.full(3)  # top-k 10 % + int8 against float32
     assert r3.accuracy is not None and r3.accuracy > 0.5
 
