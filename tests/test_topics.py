@@ -91,3 +91,12 @@ def test_watcher_acl_reads_every_topic_but_the_updates_and_writes_nothing() -> N
     denied = [rule.pattern for rule in rules if rule.access == "deny"]
     assert denied and all(topic_matches_sub(pattern, t.update("d1")) for pattern in denied)
     assert not _allowed(rules, "read", "watcher", t.update("d1"))
+
+
+def test_release_topic_is_read_by_devices_and_watchers_and_written_by_the_coordinator_only() -> None:
+    t = Topics(job="j", prefix="acme/fl")
+    assert t.release == "acme/fl/j/release"
+    for rules, user in ((device_acl("acme/fl"), "d1"), (watcher_acl("acme/fl"), "watcher")):
+        assert _allowed(rules, "read", user, t.release)
+        assert not _allowed(rules, "write", user, t.release)
+    assert _allowed(coordinator_acl("acme/fl"), "write", "coordinator", t.release)

@@ -147,6 +147,8 @@ class FrameKind(StrEnum):
     PARTIAL_AGGREGATE = "partial_aggregate"
     # The compressed difference between two global models (``PREFIX/JOB/delta``; fedmqtt.codecs.downlink).
     MODEL_DELTA = "model_delta"
+    # The model a job released when it ended (``PREFIX/JOB/release``; fedmqtt.release): header.release says more.
+    RELEASE = "release"
 
 
 class DownlinkPath(StrEnum):
@@ -204,6 +206,25 @@ class DPAnnouncement(_Strict):
     unclipped: bool | None = None
 
 
+class ReleaseInfo(_Strict):
+    """What a release frame (``FrameKind.RELEASE``) says of the model it carries (fedmqtt.release)."""
+
+    # The canonical digest of the model's float32 arrays (fedmqtt.codecs.downlink.arrays_digest): a device
+    # recomputes it from the decoded tensors and keeps the model only when it matches.
+    digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    num_classes: Annotated[int, Field(ge=2, le=100_000)] = 10
+    # The accuracy and loss the model reached on the coordinator's --eval-data (None: not evaluated).
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    loss: NonNegFloat | None = None
+    # The coordinator's clock when it released: a device keeps the newest release and never goes back to an
+    # older one (same run: a later round; another run or a release by hand: a later time).
+    released_at: FiniteFloat
+    # The sha256 of the global model frame that was evaluated (the round summary's evaluated_model), if any.
+    evaluated_model: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    # How the release was made: "job" (the coordinator, when the job ended) or "file" (``fedmqtt release``).
+    source: Literal["job", "file"] = "job"
+
+
 class FrameHeader(_Strict):
     """The validated header of a binary frame."""
 
@@ -228,6 +249,8 @@ class FrameHeader(_Strict):
     run_id: Token | None = None
     # Updates: how the device obtained the round's global model (the coordinator counts bytes down per path).
     downlink: DownlinkPath | None = None
+    # Release frames: the digest, accuracy and time of the released model.
+    release: ReleaseInfo | None = None
 
     @field_validator("tensors")
     @classmethod

@@ -10,6 +10,7 @@
     PREFIX/JOB/devices/DEVICE/status   retained JSON online/training/offline (offline is the last will)
     PREFIX/JOB/privacy                 retained JSON privacy ledger
     PREFIX/JOB/coordinator             retained JSON presence of the coordinator (offline is its last will)
+    PREFIX/JOB/release                 retained, QoS 1: the model the job released when it ended (fedmqtt.release)
 
 Identifiers (prefix, job, device) must be safe inside a topic level: no ``/``, ``+``, ``#``, no spaces.
 """
@@ -37,6 +38,7 @@ _ROUNDS = "rounds"
 _DEVICES = "devices"
 _PRIVACY = "privacy"
 _COORDINATOR = "coordinator"
+_RELEASE = "release"
 
 
 def validate_id(kind: str, value: str) -> str:
@@ -98,6 +100,11 @@ class Topics:
     @property
     def coordinator(self) -> str:
         return f"{self.base}/{_COORDINATOR}"
+
+    @property
+    def release(self) -> str:
+        """The retained release frame: the final model of the job's last run (``fedmqtt device --serve``)."""
+        return f"{self.base}/{_RELEASE}"
 
     def update(self, device: str) -> str:
         return f"{self.base}/{_UPDATES}/{validate_id('device id', device)}"
@@ -169,7 +176,7 @@ def device_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
     """What a device account (username == device id) may do, for every job under ``prefix``.
 
     A device writes only its own update and status topics and reads the plan, model, delta, status, events,
-    round summaries, privacy ledger and coordinator presence. It can never write the model, and it can
+    round summaries, privacy ledger, coordinator presence and the released model. It can never write the model, and it can
     neither read nor write another device's topics (updates or status).
     """
     validate_prefix(prefix)
@@ -185,6 +192,7 @@ def device_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
         AclRule("read", f"{p}/+/{_ROUNDS}/+"),
         AclRule("read", f"{p}/+/{_PRIVACY}"),
         AclRule("read", f"{p}/+/{_COORDINATOR}"),
+        AclRule("read", f"{p}/+/{_RELEASE}"),
     )
 
 
@@ -214,5 +222,6 @@ def watcher_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
         AclRule("read", f"{p}/+/{_DEVICES}/+/{_STATUS}"),
         AclRule("read", f"{p}/+/{_PRIVACY}"),
         AclRule("read", f"{p}/+/{_COORDINATOR}"),
+        AclRule("read", f"{p}/+/{_RELEASE}"),
         AclRule("deny", f"{p}/+/{_UPDATES}/#"),
     )

@@ -61,6 +61,7 @@ from fedmqtt.schema import (
     FrameKind,
     ManifestEntry,
     MessageError,
+    ReleaseInfo,
     TensorSpec,
     ValueEncoding,
 )
@@ -134,6 +135,7 @@ def encode_frame(
     rng: np.random.Generator | None = None,
     run_id: str | None = None,
     downlink: DownlinkPath | None = None,
+    release: ReleaseInfo | None = None,
 ) -> bytes:
     """Encode ``arrays`` (name -> float tensor, in model order) as one frame.
 
@@ -192,6 +194,7 @@ def encode_frame(
             dp=dp,
             run_id=run_id,
             downlink=downlink,
+            release=release,
         )
     except ValidationError as exc:
         raise EncodeError(f"cannot build the frame header: {_first_error(exc)}") from None

@@ -915,10 +915,36 @@ class CoordinatorService:
         # The job ends once every evaluation is attached, so the last summary carries its accuracy. A pause
         # (signal) does not wait: --resume evaluates the checkpoint's model again.
         self._collect_evaluations(wait=evaluations)
+        if code == 0:  # finished, or stopped by a rule of the job (target accuracy, privacy budget)
+            self._release()
         self._maybe_publish_status(force=True)
         self._publish(self.topics.coordinator, to_json(self._presence("stopped")), retain=True)
         self._checkpoint()
         self.exit_code = code
+
+    def _release(self) -> None:
+        """Publish the final global model on the retained release topic (fedmqtt.release), with the accuracy the
+        evaluation of that very model reached. A job that closed no round releases nothing."""
+        from fedmqtt.release import encode_release
+
+        if not self.history:
+            return
+        last = self.history[-1]
+        evaluated = last.get("evaluated_model") == self.model_hash
+        frame = encode_release(
+            self.global_arrays,
+            model=self.config.model,
+            job=self.config.job,
+            round=int(last["round"]),
+            sender=COORDINATOR_ID,
+            released_at=self.clock(),
+            run_id=self.run_id,
+            accuracy=last.get("accuracy") if evaluated else None,
+            loss=last.get("loss") if evaluated else None,
+            evaluated_model=self.model_hash if evaluated else None,
+        )
+        self._publish(self.topics.release, frame, retain=True)
+        log.info("released the model of round %d on %s (%d bytes)", last["round"], self.topics.release, len(frame))
 
     def _close_round(self, a: M.CloseRound) -> None:
         self._maybe_publish_status(force=True, phase=Phase.AGGREGATING)

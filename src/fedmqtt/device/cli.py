@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -39,6 +40,21 @@ def register(subparsers: Any) -> None:
         "--data-dir",
         help="directory with the IDX files (default $FEDMQTT_DATA, else ~/.cache/fedmqtt/DATASET, downloaded)",
     )
+    p.add_argument(
+        "--data-format",
+        choices=["auto", "idx", "imagefolder"],
+        default="auto",
+        help="idx: the data set's IDX files; imagefolder: a directory of images per class, DIR/0/*.png ... DIR/9/*.jpg "
+        "(class folders named by class index; needs the vision extra); auto (default): imagefolder when --data-dir "
+        "holds class folders of images and no IDX file",
+    )
+    p.add_argument(
+        "--image-model",
+        default="cnn",
+        metavar="MODEL",
+        help="imagefolder data: the model the images are converted for (its input size and channels; default "
+        "%(default)s); --dataset gives the normalisation",
+    )
     p.add_argument("--partition", help="iid | shards:2 | dirichlet:0.5 (simulations)")
     p.add_argument("--num-parts", type=int)
     p.add_argument("--part", type=int)
@@ -60,6 +76,22 @@ def register(subparsers: Any) -> None:
     p.add_argument("--state-dir", type=Path, help="where the device keeps its privacy ledger and codec state")
     p.add_argument("--privacy-budget", type=float, help="refuse rounds once this epsilon would be exceeded")
     p.add_argument("--exit-on-finish", action="store_true", help="exit when the job is finished or stopped")
+    serve = p.add_argument_group("serving the released model (PREFIX/JOB/release)")
+    serve.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep the job's latest released model at SERVE_DIR/model.fedmodel (for `fedmqtt predict --model`), "
+        "replaced atomically when a newer release appears; the device still trains",
+    )
+    serve.add_argument(
+        "--serve-only", action="store_true", help="--serve without training: no data is read, no round is answered"
+    )
+    serve.add_argument(
+        "--serve-dir",
+        type=Path,
+        help="where --serve keeps the model (default: --state-dir, else ~/.cache/fedmqtt/serve/JOB)",
+    )
+    serve.add_argument("--serve-model", metavar="MODEL", help="refuse releases of any other model")
     p.add_argument("--connect-timeout", type=float, default=30.0)
     p.set_defaults(func=run_device)
 
@@ -108,6 +140,13 @@ def run_device(args: argparse.Namespace) -> int:
     devices = device_ids_and_parts(args)
     require_input_dir("--data-dir", args.data_dir or None)
     require_output_dir("--state-dir", args.state_dir)
+    if args.serve or args.serve_only:
+        args.serve_dir = serve_dir(args)
+        require_output_dir("--serve-dir", args.serve_dir)
+    elif args.serve_dir is not None or args.serve_model is not None:
+        raise ConfigError("--serve-dir", "--serve-dir and --serve-model go with --serve or --serve-only")
+    if args.data_format == "imagefolder" and not args.data_dir:
+        raise ConfigError("--data-format", "imagefolder needs --data-dir DIR (a directory of class folders)")
     if args.threads is not None and args.threads < 1:
         raise ConfigError("--threads", f"must be at least 1, got {args.threads}")
     if args.max_train_seconds is not None and not 0 < args.max_train_seconds < float("inf"):
@@ -139,6 +178,55 @@ def run_device(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
+def serve_dir(args: argparse.Namespace) -> Path:
+    """``--serve-dir``, else ``--state-dir``, else ``$XDG_CACHE_HOME/fedmqtt/serve/JOB`` (``~/.cache`` by default)."""
+    if args.serve_dir is not None:
+        return Path(args.serve_dir).expanduser()
+    if args.state_dir is not None:
+        return Path(args.state_dir)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "fedmqtt" / "serve" / args.job
+
+
+def _load_data(args: argparse.Namespace, devices: list[tuple[str, int | None]]) -> list[Any]:
+    """Each device's data set: IDX files (whole, or only this process's parts), or an ImageFolder."""
+    from fedmqtt.data import PartitionSpec, load_dataset, load_parts, resolve_data_dir, select_part
+
+    data_format = args.data_format
+    if data_format == "auto":
+        from fedmqtt.imagefolder import is_imagefolder
+
+        data_format = "imagefolder" if args.data_dir and is_imagefolder(args.data_dir) else "idx"
+    if data_format == "imagefolder":
+        from fedmqtt.imagefolder import load_imagefolder
+        from fedmqtt.models import model_input_shape
+
+        whole = load_imagefolder(args.data_dir, dataset=args.dataset, input_shape=model_input_shape(args.image_model))
+        log.info("read %d images of %s (ImageFolder)", len(whole), args.data_dir)
+        if args.partition is None:
+            return [whole] * len(devices)
+        spec = PartitionSpec.parse(args.partition)
+        return [select_part(whole, spec, args.num_parts, part, args.seed) for _, part in devices if part is not None]
+    data_dir = resolve_data_dir(args.data_dir, args.dataset, split="train")
+    if args.partition is None:  # a board: all of its own data, shared by its devices
+        return [load_dataset(args.dataset, data_dir, train=True)] * len(devices)
+    # simulated devices: only this process's parts are read and normalised, never the whole set
+    spec = PartitionSpec.parse(args.partition)
+    wanted = [part for _, part in devices if part is not None]
+    return load_parts(args.dataset, data_dir, spec, args.num_parts, wanted, args.seed)
+
+
+def _serve_only(args: argparse.Namespace, server: Any, stop_requested: list[int]) -> int:
+    if stop_requested:
+        return 0
+    try:
+        server.connect(timeout=args.connect_timeout)
+        server.run_until_stopped()
+    finally:
+        server.close()
+    return 0
+
+
 def _serve(
     args: argparse.Namespace,
     broker: Any,
@@ -146,17 +234,24 @@ def _serve(
     runtimes: list[Any],
     stop_requested: list[int],
 ) -> int:
-    from fedmqtt.data import PartitionSpec, load_dataset, load_parts, resolve_data_dir
     from fedmqtt.device.agent import DeviceOptions, DeviceRuntime
 
-    data_dir = resolve_data_dir(args.data_dir, args.dataset, split="train")
-    datasets: list[Any]
-    if args.partition is None:  # a board: all of its own data, shared by its devices
-        datasets = [load_dataset(args.dataset, data_dir, train=True)] * len(devices)
-    else:  # simulated devices: only this process's parts are read and normalised, never the whole set
-        spec = PartitionSpec.parse(args.partition)
-        wanted = [part for _, part in devices if part is not None]
-        datasets = load_parts(args.dataset, data_dir, spec, args.num_parts, wanted, args.seed)
+    server = None
+    if args.serve or args.serve_only:
+        from fedmqtt.device.serve import ReleaseServer
+
+        server = ReleaseServer(
+            broker,
+            job=args.job,
+            prefix=args.prefix,
+            device_id=devices[0][0],
+            serve_dir=args.serve_dir,
+            model=args.serve_model,
+        )
+        runtimes.append(server)  # a signal stops it as it stops the devices
+        if args.serve_only:
+            return _serve_only(args, server, stop_requested)
+    datasets = _load_data(args, devices)
 
     options = DeviceOptions(
         broker=broker,
@@ -177,11 +272,18 @@ def _serve(
         log.info("stopped before connecting")
         return 0
     try:
+        if server is not None:
+            server.connect(timeout=args.connect_timeout)
         runtime.connect_all(timeout=args.connect_timeout)
         log.info("%d device(s) connected to %s", len(devices), broker.url)
-        return runtime.run()
+        code = runtime.run()
+        if server is not None and runtime.finished_phase is not None:
+            server.wait_idle()  # --exit-on-finish: keep the release the job ended with first
+        return int(code)
     finally:
         runtime.close()
+        if server is not None:
+            server.close()
 
 
 if __name__ == "__main__":  # pragma: no cover
