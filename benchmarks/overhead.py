@@ -245,14 +245,19 @@ def summarize(inprocess: dict[str, Any], floor: dict[str, Any], run: R.SimRun) -
 def print_tables(job: R.Job, result: dict[str, Any]) -> None:
     acc = result["accuracy"]
     rounds = len(result["floor"]["round_seconds"])
+    floor = result["floor_seconds"]
     rows = [
-        ["in-process loop", R.fmt(result["inprocess_seconds"], ".1f"), R.fmt(result["ratio_vs_inprocess"] and 1 / result["ratio_vs_inprocess"], ".2f"), R.fmt(acc["inprocess"], ".4f")],
-        ["compute floor", R.fmt(result["floor_seconds"], ".1f"), R.fmt(result["ratio_vs_floor"] and 1 / result["ratio_vs_floor"], ".2f"), R.fmt(acc["floor"], ".4f")],
-        ["fedmqtt simulate", R.fmt(result["fedmqtt_seconds"], ".1f"), "1.00", R.fmt(acc["fedmqtt"], ".4f")],
-    ]  # fmt: skip
+        [name, f"{seconds:.1f}", R.fmt(R.ratio(seconds, floor, 2), ".2f"), R.fmt(acc[key], ".4f")]
+        for name, key, seconds in (
+            ("in-process loop", "inprocess", result["inprocess_seconds"]),
+            ("compute floor", "floor", floor),
+            ("fedmqtt simulate", "fedmqtt", result["fedmqtt_seconds"]),
+        )
+    ]
+    print(f"load average (1 min) before each: {result.get('load_average_1m_before')}")
     print(f"job: {job.label()}; {result['floor']['processes']} device processes x "
           f"{result['floor']['torch_threads']} torch threads (simulate's plan); {os.cpu_count()} CPUs")  # fmt: skip
-    print(R.table(["system", f"s / {rounds} rounds", "x fedmqtt", "accuracy"], rows))
+    print(R.table(["system", f"s / {rounds} rounds", "x floor", "accuracy"], rows))
     print(
         f"fedmqtt = {R.fmt(result['ratio_vs_floor'], '.3f')}x the floor (goal <= {GOAL_RATIO_VS_FLOOR}), "
         f"{R.fmt(result['ratio_vs_inprocess'], '.3f')}x the in-process loop; "
@@ -293,12 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     job = job_of(args)
     data = R.prepared_data(args)
     print(f"overhead: {job.label()}", file=sys.stderr)
+    # The machine's 1-minute load average before each way: on a shared machine the ratios mean little without it.
+    load = {"inprocess": os.getloadavg()[0]}
     inprocess = run_inprocess(job, data)
     print(f"  in-process: {inprocess['seconds']:.1f} s", file=sys.stderr)
+    load["floor"] = os.getloadavg()[0]
     floor = run_floor(job, data)
     print(f"  floor: {floor['seconds']:.1f} s", file=sys.stderr)
+    load["fedmqtt"] = os.getloadavg()[0]
     run = R.run_simulate(job, data=data, out_dir=args.out, timeout=args.timeout)
     result = {"job": asdict(job), "train_samples": args.train_samples, "machine": R.machine()}
+    result["load_average_1m_before"] = {k: round(v, 2) for k, v in load.items()}
     result.update(summarize(inprocess, floor, run))
     print_tables(job, result)
     R.write_json(args.json, result)
