@@ -192,6 +192,12 @@ class VirtualDevice:
         if topic == topics.plan or topic == topics.status:
             item = _Inbound(self, "plan" if topic == topics.plan else "status", payload, live=not retain)
             with self._lock:
+                last = self.pending[-1] if self.pending else None
+                if item.kind == "status" and last is not None and last.kind == "status":
+                    # A newer snapshot of the job status replaces the one still waiting (nothing came between):
+                    # a worker busy training must not face a backlog of one status a second per virtual device.
+                    last.payload, last.live = payload, item.live
+                    return
                 self.pending.append(item)
             self.runtime.inbox.put(item)
         elif topic == topics.model or topic == topics.delta:
@@ -569,6 +575,8 @@ class DeviceRuntime:
 
         assert plan.model_digest is not None
         manifest = model_manifest(plan.model_name)
+        if plan.trainable is not None:  # a --trainable job's deltas carry only the trainable tensors
+            manifest = tuple(entry for entry in manifest if entry.name in plan.trainable)
         self._take_frames(device, self.topics.delta)
         try:
             until = min(plan.deadline, self.clock() + DELTA_WAIT_SECONDS)
@@ -667,12 +675,18 @@ class DeviceRuntime:
         )
         self.train_times.record(plan, samples=result.num_samples, seconds=result.seconds)
         update = A.subtract(get_arrays(model), global_arrays)
+        if plan.trainable is not None:  # the frozen tensors did not move: the update carries only the trained ones
+            update = {key: value for key, value in update.items() if key in plan.trainable}
         announcement = None
         if dp is not None:
             from fedmqtt.privacy import clip_and_noise, secure_generator
 
             update, norm = clip_and_noise(
-                update, clip=dp.clip, noise_std=dp.device_noise_std, generator=secure_generator()
+                update,
+                clip=dp.clip,
+                noise_std=dp.device_noise_std,
+                generator=secure_generator(),
+                trainable=plan.trainable,  # head-only: the norm, clip and noise cover the trained tensors only
             )
             # The clip bit feeds adaptive clipping (central mode only: it reaches the coordinator unnoised).
             announcement = DPAnnouncement(
