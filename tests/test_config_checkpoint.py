@@ -37,7 +37,7 @@ def test_flags_override_toml(tmp_path: Path) -> None:
           "uplink": "topk:0.01+int8+ef"}, "error feedback"),
         ({"resume": True}, "--resume: needs --checkpoint-dir"),
         ({"dp_mode": "central", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_sample_rate": 0.1,
-          "trainable": ["fc2.weight"]}, "--trainable"),
+          "trainable": ["head.*"]}, "--trainable"),
         ({"downlink": "topk:0.1+int8+ef"}, "--downlink"),
         ({"downlink": "float16+ef"}, "drop 'ef': a compressed downlink always uses error feedback, on the coordinator"),
         ({"downlink": "bfloat16"}, "--downlink"),

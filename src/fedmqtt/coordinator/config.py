@@ -360,11 +360,6 @@ class CoordinatorConfig(BrokerSettings):
                 check_adaptive_clip_compatible(dp.mode)
         except ConfigError as exc:
             raise ValueError(f"{_flag_of_name(exc.field)}: {exc.message}") from None
-        if self.trainable is not None:
-            raise ValueError(
-                "--trainable: head-only training cannot be combined with DP yet (devices would noise the frozen "
-                "tensors too); see the privacy benchmark for the simulated head-only results"
-            )
         if CodecSpec.parse(self.uplink).error_feedback:
             raise ValueError(
                 "--uplink: error feedback ('ef') cannot be combined with DP: the residual would escape the "

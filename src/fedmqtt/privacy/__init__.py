@@ -26,6 +26,7 @@ from fedmqtt.privacy.adaptive import (
 )
 from fedmqtt.privacy.errors import (
     BudgetExceeded,
+    FrozenTensorChanged,
     NonFiniteUpdate,
     PrivacyError,
     PrivacyStateError,
@@ -44,6 +45,7 @@ from fedmqtt.privacy.mechanism import (
     effective_noise_multiplier,
     max_accepted_norm,
     secure_generator,
+    split_trainable,
     topup_noise_std,
 )
 from fedmqtt.privacy.policy import RoundBudget, RoundPrivacy, check_update_norm
@@ -55,6 +57,7 @@ __all__ = [
     "AdaptiveClip",
     "BudgetExceeded",
     "DeviceLedger",
+    "FrozenTensorChanged",
     "JobAccountant",
     "NonFiniteUpdate",
     "PrivacyError",
@@ -81,6 +84,7 @@ __all__ = [
     "recommended_count_noise_std",
     "secure_generator",
     "secure_rng",
+    "split_trainable",
     "topup_noise_std",
     "update_noise_multiplier",
 ]

@@ -24,6 +24,19 @@ class NonFiniteUpdate(PrivacyError):
         self.tensor = tensor
 
 
+class FrozenTensorChanged(PrivacyError):
+    """A tensor outside the trainable set changed in local training: clipping over the trainable tensors alone
+    would let its change through unbounded, so the update is not sent."""
+
+    def __init__(self, tensor: str) -> None:
+        super().__init__(
+            f"the update's tensor {tensor!r} is frozen (not in the plan's trainable set) but changed in local "
+            "training; DP clips and noises the trainable tensors only, so this update must not be sent: the "
+            "device's model code trains a tensor it was told to freeze"
+        )
+        self.tensor = tensor
+
+
 class BudgetExceeded(PrivacyError):
     """Recording this round would take a device past its own privacy budget."""
 

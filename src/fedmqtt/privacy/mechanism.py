@@ -11,6 +11,10 @@ mechanism with noise multiplier ``σ``. Where that noise is added depends on :cl
 ``central``  devices only clip; the coordinator adds ``σC`` to the sum (it sees the clipped updates).
 
 Noise is added before compression: quantisation and top-k are post-processing and cost no privacy.
+
+Head-only (``--trainable``) jobs clip and noise the trainable tensors only (:func:`split_trainable`): the norm is
+taken over them, the noise drawn for them, and the frozen tensors, which local training leaves exactly unchanged,
+are never touched. The sensitivity is over what is sent, so the accountant is the same.
 torch is imported only where noise is drawn, so ``import fedmqtt.privacy`` stays light.
 """
 
@@ -18,14 +22,14 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedmqtt.arrays import ModelArrays, l2_norm
 from fedmqtt.errors import ConfigError
-from fedmqtt.privacy.errors import NonFiniteUpdate
+from fedmqtt.privacy.errors import FrozenTensorChanged, NonFiniteUpdate
 from fedmqtt.schema import DPMode
 
 if TYPE_CHECKING:
@@ -119,22 +123,48 @@ def add_gaussian_noise(arrays: Mapping[str, np.ndarray], std: float, generator: 
     return out
 
 
+def split_trainable(
+    arrays: Mapping[str, np.ndarray], trainable: Collection[str] | None
+) -> tuple[ModelArrays, ModelArrays]:
+    """``(trained, frozen)``: the tensors of ``arrays`` named in ``trainable`` and the rest (None: all trained).
+
+    The one rule of head-only DP: clipping, noise and the norm bound apply to the trained part only.
+    """
+    if trainable is None:
+        return dict(arrays), {}
+    names = set(trainable)
+    trained = {k: v for k, v in arrays.items() if k in names}
+    frozen = {k: v for k, v in arrays.items() if k not in names}
+    return trained, frozen
+
+
 def clip_and_noise(
     arrays: Mapping[str, np.ndarray],
     *,
     clip: float,
     noise_std: float,
     generator: torch.Generator | None = None,
+    trainable: Collection[str] | None = None,
 ) -> tuple[ModelArrays, float]:
     """Clip the update to ``clip``, then add N(0, noise_std²) per coordinate; return ``(update, norm_before)``.
 
-    Without a generator a fresh :func:`secure_generator` is used. Compress the result afterwards.
+    With ``trainable`` (a head-only job's plan), the norm, the clipping and the noise cover those tensors only;
+    any other tensor of ``arrays`` must be exactly zero (a frozen tensor's delta) and is returned unchanged, else
+    :class:`FrozenTensorChanged`. The result keeps ``arrays``' names and order. Without a generator a fresh
+    :func:`secure_generator` is used. Compress the result afterwards.
     """
     noise_std = _non_negative("noise_std", noise_std)
-    clipped, norm_before = clip_update(arrays, clip)
-    if noise_std == 0.0:
+    trained, frozen = split_trainable(arrays, trainable)
+    for name, value in frozen.items():
+        if np.any(value):
+            raise FrozenTensorChanged(name)
+    clipped, norm_before = clip_update(trained, clip)
+    if noise_std != 0.0:
+        clipped = add_gaussian_noise(clipped, noise_std, generator or secure_generator())
+    if not frozen:
         return clipped, norm_before
-    return add_gaussian_noise(clipped, noise_std, generator or secure_generator()), norm_before
+    out = {k: clipped[k] if k in clipped else np.array(v, dtype=np.float32, copy=True) for k, v in arrays.items()}
+    return out, norm_before
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ One round of a DP job, in order:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,6 +44,7 @@ from fedmqtt.privacy.mechanism import (
     effective_noise_multiplier,
     max_accepted_norm,
     secure_generator,
+    split_trainable,
     topup_noise_std,
 )
 from fedmqtt.privacy.sampling import secure_rng
@@ -101,10 +102,17 @@ def quantisation_margin(update: A.ModelArrays, codec: CodecSpec) -> float:
     return float(np.sqrt(total))
 
 
-def check_update_norm(dp: DPPlan, update: A.ModelArrays, codec: CodecSpec) -> str | None:
+def check_update_norm(
+    dp: DPPlan, update: A.ModelArrays, codec: CodecSpec, trainable: Collection[str] | None = None
+) -> str | None:
     """None when ``update`` (as decoded) fits the round's clip bound plus noise and quantisation margins, else
-    why not (the detail of a ``norm_exceeds_clip`` refusal)."""
-    bound = max_accepted_norm(dp.clip, dp.device_noise_std, A.numel(update)) + quantisation_margin(update, codec)
+    why not (the detail of a ``norm_exceeds_clip`` refusal).
+
+    With ``trainable`` (a head-only plan) the noise margin counts the trainable tensors only (devices noise no
+    other); the norm is still taken over every tensor received, so a frozen tensor's values count against it.
+    """
+    trained, _ = split_trainable(update, trainable)
+    bound = max_accepted_norm(dp.clip, dp.device_noise_std, A.numel(trained)) + quantisation_margin(update, codec)
     norm = A.l2_norm(update)
     if norm > bound:
         return f"update norm {norm:.4g} exceeds the clip bound {dp.clip:g} (+ noise margin: {bound:.4g})"
@@ -234,13 +242,17 @@ class RoundPrivacy:
         *,
         clip: float | None = None,
         generator: torch.Generator | None = None,
+        trainable: Collection[str] | None = None,
     ) -> A.ModelArrays | None:
-        """Noise shaped like ``like`` to add to the sum (None when there is none to add). Without a generator a
-        fresh :func:`secure_generator` draws it."""
+        """Noise shaped like ``like`` to add to the sum (None when there is none to add). With ``trainable`` (a
+        head-only job) only those tensors are noised; the others get exact zeros. Without a generator a fresh
+        :func:`secure_generator` draws it."""
         std = self.server_noise_std(received, clip)
         if std <= 0:
             return None
-        return add_gaussian_noise(A.zeros_like(like), std, generator or secure_generator())
+        trained, _ = split_trainable(like, trainable)
+        noise = add_gaussian_noise(A.zeros_like(trained), std, generator or secure_generator())
+        return {k: noise[k] if k in noise else np.zeros_like(v, dtype=np.float32) for k, v in like.items()}
 
     def record_round(self, received: int, unclipped: int = 0, rng: np.random.Generator | None = None) -> float | None:
         """Account a round that aggregated ``received`` updates (at the noise actually in its sum) and move the
