@@ -4,9 +4,10 @@ The job of benchmarks/overhead.py (10 devices, 5 rounds, the McMahan et al. CNN,
 run with ``fedmqtt simulate`` on Mosquitto once per uplink codec (downlink float32) and once per downlink codec
 (uplink float32); the float32/float32 run is the baseline of both columns, measured in the same run. Per run:
 final accuracy, uplink bytes per update and per round, downlink bytes per round, and their ratios to float32.
-Goal: >= 250x fewer uplink bytes than float32 at <= 0.5 point accuracy loss after the same rounds.
+Goals: >= 250x fewer uplink bytes than float32 at <= 0.5 point accuracy loss after the same rounds; >= 8x fewer
+downlink bytes at <= 0.3 point.
 
-    .venv/bin/python benchmarks/compression_accuracy.py            # 7 runs of the job (~1 h on 2 idle cores)
+    .venv/bin/python benchmarks/compression_accuracy.py            # 9 runs of the job (~1 h on 2 idle cores)
     .venv/bin/python benchmarks/compression_accuracy.py --quick    # mlp, 2 rounds, 6,000 images (minutes)
     .venv/bin/python benchmarks/compression_accuracy.py --uplinks float32 int8 --downlinks float32
 
@@ -26,10 +27,11 @@ import _runner as R
 BASELINE = "float32"
 # CodecSpec strings (fedmqtt.schema.CodecSpec.parse): top-k fraction, value encoding, error feedback.
 UPLINK_CODECS = ("float32", "float16", "int8", "topk:0.01+int8+ef", "topk:0.001+int8+ef")
-# Whole-model codecs today; top-k delta frames (with server-side error feedback) join this list once the
-# coordinator's --downlink accepts them.
-DOWNLINK_CODECS = ("float32", "float16", "int8")
+# --downlink: float32 publishes the model whole; any other codec also publishes a delta frame against the model
+# the devices hold, with error feedback on the coordinator (so no 'ef' here); top-k keeps that fraction of it.
+DOWNLINK_CODECS = ("float32", "float16", "int8", "topk:0.1+int8", "topk:0.01+int8")
 GOAL = {"uplink_ratio_vs_float32": 250.0, "max_accuracy_loss_points": 0.5}
+DOWNLINK_GOAL = {"downlink_ratio_vs_float32": 8.0, "max_accuracy_loss_points": 0.3}
 QUICK = {"model": "mlp", "devices": 10, "rounds": 2}
 
 
@@ -52,6 +54,9 @@ def record(run: R.SimRun) -> dict[str, Any]:
         "bytes_up_per_update": round(R.per_round(totals["bytes_up"], updates)),
         "bytes_up_per_round": round(R.per_round(totals["bytes_up"], len(rounds))),
         "bytes_down_per_round": round(R.per_round(totals["bytes_down"], len(rounds))),
+        # per path, where the report has them: delta frames applied, whole models fetched
+        "bytes_down_delta": sum(r.get("bytes_down_delta") or 0 for r in rounds),
+        "bytes_down_full": sum(r.get("bytes_down_full") or 0 for r in rounds),
         "rounds": len(rounds),
         "round_seconds": totals["round_seconds"],
         "curve": [(r["round"], r["accuracy"]) for r in rounds],
@@ -78,15 +83,18 @@ def with_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def goal_met(records: list[dict[str, Any]]) -> list[str]:
-    """The uplink codecs that reach the goal."""
+def goal_met(records: list[dict[str, Any]], direction: str = "uplink") -> list[str]:
+    """The ``direction`` ("uplink" or "downlink") codecs that reach that direction's goal."""
+    other = "downlink" if direction == "uplink" else "uplink"
+    goal, key = (GOAL, "ratio_vs_float32") if direction == "uplink" else (DOWNLINK_GOAL, "downlink_ratio_vs_float32")
     return [
-        r["uplink"]
+        r[direction]
         for r in records
-        if r["downlink"] == BASELINE
-        and (r["ratio_vs_float32"] or 0) >= GOAL["uplink_ratio_vs_float32"]
+        if r[other] == BASELINE
+        and r[direction] != BASELINE
+        and (r[key] or 0) >= goal[f"{direction}_ratio_vs_float32"]
         and r["accuracy_loss_points"] is not None
-        and r["accuracy_loss_points"] <= GOAL["max_accuracy_loss_points"]
+        and r["accuracy_loss_points"] <= goal["max_accuracy_loss_points"]
     ]
 
 
@@ -106,11 +114,12 @@ def print_table(records: list[dict[str, Any]]) -> None:
     ]
     header = ["uplink", "downlink", "accuracy", "loss pt", "B up/update", "up x", "B down/round", "down x"]
     print(R.table(header, body))
-    met = goal_met(records)
-    print(
-        f"goal (>= {GOAL['uplink_ratio_vs_float32']:g}x fewer uplink bytes at <= "
-        f"{GOAL['max_accuracy_loss_points']} point loss): " + (", ".join(met) if met else "not met")
-    )
+    for direction, goal in (("uplink", GOAL), ("downlink", DOWNLINK_GOAL)):
+        met = goal_met(records, direction)
+        print(
+            f"{direction} goal (>= {goal[f'{direction}_ratio_vs_float32']:g}x fewer bytes at <= "
+            f"{goal['max_accuracy_loss_points']} point loss): " + (", ".join(met) if met else "not met")
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -147,7 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compression_accuracy: {job.label()}", file=sys.stderr)
         name = f"up-{uplink}-down-{downlink}".replace(":", "_").replace("+", "_")
         records.append(record(R.run_simulate(job, data=data, out_dir=args.out / name, timeout=args.timeout)))
-        result = {"job": asdict(base), "train_samples": args.train_samples, "goal": GOAL, "machine": R.machine()}
+        result = {
+            "job": asdict(base),
+            "train_samples": args.train_samples,
+            "goal": GOAL,
+            "downlink_goal": DOWNLINK_GOAL,
+        }
+        result["machine"] = R.machine()
         result["records"] = with_ratios(records)
         R.write_json(args.json, result)
     final = with_ratios(records)

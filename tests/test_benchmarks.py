@@ -207,7 +207,7 @@ def test_rounds_to_accuracy_outcome_beside_the_paper() -> None:
 
 def test_compression_configurations_and_flags() -> None:
     pairs = compression.configurations(list(compression.UPLINK_CODECS), list(compression.DOWNLINK_CODECS))
-    assert pairs[0] == ("float32", "float32") and len(pairs) == len(set(pairs)) == 7
+    assert pairs[0] == ("float32", "float32") and len(pairs) == len(set(pairs)) == 9
     assert ("topk:0.001+int8+ef", "float32") in pairs and ("float32", "int8") in pairs
     args = compression.parse_args(["--quick"])
     assert (args.model, args.devices, args.rounds) == ("mlp", 10, 2)
@@ -226,6 +226,7 @@ def test_compression_records_carry_the_issues_keys_and_the_goal() -> None:
             replace(job, uplink="topk:0.001+int8+ef"), [_round(1, 0.966, up=25_000 * 10, down=6_650_000 * 10)] * 2
         ),
         _sim_run(replace(job, downlink="float16"), [_round(1, 0.97, up=6_650_000 * 10, down=3_325_000 * 10)] * 2),
+        _sim_run(replace(job, downlink="topk:0.01+int8"), [_round(1, 0.968, up=6_650_000 * 10, down=400_000)] * 2),
     ]
     records = compression.with_ratios([compression.record(run) for run in runs])
     keys = {"uplink", "downlink", "final_accuracy", "bytes_up_per_update", "ratio_vs_float32", "bytes_down_per_round",
@@ -234,7 +235,9 @@ def test_compression_records_carry_the_issues_keys_and_the_goal() -> None:
     assert records[0]["ratio_vs_float32"] == 1.0 and records[0]["accuracy_loss_points"] == 0.0
     assert records[1]["ratio_vs_float32"] == 266.0 and records[1]["accuracy_loss_points"] == 0.4
     assert records[2]["downlink_ratio_vs_float32"] == 2.0
+    assert records[3]["downlink_ratio_vs_float32"] == 166.25 and records[3]["accuracy_loss_points"] == 0.2
     assert compression.goal_met(records) == ["topk:0.001+int8+ef"]
+    assert compression.goal_met(records, "downlink") == ["topk:0.01+int8"]  # float16 only halves it
 
 
 # --- one real run ------------------------------------------------------------------------------------------
