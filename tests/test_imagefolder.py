@@ -12,6 +12,9 @@ import torch
 from fedmqtt.data import load_dataset, read_idx_file, write_idx_dataset
 from fedmqtt.imagefolder import ImageFolderError, class_folders, is_imagefolder, load_imagefolder
 
+# torchvision 0.29 deprecates its image decoders (in favour of TorchCodec) with a warning per image.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
 
 def write_imagefolder(
     idx_dir: Path, out: Path, *, train: bool = False, classes: tuple[int, ...] | None = None, limit: int | None = None
@@ -126,3 +129,17 @@ def test_real_mnist_test_images_as_pngs_load_as_the_idx_samples(tmp_path: Path) 
     expected = load_dataset("mnist", MNIST, train=False).subset(order)
     assert torch.equal(loaded.images, expected.images) and torch.equal(loaded.labels, expected.labels)
     assert set(loaded.labels.tolist()) == set(range(10))
+
+
+def test_the_device_command_names_a_bad_image_folder_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedmqtt.cli import main
+
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "a.png").write_bytes(b"x")
+    base = ["device", "--broker", "mqtt://127.0.0.1:1", "--job", "j", "--id", "cam"]
+    assert main([*base, "--data-dir", str(tmp_path)]) == 1  # auto: class folders of images -> imagefolder
+    assert "'cats' do not name a class" in capsys.readouterr().err
+    assert main([*base, "--data-format", "imagefolder"]) == 1
+    assert "imagefolder needs --data-dir" in capsys.readouterr().err

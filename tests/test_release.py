@@ -182,3 +182,33 @@ def test_serve_model_refuses_other_models(tmp_path: Path) -> None:
     server = _server(tmp_path, model="cnn")
     assert server.handle(_release(1)) is None
     assert server.refused[RefusedBecause.OTHER_MODEL] == 1 and not serve_path(tmp_path).exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--serve-only", "--serve-model", "resnet"], "--serve-model: unknown model 'resnet'"),
+        (["--serve-dir", "x"], "--serve-dir and --serve-model go with --serve or --serve-only"),
+        (["--serve-only", "--serve-dir", "TMP/file/serve"], "--serve-dir: TMP/file/serve cannot be created"),
+    ],
+)
+def test_bad_serve_flags_are_named(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedmqtt.cli import main
+
+    (tmp_path / "file").write_text("a file, not a directory")
+    flags = [flag.replace("TMP", str(tmp_path)) for flag in flags]
+    assert main(["device", "--broker", "mqtt://127.0.0.1:1", "--job", "j", "--id", "cam", *flags]) == 1
+    assert message.replace("TMP", str(tmp_path)) in capsys.readouterr().err
+
+
+def test_release_by_hand_refuses_a_file_that_is_not_a_model_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedmqtt.cli import main
+
+    (tmp_path / "m.fedmodel").write_bytes(b"junk")
+    argv = ["release", "--broker", "mqtt://127.0.0.1:1", "--job", "j", "--model-file", str(tmp_path / "m.fedmodel")]
+    assert main(argv) == 1
+    assert "is not readable as a fedmqtt model file" in capsys.readouterr().err

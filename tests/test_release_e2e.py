@@ -1,6 +1,7 @@
 """Releases on a real Mosquitto, with real processes: a job whose devices include a camera training on an
 ImageFolder of PNGs (real MNIST test images) ends, the coordinator releases its final model (retained, with the
-digest and the accuracy of the last round), a ``fedmqtt device --serve-only`` process keeps it as a model file; a
+digest and the accuracy of the last round), a ``fedmqtt device --serve-only`` process keeps it as a model file (and
+the camera, serving beside training, exits holding it); a
 second run's release replaces it; broken, foreign and older releases are refused and the file stays as it was;
 ``fedmqtt release`` publishes a model file by hand."""
 
@@ -104,7 +105,9 @@ def test_a_finished_job_releases_its_model_and_serving_devices_keep_the_newest_v
     # Run 1: an IDX device and the camera (--data-dir of class folders: ImageFolder detected) train two rounds.
     job.coordinator(MNIST, "--rounds", "2", "--min-updates", "2", "--min-devices", "2", "--round-timeout", "120")
     job.devices("idx", MNIST, "--id", "idx", "--partition", "iid", "--num-parts", "100", "--part", "0")
-    job.devices("camera", camera, "--id", "camera")
+    # The camera also serves (--serve beside training): with --exit-on-finish it exits holding the job's release.
+    camera_serves = tmp_path / "camera-served"
+    job.devices("camera", camera, "--id", "camera", "--serve", "--serve-dir", str(camera_serves))
     state = job.wait_for("run 1 to finish", lambda s: s.finished and 2 in s.rounds and s.rounds[2].accuracy is not None,
                          timeout=180)  # fmt: skip
     assert job.wait_exit("coordinator") == 0
@@ -120,6 +123,8 @@ def test_a_finished_job_releases_its_model_and_serving_devices_keep_the_newest_v
     kept = wait_file(path, header.release.digest, job)
     assert kept.model == "mlp" and kept.meta["run_id"] == run1 and kept.meta["accuracy"] == header.release.accuracy
     assert all(np.array_equal(kept.arrays[k], decoded.arrays[k]) for k in decoded.arrays)
+    assert job.wait_exit("camera") == 0
+    assert load_model_file(serve_path(camera_serves)).digest == header.release.digest
 
     # Run 2 of the same job (a fresh coordinator): its release replaces the file.
     job.processes.pop("coordinator")

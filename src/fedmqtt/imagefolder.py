@@ -6,7 +6,7 @@ Each class folder is named by the class index it holds, as a decimal number (``0
 Fashion-MNIST): the mapping from folders to the model's classes is explicit, so a device holding only some
 classes (folders ``3`` and ``7``) still labels them 3 and 7, where ImageFolder's own ``class_to_idx`` would say
 0 and 1. Folders and files are listed as ImageFolder lists them (torchvision's ``find_classes`` and
-``make_dataset``: sorted), and images are read with PIL as ImageFolder's default loader reads them (PNG and JPEG), converted to the
+``make_dataset``: sorted), and images are read with torchvision's own decoders (PNG and JPEG, as ``fedmqtt predict`` reads them), converted to the
 model's input (:func:`fedmqtt.models.model_input_shape`: gray or RGB, resized when the size differs) and normalised
 as the IDX data sets are (:data:`fedmqtt.data.NORMALISATION`), so a 28×28 gray PNG written from an IDX image
 gives exactly that image's training sample. Needs the ``vision`` extra (torchvision).
@@ -85,16 +85,20 @@ def class_folders(directory: Path | str, num_classes: int = NUM_CLASSES) -> dict
 
 
 def read_image(path: Path | str, channels: int) -> torch.Tensor:
-    """One PNG or JPEG file as uint8 C×H×W, gray (``channels`` 1) or RGB (3), read with PIL as ImageFolder's default
-    loader reads it; :class:`ImageFolderError` if it is not a readable image."""
-    image_module = require("vision", "PIL.Image", "reading images (PNG, JPEG)")
+    """One PNG or JPEG file as uint8 C×H×W, gray (``channels`` 1) or RGB (3), decoded by torchvision's own decoders
+    (as ``fedmqtt predict`` decodes); :class:`ImageFolderError` if it is not a readable image."""
+    tv_io = require("vision", "torchvision.io", "reading images (PNG, JPEG)")
+    mode = tv_io.ImageReadMode.GRAY if channels == 1 else tv_io.ImageReadMode.RGB
     try:
-        with image_module.open(path) as image:
-            pixels = np.array(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    except (OSError, ValueError, image_module.DecompressionBombError) as exc:
-        raise ImageFolderError(Path(path).parent, f"{path} is not a readable PNG or JPEG image ({exc})") from None
-    tensor = torch.from_numpy(pixels)
-    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+        pixels = tv_io.decode_image(tv_io.read_file(str(path)), mode=mode)
+    except (RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ImageFolderError(Path(path).parent, f"{path} is not a readable PNG or JPEG image ({first})") from None
+    if pixels.dim() != 3 or pixels.shape[0] != channels or pixels.dtype != torch.uint8:
+        raise ImageFolderError(
+            Path(path).parent, f"{path} decoded to an unexpected {tuple(pixels.shape)} {pixels.dtype}"
+        )
+    return pixels
 
 
 def to_model_input(pixels: torch.Tensor, *, input_shape: tuple[int, int, int], dataset: str = "mnist") -> torch.Tensor:

@@ -143,6 +143,13 @@ def run_device(args: argparse.Namespace) -> int:
     if args.serve or args.serve_only:
         args.serve_dir = serve_dir(args)
         require_output_dir("--serve-dir", args.serve_dir)
+        if args.serve_model is not None:
+            from fedmqtt.models import MODEL_NAMES
+
+            if args.serve_model not in MODEL_NAMES:
+                raise ConfigError(
+                    "--serve-model", f"unknown model {args.serve_model!r}; one of {', '.join(MODEL_NAMES)}"
+                )
     elif args.serve_dir is not None or args.serve_model is not None:
         raise ConfigError("--serve-dir", "--serve-dir and --serve-model go with --serve or --serve-only")
     if args.data_format == "imagefolder" and not args.data_dir:
