@@ -206,6 +206,7 @@ def test_a_device_writes_exactly_its_own_update_and_status(
     every_topic = [
         topics.plan,
         topics.model,
+        topics.delta,
         topics.status,
         topics.events,
         topics.privacy,
@@ -238,15 +239,18 @@ def test_a_device_reads_the_plan_and_model_but_not_other_devices(
     coordinator = mqtt_client(secure.url_for("coordinator"), tls_ca=ca)
     coordinator.publish(topics.plan, b"plan", retain=True)
     coordinator.publish(topics.model, b"model", retain=True)
+    coordinator.publish(topics.delta, b"delta", retain=True)
     inbox = Inbox()
     mqtt_client(
         secure.url_for("d1"),
         tls_ca=ca,
         on_message=inbox,
-        subscriptions=[(topics.plan, 1), (topics.model, 1), (topics.updates_filter, 1), (topics.events, 1)],
-    )
+        subscriptions=[(topics.plan, 1), (topics.model, 1), (topics.delta, 1), (topics.updates_filter, 1),
+                       (topics.events, 1)],
+    )  # fmt: skip
     inbox.wait_for(1, topic=topics.plan)
     inbox.wait_for(1, topic=topics.model)
+    inbox.wait_for(1, topic=topics.delta)
     mqtt_client(secure.url_for("d2"), tls_ca=ca).publish(topics.update("d2"), b"d2's update")
     coordinator.publish(topics.events, b"sentinel")
     inbox.wait_for(1, topic=topics.events)
