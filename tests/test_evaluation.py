@@ -95,6 +95,22 @@ def test_a_setup_that_raises_is_reported_by_every_evaluation() -> None:
     evaluator.close()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread ends on purpose
+def test_a_worker_thread_that_ends_gives_error_results_instead_of_a_wait_that_never_ends() -> None:
+    def setup() -> Any:
+        raise SystemExit("a BaseException ends the worker thread")
+
+    evaluator = Evaluator(setup)
+    evaluator.submit(1, H, arrays(0.5))
+    evaluator.submit(2, H, arrays(0.5))
+    results = evaluator.wait(timeout=WAIT)
+    assert [(e.round, e.accuracy, e.error) for e in results] == [
+        (1, None, "the evaluation worker thread ended"),
+        (2, None, "the evaluation worker thread ended"),
+    ]
+    assert evaluator.pending == ()
+
+
 def test_non_finite_metrics_become_none() -> None:
     evaluator = Evaluator(lambda: lambda a: (0.1, float("inf")))
     evaluator.submit(1, H, arrays(0.5))

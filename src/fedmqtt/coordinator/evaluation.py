@@ -74,25 +74,25 @@ class Evaluator:
         self._jobs: queue.Queue[_Job | object] = queue.Queue()
         self._results: queue.Queue[Evaluation] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._submitted: list[int] = []  # rounds submitted and not yet collected, in order
+        self._submitted: list[tuple[int, str]] = []  # (round, model hash) submitted, not yet collected, in order
         self._closed = False
 
     @property
     def pending(self) -> tuple[int, ...]:
         """Rounds submitted whose results have not been collected yet, in order."""
-        return tuple(self._submitted)
+        return tuple(r for r, _ in self._submitted)
 
     def submit(self, round: int, model_hash: str, arrays: Mapping[str, Any]) -> None:
         """Queue the model ``round`` produced for evaluation. The arrays are copied: the caller may change its own."""
         if self._closed:
             raise RuntimeError("the evaluator is closed")
-        if self._submitted and round <= self._submitted[-1]:
-            raise ValueError(f"round {round} submitted after round {self._submitted[-1]}: rounds must increase")
+        if self._submitted and round <= self._submitted[-1][0]:
+            raise ValueError(f"round {round} submitted after round {self._submitted[-1][0]}: rounds must increase")
         job = _Job(round, model_hash, {k: v.copy() for k, v in arrays.items()})
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="fedmqtt-evaluation", daemon=True)
             self._thread.start()
-        self._submitted.append(round)
+        self._submitted.append((round, model_hash))
         self._jobs.put(job)
 
     def poll(self) -> list[Evaluation]:
@@ -102,7 +102,7 @@ class Evaluator:
     def wait(self, *, through: int | None = None, timeout: float | None = None) -> list[Evaluation]:
         """Block until every submitted round (or every round up to ``through``) is evaluated or ``timeout`` passes;
         return the results collected meanwhile, in round order."""
-        wanted = sum(1 for r in self._submitted if through is None or r <= through)
+        wanted = sum(1 for r, _ in self._submitted if through is None or r <= through)
         return self._collect(wanted, timeout)
 
     def _collect(self, wanted: int, timeout: float | None) -> list[Evaluation]:
@@ -110,17 +110,29 @@ class Evaluator:
         until = None if timeout is None else time.monotonic() + timeout
         while self._submitted:
             try:
-                if len(results) < wanted:
-                    left = None if until is None else max(0.0, until - time.monotonic())
-                    result = self._results.get(timeout=left)
-                else:
-                    result = self._results.get_nowait()
+                result = self._next(until) if len(results) < wanted else self._results.get_nowait()
             except queue.Empty:
                 break
-            assert result.round == self._submitted[0], (result.round, self._submitted)
+            assert result.round == self._submitted[0][0], (result.round, self._submitted)
             self._submitted.pop(0)
             results.append(result)
         return results
+
+    def _next(self, until: float | None) -> Evaluation:
+        """The next result, waiting until ``until`` (monotonic; None: until it comes). Should the worker thread
+        have ended (it catches every Exception, so only a BaseException ends it), the waiting round gets an
+        error result instead of a wait that never ends. Raises queue.Empty when ``until`` passes."""
+        while True:
+            left = 1.0 if until is None else min(1.0, max(0.0, until - time.monotonic()))
+            try:
+                return self._results.get(timeout=left)
+            except queue.Empty:
+                thread = self._thread
+                if thread is not None and not thread.is_alive() and self._results.empty():
+                    round_number, model_hash = self._submitted[0]
+                    return Evaluation(round_number, model_hash, None, None, 0.0, "the evaluation worker thread ended")
+                if until is not None and time.monotonic() >= until:
+                    raise
 
     def close(self) -> None:
         """Stop the worker after the evaluation it is running (results not collected are dropped)."""
