@@ -54,6 +54,8 @@ def record(run: R.SimRun) -> dict[str, Any]:
         "bytes_up_per_update": round(R.per_round(totals["bytes_up"], updates)),
         "bytes_up_per_round": round(R.per_round(totals["bytes_up"], len(rounds))),
         "bytes_down_per_round": round(R.per_round(totals["bytes_down"], len(rounds))),
+        # Round 1 always sends whole models (the devices hold none yet): the later rounds show a delta downlink.
+        "bytes_down_per_round_after_first": round(R.mean([r["bytes_down"] for r in rounds[1:]]) or 0) or None,
         # per path, where the report has them: delta frames applied, whole models fetched
         "bytes_down_delta": sum(r.get("bytes_down_delta") or 0 for r in rounds),
         "bytes_down_full": sum(r.get("bytes_down_full") or 0 for r in rounds),
@@ -77,6 +79,9 @@ def with_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 **r,
                 "ratio_vs_float32": R.ratio(base["bytes_up_per_update"], r["bytes_up_per_update"], 1),
                 "downlink_ratio_vs_float32": R.ratio(base["bytes_down_per_round"], r["bytes_down_per_round"], 2),
+                "downlink_ratio_after_first_round": R.ratio(
+                    base["bytes_down_per_round_after_first"], r["bytes_down_per_round_after_first"], 1
+                ),
                 "accuracy_loss_points": loss,
             }
         )
@@ -109,10 +114,11 @@ def print_table(records: list[dict[str, Any]]) -> None:
             R.fmt(r["ratio_vs_float32"], ".1f"),
             f"{r['bytes_down_per_round']:,}",
             R.fmt(r["downlink_ratio_vs_float32"], ".2f"),
+            R.fmt(r["downlink_ratio_after_first_round"], ".1f"),
         ]
         for r in records
     ]
-    header = ["uplink", "downlink", "accuracy", "loss pt", "B up/update", "up x", "B down/round", "down x"]
+    header = ["uplink", "downlink", "accuracy", "loss pt", "B up/update", "up x", "B down/round", "down x", "after r1"]
     print(R.table(header, body))
     for direction, goal in (("uplink", GOAL), ("downlink", DOWNLINK_GOAL)):
         met = goal_met(records, direction)

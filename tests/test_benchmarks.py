@@ -236,6 +236,7 @@ def test_compression_records_carry_the_issues_keys_and_the_goal() -> None:
     assert records[1]["ratio_vs_float32"] == 266.0 and records[1]["accuracy_loss_points"] == 0.4
     assert records[2]["downlink_ratio_vs_float32"] == 2.0
     assert records[3]["downlink_ratio_vs_float32"] == 166.25 and records[3]["accuracy_loss_points"] == 0.2
+    assert records[3]["downlink_ratio_after_first_round"] == 166.2  # every round a delta here
     assert compression.goal_met(records) == ["topk:0.001+int8+ef"]
     assert compression.goal_met(records, "downlink") == ["topk:0.01+int8"]  # float16 only halves it
 
