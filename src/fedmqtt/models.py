@@ -9,8 +9,9 @@ part of the arrays: they are bookkeeping, not something to average, and stay loc
 
 from __future__ import annotations
 
+import fnmatch
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -196,6 +197,38 @@ def head_parameter_names(name: str, *, num_classes: int = 10) -> tuple[str, ...]
     _check_num_classes(num_classes)
     prefix = model_info(name).head + "."
     return tuple(key for key, _ in _meta_model(name, num_classes).named_parameters() if key.startswith(prefix))
+
+
+def expand_trainable(name: str, patterns: Sequence[str], *, num_classes: int = 10) -> tuple[str, ...]:
+    """The tensors ``--trainable`` trains: every manifest name that matches one of ``patterns`` (fnmatch globs
+    such as ``fc2.*``; an exact name matches itself), in the model's order. Float buffers (BatchNorm statistics)
+    of a module whose parameters match come along: they change when that module trains. These names are the
+    plan's ``trainable`` set and exactly the tensors an update frame (and a trainable-only delta) carries.
+
+    Raises :class:`~fedmqtt.errors.ConfigError` (field ``trainable``) when the patterns are empty, a pattern
+    matches nothing, or no learnable parameter matches; the message lists the model's tensors."""
+    manifest = [entry.name for entry in model_manifest(name, num_classes=num_classes)]
+    parameters = {key for key, _ in _meta_model(name, num_classes).named_parameters()}
+    listing = ", ".join(manifest[:40]) + (f", ... ({len(manifest)} in all)" if len(manifest) > 40 else "")
+    globs = [p.strip() for p in patterns if p.strip()]
+    if not globs:
+        raise ConfigError("trainable", f"names no tensor; {name}'s tensors are: {listing}")
+    unmatched = [g for g in globs if not any(fnmatch.fnmatchcase(t, g) for t in manifest)]
+    if unmatched:
+        raise ConfigError(
+            "trainable",
+            f"{', '.join(repr(g) for g in unmatched)} {'matches' if len(unmatched) == 1 else 'match'} no tensor of "
+            f"{name}; its tensors are: {listing}",
+        )
+    chosen = {t for t in manifest if any(fnmatch.fnmatchcase(t, g) for g in globs)}
+    trained_modules = {t.rpartition(".")[0] for t in chosen if t in parameters}
+    if not trained_modules:
+        raise ConfigError(
+            "trainable", f"matches only buffers ({', '.join(sorted(chosen))}): nothing would be trained; its "
+            f"parameters are: {', '.join(t for t in manifest if t in parameters)}"
+        )  # fmt: skip
+    chosen |= {t for t in manifest if t not in parameters and t.rpartition(".")[0] in trained_modules}
+    return tuple(t for t in manifest if t in chosen)
 
 
 def get_arrays(model: nn.Module) -> ModelArrays:

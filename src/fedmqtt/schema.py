@@ -410,6 +410,8 @@ class RefusalReason(StrEnum):
     NOT_SELECTED = "not_selected"
     SENDER_MISMATCH = "sender_mismatch"
     MANIFEST_MISMATCH = "manifest_mismatch"
+    # The job trains only some tensors (--trainable) and the update carries a frozen one.
+    FROZEN_TENSOR = "frozen_tensor"
     NON_FINITE = "non_finite"
     NORM_EXCEEDS_CLIP = "norm_exceeds_clip"
     WRONG_KIND = "wrong_kind"

@@ -67,11 +67,14 @@ def _frozen_except(model: nn.Module, trainable: Sequence[str] | None) -> Iterato
     and restore each parameter's previous flag afterwards."""
     named = dict(model.named_parameters())
     if trainable is not None:
-        unknown = sorted(set(trainable) - set(named))
+        # A plan's trainable set (fedmqtt.models.expand_trainable) also names the float buffers of the modules it
+        # trains (BatchNorm statistics): they are not parameters, and change with their module's training mode.
+        buffers = {key for key, _ in model.named_buffers()}
+        unknown = sorted(set(trainable) - set(named) - buffers)
         if unknown:
             known = ", ".join(list(named)[:12]) + (", ..." if len(named) > 12 else "")
             raise ConfigError("trainable", f"unknown parameter name(s) {', '.join(unknown[:5])}; the model has {known}")
-        if not trainable:
+        if not set(trainable) & set(named):
             raise ConfigError("trainable", "names no parameter: nothing would be trained")
     wanted = set(named) if trainable is None else set(trainable)
     previous = {key: p.requires_grad for key, p in named.items()}

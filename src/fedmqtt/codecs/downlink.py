@@ -66,11 +66,16 @@ def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
 
 
 def apply_delta(held: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> ModelArrays:
-    """``held + delta`` in float32, tensor by tensor (the one addition both sides perform)."""
-    if list(held) != list(delta):
+    """``held + delta`` in float32, tensor by tensor (the one addition both sides perform). The delta may carry
+    only some of the held tensors, in the model's order (a ``--trainable`` job's delta leaves the frozen ones
+    out: their delta is zero); the others are kept as held."""
+    if [name for name in held if name in delta] != list(delta):
         raise DeltaMismatch("the delta's tensors are not those of the held model")
     out: ModelArrays = {}
     for name, base in held.items():
+        if name not in delta:
+            out[name] = np.asarray(base, dtype=np.float32)
+            continue
         step = delta[name]
         if np.shape(base) != np.shape(step):
             raise DeltaMismatch(f"tensor {name!r}: the delta has shape {np.shape(step)}, the model {np.shape(base)}")
@@ -126,18 +131,23 @@ class DownlinkTracker:
     """The coordinator's side: ``x_hat`` (the model devices hold) and the delta frames that move it towards ``x``.
 
     Starts with ``x_hat = held`` (the first model, sent whole). :meth:`delta_frame` encodes ``x - x_hat`` with
-    ``codec``, advances ``x_hat`` by exactly what a device decodes, and returns the frame.
+    ``codec``, advances ``x_hat`` by exactly what a device decodes, and returns the frame. ``tensors`` (a
+    ``--trainable`` job's set) limits the deltas to those tensors: the others never change, so their delta is zero
+    and stays out of the frame.
     """
 
-    def __init__(self, codec: CodecSpec, held: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, codec: CodecSpec, held: Mapping[str, np.ndarray], tensors: Sequence[str] | None = None) -> None:
         if codec.error_feedback:
             raise ValueError("the downlink's error feedback is the tracker itself: pass the codec without 'ef'")
         self.codec = codec
         self.held: ModelArrays = {k: np.array(v, dtype=np.float32, copy=True) for k, v in held.items()}
+        if tensors is not None and (not tensors or not set(tensors) <= set(self.held)):
+            raise ValueError("the delta's tensors must be some of the tracked model's")
+        self.tensors: tuple[str, ...] = tuple(k for k in self.held if tensors is None or k in set(tensors))
 
     def residual(self, target: Mapping[str, np.ndarray]) -> ModelArrays:
-        """``target - x_hat``: what the devices still lack."""
-        return {k: np.asarray(np.subtract(np.asarray(target[k], dtype=np.float32), v)) for k, v in self.held.items()}
+        """``target - x_hat`` over the delta's tensors: what the devices still lack."""
+        return {k: np.asarray(np.subtract(np.asarray(target[k], dtype=np.float32), self.held[k])) for k in self.tensors}
 
     def delta_frame(
         self,
@@ -177,8 +187,10 @@ class DownlinkTracker:
         return {"held": {k: v.copy() for k, v in self.held.items()}}
 
     @classmethod
-    def from_state_dict(cls, codec: CodecSpec, state: Mapping[str, object]) -> DownlinkTracker:
+    def from_state_dict(
+        cls, codec: CodecSpec, state: Mapping[str, object], tensors: Sequence[str] | None = None
+    ) -> DownlinkTracker:
         held = state.get("held")
         if not isinstance(held, Mapping):
             raise ValueError("a downlink state needs 'held': the model the devices hold")
-        return cls(codec, held)
+        return cls(codec, held, tensors)

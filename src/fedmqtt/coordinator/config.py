@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fedmqtt import settings as S
-from fedmqtt.errors import ConfigError
+from fedmqtt.errors import ConfigError, FedmqttError
 from fedmqtt.mqtt.settings import BrokerSettings
 from fedmqtt.paths import input_dir_problem, output_dir_problem
 from fedmqtt.schema import ID_PATTERN, MAX_SAMPLES_LIMIT, CodecSpec, DPMode, MessageError
@@ -55,6 +55,15 @@ def _parse_strategy_params(text: str) -> dict[str, bool | int | float]:
 
 def _parse_names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _expand_trainable(model: str, patterns: Sequence[str]) -> tuple[str, ...]:
+    from fedmqtt.models import expand_trainable
+
+    try:
+        return expand_trainable(model, patterns)
+    except FedmqttError as exc:
+        raise ValueError(f"--trainable: {getattr(exc, 'message', exc)}") from None
 
 
 def _info(help: str, **kwargs: Any) -> dict[str, Any]:
@@ -203,11 +212,24 @@ class CoordinatorConfig(BrokerSettings):
         tuple[str, ...] | None,
         Field(
             **_info(
-                "train only these tensors (comma-separated names)",
+                "train only these tensors: comma-separated names or globs over the model's tensor names, e.g. "
+                "fc2.* (expanded when the job is checked; updates and downlink deltas carry only these tensors, the "
+                "rest stay bit-identical)",
                 group=TRAINING,
                 parse=_parse_names,
-                metavar="NAMES",
+                metavar="GLOBS",
                 default_text="all",
+            )
+        ),
+    ] = None
+    init_checkpoint: Annotated[
+        Path | None,
+        Field(
+            **_info(
+                "start round 1 from this model file (fedmqtt pretrain, fedmqtt export --format state); it must hold "
+                "--model's tensors; --resume from a checkpoint wins over it",
+                group=TRAINING,
+                metavar="PATH",
             )
         ),
     ] = None
@@ -347,6 +369,10 @@ class CoordinatorConfig(BrokerSettings):
             object.__setattr__(self, "min_updates_at_deadline", need)
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("--resume: needs --checkpoint-dir")
+        if self.trainable is not None:  # globs -> the model's tensor names, resolved here once (the plan's set)
+            object.__setattr__(self, "trainable", _expand_trainable(self.model, self.trainable))
+        if self.init_checkpoint is not None:
+            self.initial_arrays()  # refused now, before a broker is dialled, if it does not fit --model
         if self.dp is not None:
             self._check_dp(self.dp)
         return self
@@ -378,6 +404,18 @@ class CoordinatorConfig(BrokerSettings):
             object.__setattr__(self, "dp", dp.model_copy(update={"sample_rate": selected / dp.population}))
 
     # ------------------------------------------------------------------------------------ derived values
+
+    def initial_arrays(self) -> dict[str, Any] | None:
+        """Round 1's model from ``--init-checkpoint`` (verified, in the model's order), or None without one.
+        Raises ValueError naming the flag when the file is unreadable or holds another model, classes or shapes."""
+        if self.init_checkpoint is None:
+            return None
+        from fedmqtt.model_file import ModelFileError, check_model, load_model_file
+
+        try:
+            return check_model(load_model_file(self.init_checkpoint), self.model, path=self.init_checkpoint)
+        except ModelFileError as exc:
+            raise ValueError(f"--init-checkpoint: {exc}") from None
 
     @property
     def uplink_codec(self) -> CodecSpec:

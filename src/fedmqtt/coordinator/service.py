@@ -180,7 +180,22 @@ class CoordinatorService:
 
         self._model = build_model(config.model, seed=config.seed)
         self.global_arrays: A.ModelArrays = get_arrays(self._model)
+        try:
+            initial = config.initial_arrays()
+        except ValueError as exc:  # checked with the config; the file changed since
+            raise FedmqttError(str(exc)) from None
+        if initial is not None:  # --init-checkpoint: round 1's model (a --resume checkpoint wins: _restore)
+            self.global_arrays = {k: np.array(v, dtype=np.float32, copy=True) for k, v in initial.items()}
         self.manifest = model_manifest(config.model)
+        # --trainable (expanded by the config): updates carry exactly these tensors, aggregation and the deltas
+        # cover only them, and every other tensor stays as round 1 had it, bit for bit.
+        self.trained: tuple[str, ...] | None = config.trainable
+        self.update_manifest = (
+            self.manifest if self.trained is None else tuple(e for e in self.manifest if e.name in self.trained)
+        )
+        # Delta frames on the downlink: a compressed codec, or a --trainable job (lossless float32 deltas of the
+        # trainable tensors when --downlink is float32: devices holding the base need nothing else).
+        self._sends_deltas = sends_deltas(config.downlink_codec) or self.trained is not None
         self.numel = A.numel(self.global_arrays)
         self.strategy: Strategy = build_strategy(config.strategy, **config.strategy_params)
         # DP rounds draw devices from a secret seed: a selection anyone could recompute from a known seed would
@@ -718,9 +733,19 @@ class CoordinatorService:
         m = self.machine
         return self.files.quarantine(device, payload, reason, round=m.round, attempt=m.attempt, now=self.clock())
 
+    def _trained_part(self, arrays: A.ModelArrays) -> A.ModelArrays:
+        """The tensors updates carry and aggregation covers: the --trainable ones (all without it)."""
+        return arrays if self.trained is None else {k: arrays[k] for k in self.trained}
+
+    def _frozen_in(self, header: FrameHeader) -> list[str]:
+        """The frozen tensors (not in --trainable) an update frame carries."""
+        if self.trained is None:
+            return []
+        return [t.name for t in header.tensors if t.name not in self.trained]
+
     def _refold_from_spool(self, why: str) -> None:
         """Rebuild the open attempt's accumulator from the spooled frames of its accepted updates."""
-        self.strategy.begin_round(self.global_arrays)
+        self.strategy.begin_round(self._trained_part(self.global_arrays))
         self._unclipped = 0
         if not self.files.enabled:
             self._tainted = why + "; without --checkpoint-dir the accepted updates cannot be folded again"
@@ -730,7 +755,7 @@ class CoordinatorService:
                 frame = decode_frame(
                     self.files.spooled(self.machine.round, self.machine.attempt, device),
                     max_body_bytes=self._max_body_bytes(),
-                    expected_manifest=self.manifest,
+                    expected_manifest=self.update_manifest,
                 )
                 self.strategy.add(frame.arrays, self._weight(frame.header))
                 if frame.header.dp is not None and frame.header.dp.unclipped:
@@ -769,11 +794,23 @@ class CoordinatorService:
             assert screening.reason is not None
             self._refuse(device, header.round, screening.reason, screening.detail)
             return
+        frozen = self._frozen_in(header)
+        if frozen:
+            assert self.trained is not None
+            shown = ", ".join(frozen[:5]) + (f" (and {len(frozen) - 5} more)" if len(frozen) > 5 else "")
+            self._refuse(
+                device,
+                header.round,
+                RefusalReason.FROZEN_TENSOR,
+                f"the job trains only {', '.join(self.trained[:8])}{' ...' if len(self.trained) > 8 else ''} "
+                f"(--trainable); the update carries frozen tensor(s) {shown}: send only the trainable tensors",
+            )
+            return
         try:
             frame = decode_frame(
                 payload,
                 max_body_bytes=self._max_body_bytes(),
-                expected_manifest=self.manifest,
+                expected_manifest=self.update_manifest,
             )
         except codec_errors.FrameError as exc:
             self._refuse(device, header.round, _refusal_reason(exc), str(exc))
@@ -857,7 +894,7 @@ class CoordinatorService:
                     raise FedmqttError(f"coordinator has no handler for machine action {type(action).__name__}")
 
     def _open_round(self, a: M.OpenRound) -> None:
-        self.strategy.begin_round(self.global_arrays)
+        self.strategy.begin_round(self._trained_part(self.global_arrays))
         self._unclipped = 0
         self._tainted = None
         self.book = _RoundBook(a.round, a.attempt, a.opened_at)
@@ -902,7 +939,7 @@ class CoordinatorService:
 
     def _round_failed(self, a: M.RoundFailed) -> None:
         self._event(EventType.ROUND_FAILED, round=a.round, attempt=a.attempt, detail=a.reason)
-        self.strategy.begin_round(self.global_arrays)
+        self.strategy.begin_round(self._trained_part(self.global_arrays))
         self._unclipped = 0
         self._tainted = None
         self.files.clear_spool()
@@ -958,11 +995,11 @@ class CoordinatorService:
             # for the clip the round was planned with.
             denominator = self.privacy.denominator
             clip = self.plan.dp.clip if self.plan is not None and self.plan.dp is not None else None
-            noise = self.privacy.server_noise(count, self.global_arrays, clip=clip)
+            noise = self.privacy.server_noise(count, self._trained_part(self.global_arrays), clip=clip)
         aggregate = self._aggregate_checked(a, denominator, noise)
         if aggregate is None:
             return  # the attempt failed (reported); the machine retries the round or stops the job
-        self.global_arrays = aggregate
+        self.global_arrays = {**self.global_arrays, **aggregate}  # frozen tensors: the very same arrays
         epsilon = self.privacy.record_round(count, self._unclipped) if self.privacy is not None else None
         # Pipelined rounds: this model is evaluated by the worker while the next round trains; its accuracy is
         # attached to this summary (published again) when it arrives (_attach_evaluation).
@@ -1056,7 +1093,7 @@ class CoordinatorService:
         probe = build_strategy(self.config.strategy, **self.config.strategy_params)
         try:
             probe.load_state_dict(self._failed_state[1])
-            probe.begin_round(self.global_arrays)
+            probe.begin_round(self._trained_part(self.global_arrays))
             probe.add(arrays, weight)
             problem = numeric.check_aggregate(probe.aggregate(denominator=None, noise=None))
         except (AggregationError, ArithmeticError, ValueError):
@@ -1100,11 +1137,11 @@ class CoordinatorService:
         that lack the base. ``advance=False`` (a resume) republishes the checkpointed x_hat and delta as they were."""
         codec = self.config.downlink_codec
         held: A.ModelArrays = self.global_arrays
-        if sends_deltas(codec):
+        if self._sends_deltas:
             tracker = self._downlink
             if tracker is None:
                 # The first model goes out whole; no delta leads to it (a stale one of an earlier run is cleared).
-                tracker = self._downlink = DownlinkTracker(codec, self.global_arrays)
+                tracker = self._downlink = DownlinkTracker(codec, self.global_arrays, self.trained)
                 self.delta_frame = b""
                 self._publish(self.topics.delta, b"", retain=True)
             elif advance:
@@ -1283,12 +1320,12 @@ class CoordinatorService:
         self.global_arrays = {k: np.asarray(v, dtype=np.float32) for k, v in state["global"].items()}
         self.model_round = int(state["model_round"])
         downlink = state.get("downlink")
-        if downlink is not None and sends_deltas(self.config.downlink_codec):
-            self._downlink = DownlinkTracker.from_state_dict(self.config.downlink_codec, downlink)
+        if downlink is not None and self._sends_deltas:
+            self._downlink = DownlinkTracker.from_state_dict(self.config.downlink_codec, downlink, self.trained)
             self.delta_frame = bytes(np.asarray(downlink["delta_frame"], dtype=np.uint8))
-        elif sends_deltas(self.config.downlink_codec):
+        elif self._sends_deltas:
             # A checkpoint of a job that sent whole models: the devices hold the global model itself.
-            self._downlink = DownlinkTracker(self.config.downlink_codec, self.global_arrays)
+            self._downlink = DownlinkTracker(self.config.downlink_codec, self.global_arrays, self.trained)
         self.strategy.load_state_dict(state["strategy"])
         self.machine = M.RoundMachine.from_state_dict(self._round_config(), state["machine"])
         if self.privacy is not None:
@@ -1300,4 +1337,4 @@ class CoordinatorService:
         self.refused_total = int(state.get("refused_total") or 0)
         self.book = _RoundBook(**state["book"]) if state.get("book") else None
         # Accepted updates of the open round are replayed from the spool into a fresh accumulator.
-        self.strategy.begin_round(self.global_arrays)
+        self.strategy.begin_round(self._trained_part(self.global_arrays))
