@@ -19,6 +19,7 @@ _SUBCOMMAND_MODULES = (
     "fedmqtt.broker.cli",
     "fedmqtt.coordinator.cli",
     "fedmqtt.device.cli",
+    "fedmqtt.pretrain",
     "fedmqtt.release",
     "fedmqtt.simulate",
     "fedmqtt.watch",
