@@ -362,3 +362,38 @@ def test_a_job_from_a_pretrained_file_trains_only_the_head_through_a_real_broker
     print({"update_bytes": sorted({size for size, _ in device_updates}), "full_update_bytes": full_size,
            "delta_bytes": [size for size, _, _ in deltas],
            "summaries": [(s.bytes_up, s.bytes_down_delta, s.bytes_down_full) for s in summaries]})  # fmt: skip
+
+
+@pytest.mark.e2e
+@pytest.mark.mosquitto
+def test_a_device_declines_a_plan_whose_trainable_set_is_not_its_model_and_serves_a_good_one(
+    mosquitto_broker: Any, topic_prefix: str, tmp_path: Path, mqtt_client: Callable[..., Any], idx_dir: Path
+) -> None:
+    """A real `fedmqtt device` process; plans published by the test. A hostile plan's trainable set (an unknown
+    tensor, a glob) is declined with a status saying why, and the process goes on to train a head-only plan."""
+    from fedmqtt.schema import new_token
+    from test_device_runs import Scene
+
+    scene = Scene(mosquitto_broker.url, topic_prefix, tmp_path, mqtt_client)
+    try:
+        run = new_token()
+        digest = scene.publish_model(run)
+        scene.publish_plan(1, 0, run, model_hash=digest, trainable=("fc3.weight", "fc9.bias"))
+        scene.device("dev", idx_dir, "--id", "dev")
+        for attempt, bad in ((0, "fc3.weight, fc9.bias"), (1, "fc3.*")):
+            if attempt:
+                scene.publish_plan(1, attempt, run, model_hash=digest, trainable=(bad,))
+            scene.wait(
+                f"the trainable set {bad} to be declined",
+                scene.status_where(
+                    "dev",
+                    lambda s, b=bad: f"trainable tensors ({b}) are not a trainable set of mlp" in (s.detail or ""),
+                ),
+                alive=("dev",),
+            )
+        scene.publish_plan(1, 2, run, model_hash=digest, trainable=("fc3.weight", "fc3.bias"))
+        update = scene.wait("a head-only update", lambda: scene.updates("dev"), alive=("dev",))[0]
+        header = peek_header(update.payload)
+        assert [t.name for t in header.tensors] == ["fc3.weight", "fc3.bias"] and header.round == 1
+    finally:
+        scene.close()

@@ -89,6 +89,21 @@ class _Abandoned(FedmqttError):
     without an answer."""
 
 
+def check_trainable(model: str, trainable: tuple[str, ...]) -> None:
+    """A plan's trainable set must be one the coordinator's config can produce: exact tensor names of ``model``
+    in its order, as :func:`fedmqtt.models.expand_trainable` gives them; else :class:`DeviceRefusal`."""
+    from fedmqtt.errors import ConfigError
+    from fedmqtt.models import expand_trainable
+
+    try:
+        valid = expand_trainable(model, trainable) == trainable
+    except ConfigError:
+        valid = False
+    if not valid:
+        shown = ", ".join(trainable[:5]) + (" ..." if len(trainable) > 5 else "")
+        raise DeviceRefusal(f"the plan's trainable tensors ({shown}) are not a trainable set of {model}")
+
+
 def duplicate_id_message(device_id: str) -> str:
     return (
         f"another process uses device id {device_id}: both keep kicking each other off the broker; "
@@ -660,6 +675,8 @@ class DeviceRuntime:
         # Screening (device.screening) has checked the job, selection, deadline, model name and privacy budget.
         dp = plan.dp if plan.dp is not None and plan.dp.mode is not DPMode.OFF else None
         model = self._model(plan.model_name)
+        if plan.trainable is not None:
+            check_trainable(plan.model_name, plan.trainable)
         global_arrays, downlink = self.obtain_global(device, plan)
         device.publish_status("training", round_number=plan.round, run_id=plan.run_id)
         set_arrays(model, global_arrays)
