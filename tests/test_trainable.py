@@ -397,3 +397,49 @@ def test_a_device_declines_a_plan_whose_trainable_set_is_not_its_model_and_serve
         assert [t.name for t in header.tensors] == ["fc3.weight", "fc3.bias"] and header.round == 1
     finally:
         scene.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.mosquitto
+def test_resume_wins_over_init_checkpoint_and_keeps_the_frozen_tensors(
+    mosquitto_broker: Any, make_job: Callable[[str], Any], pretrained: Path, idx_dir: Path, tmp_path: Path
+) -> None:
+    """A head-only job from file A pauses after round 1 (SIGTERM); resumed with --init-checkpoint naming another
+    file B, it continues from its checkpoint: the frozen tensors are still A's, bit for bit, after round 2."""
+    import signal
+
+    from fedmqtt.model_file import load_model_file, save_model_file
+    from harness import constant_update
+    from test_pipelined_rounds import exit_code, make_config, running
+
+    other = save_model_file(tmp_path / "other.fedmodel", "mlp", _mlp(7)).arrays
+    start = load_model_file(pretrained).arrays
+    job = make_job(mosquitto_broker.url)
+    config = make_config(job, idx_dir, rounds=2, init_checkpoint=pretrained, trainable=("fc3.*",),
+                         checkpoint_dir=tmp_path / "ckpt", uplink="float32")  # fmt: skip
+    head = {k: v for k, v in constant_update(0.01).items() if k.startswith("fc3.")}
+
+    def send(round_number: int) -> None:
+        plan = job.view.wait_plan(round_number)
+        job.devices.send("d1", encode_frame(head, kind=FrameKind.UPDATE, job=job.name, round=round_number,
+                                            sender="d1", codec=CodecSpec(), num_samples=10, model_name="mlp",
+                                            base_model_hash=plan.model_hash))  # fmt: skip
+
+    with running(config) as (service, result):
+        job.devices.online("d1")
+        send(1)
+        job.view.wait_summary(1)
+        job.view.wait_plan(2)
+        service.request_stop(signal.SIGTERM)
+        assert exit_code(result) == 128 + signal.SIGTERM
+    resumed = config.model_copy(update={"resume": True, "init_checkpoint": tmp_path / "other.fedmodel"})
+    with running(resumed) as (service, result):
+        send(2)
+        job.view.wait_event(EventType.JOB_FINISHED)
+        assert exit_code(result) == 0
+    final = service.global_arrays
+    for name, value in start.items():
+        if name.startswith("fc3."):
+            assert np.allclose(final[name], value + np.float32(0.02), atol=1e-5)  # two rounds of +0.01
+        else:
+            assert final[name].tobytes() == value.tobytes() != other[name].tobytes()
