@@ -261,6 +261,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=50, help="rounds per run (default: %(default)s)")
     parser.add_argument("--uplink", default="float32", help="uplink codec (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--reuse-backbones", action="store_true", help="use OUT/SCENARIO/backbone.fedmodel when present (no pretrain)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.devices, args.cohort, args.rounds = 200, 20, 3
@@ -304,8 +307,14 @@ def main(argv: list[str] | None = None) -> int:
         if flags is not None:
             backbone = args.out / name / "backbone.fedmodel"
             source = fashion if "fashion-mnist" in flags else mnist
-            print(f"transfer: {name}: fedmqtt pretrain {' '.join(flags)}", file=sys.stderr)
-            part["pretrain"] = pretrain(flags, source, backbone)
+            if args.reuse_backbones and backbone.exists():  # made by an earlier run with the same flags
+                from fedmqtt.model_file import load_model_file
+
+                meta = load_model_file(backbone).meta
+                part["pretrain"] = {k: v for k, v in meta.items() if k != "public_indices"} | {"reused": str(backbone)}
+            else:
+                print(f"transfer: {name}: fedmqtt pretrain {' '.join(flags)}", file=sys.stderr)
+                part["pretrain"] = pretrain(flags, source, backbone)
             part["public_only_accuracy"] = public_only_accuracy(backbone, data)
         base = base_job(s, args, backbone)
         jobs: list[tuple[TransferJob, dict[str, Any]]] = [
