@@ -1,0 +1,79 @@
+"""Helpers of tests/test_export.py and tests/test_predict.py: a briefly trained model and MNIST test images as files.
+
+Real data (the original MNIST files in ../shared/data), real training (:func:`fedmqtt.training.train_local`), real
+image files (torchvision's own PNG and JPEG encoders).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conftest import SHARED_DATA
+from fedmqtt.data import load_dataset, read_idx_file
+from fedmqtt.model_file import save_model_file
+from fedmqtt.models import build_model, get_arrays
+from fedmqtt.training import train_local
+
+MNIST = SHARED_DATA / "mnist"
+
+
+def train_model_file(model: str, path: Path, *, samples: int, seed: int = 1) -> Path:
+    """``model`` trained one epoch on the first ``samples`` MNIST training images, written as a model file."""
+    train = load_dataset("mnist", SHARED_DATA, train=True).subset(np.arange(samples))
+    net = build_model(model, seed=seed)
+    train_local(net, train, epochs=1, batch_size=50, lr=0.05, momentum=0.9, seed=seed)
+    save_model_file(path, model, get_arrays(net), meta={"dataset": "mnist", "made_by": "tests/exported.py"})
+    return path
+
+
+def mnist_test_pixels(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``count`` MNIST test images (uint8, N×28×28) and labels, read straight from the IDX files."""
+    images = read_idx_file(MNIST / "t10k-images-idx3-ubyte.gz", 3)[:count]
+    labels = read_idx_file(MNIST / "t10k-labels-idx1-ubyte.gz", 1)[:count]
+    return images, labels
+
+
+def write_pngs(directory: Path, images: np.ndarray) -> list[Path]:
+    from torchvision.io import encode_png
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = directory / f"{i:04d}.png"
+        path.write_bytes(bytes(encode_png(torch.from_numpy(image.copy()).unsqueeze(0)).numpy()))
+        paths.append(path)
+    return paths
+
+
+def write_jpegs(directory: Path, images: np.ndarray, *, size: int = 64, rgb: bool = True) -> list[Path]:
+    """Each image resized to ``size``×``size`` (and made RGB) and written as a JPEG (quality 90)."""
+    from torchvision.io import encode_jpeg
+    from torchvision.transforms.v2.functional import resize
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        pixels = resize(torch.from_numpy(image.copy()).unsqueeze(0), [size, size], antialias=True)
+        if rgb:
+            pixels = pixels.expand(3, size, size).contiguous()
+        path = directory / f"{i:04d}.jpg"
+        path.write_bytes(bytes(encode_jpeg(pixels, quality=90).numpy()))
+        paths.append(path)
+    return paths
+
+
+def float_classes(model_file: Path, count: int) -> np.ndarray:
+    """The classes the float32 model of ``model_file`` gives the first ``count`` MNIST test images (the training
+    pipeline's own loading and normalisation)."""
+    from fedmqtt.model_file import check_model, load_model_file
+    from fedmqtt.models import set_arrays
+
+    held = load_model_file(model_file)
+    net = build_model(held.model, num_classes=held.num_classes).eval()
+    set_arrays(net, check_model(held, held.model, path=model_file))
+    test = load_dataset("mnist", SHARED_DATA, train=False)
+    with torch.inference_mode():
+        return net(test.images[:count]).argmax(dim=1).numpy()
