@@ -19,6 +19,8 @@ _SUBCOMMAND_MODULES = (
     "fedmqtt.broker.cli",
     "fedmqtt.coordinator.cli",
     "fedmqtt.device.cli",
+    "fedmqtt.export",
+    "fedmqtt.predict",
     "fedmqtt.pretrain",
     "fedmqtt.release",
     "fedmqtt.simulate",

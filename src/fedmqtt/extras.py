@@ -8,7 +8,9 @@ is an extra declared in pyproject.toml:
 - ``broker``: amqtt, the embedded pure-Python broker (``fedmqtt broker --embedded``, ``simulate`` without Mosquitto).
 - ``sim``: rich and matplotlib: ``fedmqtt simulate``, ``fedmqtt watch``'s live view and ``--once`` snapshot,
   the report plot.
-- ``vision``: torchvision, for the ``mobilenet-v3-small`` model.
+- ``vision``: torchvision, for the ``mobilenet-v3-small`` model and ``fedmqtt predict``'s image decoders.
+- ``export``: onnx, onnxscript and onnxruntime: ``fedmqtt export --format onnx`` and ``fedmqtt predict`` of an ONNX
+  model.
 - ``all``: every one of them.
 
 Code imports an optional package only through :func:`require` (the feature cannot work without it: a missing
@@ -23,7 +25,7 @@ from types import ModuleType
 
 from fedmqtt.errors import FedmqttError
 
-EXTRAS = ("dp", "broker", "sim", "vision")
+EXTRAS = ("dp", "broker", "sim", "vision", "export")
 
 
 class MissingExtra(FedmqttError, ImportError):
