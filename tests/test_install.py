@@ -44,6 +44,9 @@ OPTIONAL = {
     "matplotlib": "sim",
     "torchvision": "vision",
     "PIL": "vision",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxruntime": "export",
 }
 CORE = {"torch", "numpy", "paho-mqtt", "zstandard", "pydantic"}
 LICENSE_SHA256 = "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"  # apache.org's LICENSE-2.0.txt

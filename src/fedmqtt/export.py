@@ -530,8 +530,6 @@ def run_export(args: Any) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from fedmqtt.data import DATASETS
-
     parser = subparsers.add_parser(
         "export",
         help="write a trained model as TorchScript, ONNX or a model file, optionally pruned and int8",
@@ -556,7 +554,9 @@ def register(subparsers: Any) -> None:
         "weights); bare --int8 picks static where it works",
     )
     parser.add_argument("--prune", type=float, metavar="AMOUNT", help="zero this fraction of weights, in [0, 1)")
-    parser.add_argument("--dataset", choices=DATASETS, help="the data set the model was trained on (default: mnist)")
+    parser.add_argument(
+        "--dataset", help="the data set the model was trained on (default: the model file's, else mnist)"
+    )
     parser.add_argument("--eval-data", help="directory of the test split (default: $FEDMQTT_DATA, else the cache)")
     parser.add_argument("--eval-samples", type=int, help="evaluate on the first N test images (default: all)")
     parser.add_argument(
