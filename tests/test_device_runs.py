@@ -1,5 +1,5 @@
 """A real ``fedmqtt device`` process on a real Mosquitto, driven by a scripted coordinator (plain MQTT publishes of
-real plans, model frames and job statuses): stale retained messages of other runs, plans it cannot serve, and two
+real plans, model frames, job statuses and coordinator presences): stale retained messages of other runs, plans it cannot serve, and two
 processes sharing one device id."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fedmqtt.mqtt import MqttConnection
 from fedmqtt.schema import (
     TOKEN_PATTERN,
     CodecSpec,
+    CoordinatorPresence,
     DeviceStatus,
     FrameKind,
     Phase,
@@ -61,6 +62,7 @@ class Scene:
             on_message=self.inbox,
         )
         self.coordinator = mqtt_client(url)
+        self.instance = new_token()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     # --- the scripted coordinator ---
@@ -102,8 +104,15 @@ class Scene:
         return model_hash(frame)
 
     def publish_status(self, phase: Phase, run_id: str) -> None:
+        """The job status (a heartbeat devices no longer follow: watchers read it)."""
         status = Status(job=JOB, round=1, rounds_total=1, phase=phase, updated_at=time.time(), run_id=run_id)
         self.coordinator.publish(self.topics.status, to_json(status), qos=1, retain=True)
+
+    def publish_presence(self, state: str, run_id: str, phase: Phase | None = None) -> None:
+        """The coordinator's retained presence; ``stopped`` with ``phase`` is how a run's end reaches devices."""
+        presence = CoordinatorPresence(job=JOB, instance=self.instance, run_id=run_id, state=state,  # type: ignore[arg-type]
+                                       started_at=time.time(), ts=time.time(), phase=phase)  # fmt: skip
+        self.coordinator.publish(self.topics.coordinator, to_json(presence), qos=1, retain=True)
 
     # --- device processes ---
 
@@ -167,9 +176,9 @@ def scene(
 
 def test_stale_retained_messages_of_other_runs_neither_wedge_nor_end_a_device(scene: Scene, tiny_data: Path) -> None:
     # Before the device starts: an attacker's retained plan naming an unknown model (no run id), and the finished
-    # status the previous run of this job id left retained.
+    # presence the previous run of this job id left retained.
     scene.publish_plan(1, 0, None, model_name="resnet-9000")
-    scene.publish_status(Phase.FINISHED, OLD_RUN)
+    scene.publish_presence("stopped", OLD_RUN, Phase.FINISHED)
     scene.device("dev", tiny_data, "--id", "dev", "--exit-on-finish")
 
     # (a) The rogue plan is declined, with a retained status that says why ...
@@ -181,7 +190,7 @@ def test_stale_retained_messages_of_other_runs_neither_wedge_nor_end_a_device(sc
     assert declined.state == "online" and declined.round == 1 and declined.detail.startswith("declined round 1:")
     assert declined.instance is not None and declined.run_id is None
     assert re.match(TOKEN_PATTERN, declined.instance)
-    # (b) ... and the old run's finished status did not make the --exit-on-finish device leave.
+    # (b) ... and the old run's finished presence did not make the --exit-on-finish device leave.
     scene.wait("the device to pass over the old run's status",
                lambda: f"run {OLD_RUN} is finished; not the run this device serves" in scene.log("dev"),
                alive=("dev",))  # fmt: skip
@@ -205,8 +214,17 @@ def test_stale_retained_messages_of_other_runs_neither_wedge_nor_end_a_device(sc
     assert served.instance == declined.instance  # one process, one instance token
     assert len(scene.updates("dev")) == 1  # the rogue and the failed plans got no update
 
-    # The finished status of the run the device served ends it.
+    # Neither the job status saying the run finished (devices no longer subscribe to that heartbeat) nor the
+    # coordinator's last will (it crashed: the job is not over) ends the device.
     scene.publish_status(Phase.FINISHED, NEW_RUN)
+    scene.publish_presence("offline", NEW_RUN)
+    scene.wait("the device to read the coordinator's will",
+               lambda: f"the coordinator of run {NEW_RUN} went offline" in scene.log("dev"), alive=("dev",))  # fmt: skip
+    time.sleep(0.5)
+    assert scene.processes["dev"].poll() is None, scene.log("dev")
+    assert "job status" not in scene.log("dev") and f"run {NEW_RUN} is finished" not in scene.log("dev")
+    # The coordinator's presence saying the run the device served finished ends it.
+    scene.publish_presence("stopped", NEW_RUN, Phase.FINISHED)
     assert scene.processes["dev"].wait(timeout=30) == 0, scene.log("dev")
     scene.wait("the offline status", scene.status_where("dev", lambda s: s.state == "offline"))
 

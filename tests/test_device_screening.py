@@ -1,10 +1,11 @@
 """The device's pure core (fedmqtt.device.screening): which plans a device takes, ignores or declines, and which
-job statuses end its service. No broker, no torch; time is an argument."""
+coordinator presences end its service. No broker, no torch; time is an argument."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,18 @@ from fedmqtt.device.screening import (
     plan_key,
     reported_samples,
 )
-from fedmqtt.schema import CodecSpec, DeviceStatus, DPMode, DPPlan, Phase, Plan, Status
+from fedmqtt.schema import (
+    CodecSpec,
+    CoordinatorPresence,
+    DeviceStatus,
+    DPMode,
+    DPPlan,
+    MessageError,
+    Phase,
+    Plan,
+    from_json,
+    to_json,
+)
 
 JOB = "job1"
 DEV = "d1"
@@ -49,8 +61,12 @@ def plan(round: int = 1, attempt: int = 0, run_id: str | None = RUN_A, **kw: Any
     return Plan(**fields)
 
 
-def status(phase: Phase, run_id: str | None = RUN_A, **kw: Any) -> Status:
-    return Status(job=kw.pop("job", JOB), round=3, rounds_total=3, phase=phase, updated_at=NOW, run_id=run_id, **kw)
+def presence(phase: Phase | None, run_id: str | None = RUN_A, **kw: Any) -> CoordinatorPresence:
+    """The coordinator's presence: ``stopped`` with the job's end phase, else ``online`` (``state`` overrides)."""
+    fields: dict[str, Any] = {"job": JOB, "instance": "c" * 16, "run_id": run_id, "started_at": NOW, "ts": NOW}
+    fields["state"] = "stopped" if phase is not None else "online"
+    fields.update(kw)
+    return CoordinatorPresence(phase=phase, **fields)
 
 
 def screen() -> DeviceScreen:
@@ -140,16 +156,16 @@ def test_newer_plan_is_a_strict_order_within_a_run() -> None:
     assert newer_plan(b, a) and not newer_plan(a, b) and not newer_plan(a, a)
 
 
-def test_a_plan_of_an_ended_run_is_ignored_even_when_its_status_is_still_queued() -> None:
+def test_a_plan_of_an_ended_run_is_ignored_even_when_its_end_is_still_queued() -> None:
     s = screen()
     p = plan()
-    assert check(s, p, queued=[status(Phase.FINISHED)]).reason is PlanReason.RUN_ENDED
-    assert check(s, p, queued=[status(Phase.FINISHED, run_id=RUN_B)]) is PlanScreening.TAKE
-    assert check(s, p, queued=[status(Phase.TRAINING)]) is PlanScreening.TAKE
-    s.on_status(status(Phase.STOPPED), live=False)
+    assert check(s, p, queued=[presence(Phase.FINISHED)]).reason is PlanReason.RUN_ENDED
+    assert check(s, p, queued=[presence(Phase.FINISHED, run_id=RUN_B)]) is PlanScreening.TAKE
+    assert check(s, p, queued=[presence(None)]) is PlanScreening.TAKE
+    s.on_presence(presence(Phase.STOPPED), live=False)
     assert check(s, p).reason is PlanReason.RUN_ENDED
     # A resumed run (--resume keeps the run id) is going again.
-    s.on_status(status(Phase.TRAINING), live=True)
+    s.on_presence(presence(None), live=True)
     assert check(s, p) is PlanScreening.TAKE
 
 
@@ -178,62 +194,91 @@ def test_reported_samples_are_capped_at_the_plan_s_bound() -> None:
     assert reported_samples(plan(), 60_000) == 60_000
 
 
-# --- job status -----------------------------------------------------------------------------------
+# --- coordinator presence (the job's end) ---------------------------------------------------------
 
 
-def test_the_old_run_s_retained_finished_status_does_not_end_a_new_device() -> None:
+def test_the_old_run_s_retained_finished_presence_does_not_end_a_new_device() -> None:
     s = screen()
     s.observe(plan(run_id=RUN_A), live=False)  # the old run's retained plan
-    assert s.on_status(status(Phase.FINISHED, run_id=RUN_A), live=False) is False
-    assert s.on_status(status(Phase.FINISHED, run_id=None), live=False) is False
-    # The new run's plan arrives; the device serves it; that run's finished status ends the device.
+    assert s.on_presence(presence(Phase.FINISHED, run_id=RUN_A), live=False) is False
+    assert s.on_presence(presence(Phase.FINISHED, run_id=None), live=False) is False
+    # The new run's plan arrives; the device serves it; that run's finished presence ends the device.
     new = plan(run_id=RUN_B, issued_at=NOW + 100)
     s.observe(new, live=True)
     s.answer(new)
     assert s.current_run == RUN_B
-    assert s.on_status(status(Phase.FINISHED, run_id=RUN_A), live=True) is False  # late news of the old run
-    assert s.on_status(status(Phase.TRAINING, run_id=RUN_B), live=True) is False
-    assert s.on_status(status(Phase.FINISHED, run_id=RUN_B), live=True) is True
-    assert s.on_status(status(Phase.STOPPED, run_id=RUN_B), live=False) is True
+    assert s.on_presence(presence(Phase.FINISHED, run_id=RUN_A), live=True) is False  # late news of the old run
+    assert s.on_presence(presence(None, run_id=RUN_B), live=True) is False
+    assert s.on_presence(presence(Phase.FINISHED, run_id=RUN_B), live=True) is True
+    assert s.on_presence(presence(Phase.STOPPED, run_id=RUN_B), live=False) is True
 
 
 def test_a_device_never_selected_still_ends_with_the_run_it_listened_to() -> None:
     s = screen()
     s.observe(plan(selected=("d2",)), live=False)  # retained plan of the running run
-    assert s.on_status(status(Phase.FINISHED), live=True) is True  # published while it listened
+    assert s.on_presence(presence(Phase.FINISHED), live=True) is True  # published while it listened
 
 
 def test_a_run_that_ends_before_any_plan_ends_a_listening_device() -> None:
     """A privacy budget too small for round 1 stops the job before any plan: a device that was listening must
-    still obey the live stopped status (--exit-on-finish), while the same status replayed as retained is not."""
+    still obey the live stopped presence (--exit-on-finish), while the same presence replayed as retained is not."""
     s = screen()
-    assert s.on_status(status(Phase.STOPPED, run_id=RUN_B), live=False) is False
-    assert s.on_status(status(Phase.STOPPED, run_id=RUN_B), live=True) is True
+    assert s.on_presence(presence(Phase.STOPPED, run_id=RUN_B), live=False) is False
+    assert s.on_presence(presence(Phase.STOPPED, run_id=RUN_B), live=True) is True
 
 
 def test_a_live_plan_joins_its_run() -> None:
     s = screen()
     s.observe(plan(selected=("d2",)), live=True)
     assert s.joined and s.current_run == RUN_A
-    assert s.on_status(status(Phase.FINISHED), live=False) is True
+    assert s.on_presence(presence(Phase.FINISHED), live=False) is True
 
 
-def test_a_status_without_run_id_is_its_own_run() -> None:
+def test_a_presence_without_run_id_is_its_own_run() -> None:
     s = screen()
-    assert s.on_status(status(Phase.FINISHED, run_id=None), live=False) is False
+    assert s.on_presence(presence(Phase.FINISHED, run_id=None), live=False) is False
     legacy = plan(run_id=None)
     s.observe(legacy, live=True)
     s.answer(legacy)
-    assert s.on_status(status(Phase.FINISHED, run_id=None), live=False) is True
-    assert s.on_status(status(Phase.FINISHED, run_id=RUN_A), live=True) is False
+    assert s.on_presence(presence(Phase.FINISHED, run_id=None), live=False) is True
+    assert s.on_presence(presence(Phase.FINISHED, run_id=RUN_A), live=True) is False
 
 
-def test_another_job_s_status_is_ignored() -> None:
+def test_another_job_s_presence_is_ignored() -> None:
     s = screen()
     p = plan()
     s.observe(p, live=True)
-    assert s.on_status(status(Phase.FINISHED, job="other"), live=True) is False
+    assert s.on_presence(presence(Phase.FINISHED, job="other"), live=True) is False
     assert check(s, p) is PlanScreening.TAKE
+
+
+def test_a_coordinator_s_last_will_neither_ends_the_run_nor_revives_an_ended_one() -> None:
+    """A coordinator that crashed (its will: ``offline``, no phase) has not finished the job: devices stay. Only an
+    ``online`` presence of the run (a resumed run keeps its run id) says an ended run goes on."""
+    s = screen()
+    p = plan()
+    s.observe(p, live=True)
+    s.answer(p)
+    assert s.on_presence(presence(None, state="offline"), live=True) is False
+    assert s.on_presence(presence(None, state="offline"), live=False) is False
+    assert check(s, plan(round=2)) is PlanScreening.TAKE
+    assert check(s, plan(round=2), queued=[presence(None, state="offline")]) is PlanScreening.TAKE
+    assert s.on_presence(presence(Phase.STOPPED), live=True) is True
+    assert s.on_presence(presence(None, state="offline"), live=True) is False
+    assert check(s, plan(round=2)).reason is PlanReason.RUN_ENDED  # the will of the ended run changes nothing
+    assert s.on_presence(presence(None), live=True) is False  # --resume: the same run online again
+    assert check(s, plan(round=2)) is PlanScreening.TAKE
+
+
+def test_the_presence_carries_an_end_phase_only_when_the_job_ended() -> None:
+    ended = presence(Phase.FINISHED)
+    assert from_json(CoordinatorPresence, to_json(ended)) == ended
+    assert from_json(CoordinatorPresence, to_json(presence(None))).phase is None
+    for state, phase in [("online", "finished"), ("offline", "stopped"), ("stopped", "training")]:
+        payload = to_json(presence(None, state="stopped")).replace(b'"phase":null', f'"phase":"{phase}"'.encode())
+        payload = payload.replace(b'"state":"stopped"', f'"state":"{state}"'.encode())
+        with pytest.raises(MessageError, match="phase"):
+            from_json(CoordinatorPresence, payload)
 
 
 # --- two processes, one device id ----------------------------------------------------------------
@@ -324,7 +369,7 @@ def test_never_answers_a_plan_twice_and_never_goes_backwards_within_a_run(events
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(plans, st.booleans()), max_size=20), st.sampled_from([RUN_A, RUN_B, None]))
-def test_a_retained_finished_status_of_a_run_never_served_never_ends_the_device(
+def test_a_retained_finished_presence_of_a_run_never_served_never_ends_the_device(
     events: list[tuple[Plan, bool]], old_run: str | None
 ) -> None:
     s = screen()
@@ -335,4 +380,4 @@ def test_a_retained_finished_status_of_a_run_never_served_never_ends_the_device(
         s.observe(p, live=live)
         if not verdict.ignored and p.run_id != old_run:
             s.answer(p)
-    assert s.on_status(status(Phase.FINISHED, run_id=old_run), live=False) is False
+    assert s.on_presence(presence(Phase.FINISHED, run_id=old_run), live=False) is False

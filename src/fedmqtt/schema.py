@@ -380,12 +380,20 @@ class Status(_Strict):
 
 CoordinatorState = Literal["online", "offline", "stopped"]
 
+#: The phases in which a job has ended (a job status's and the coordinator presence's ``phase``).
+END_PHASES: tuple[Phase, ...] = (Phase.FINISHED, Phase.STOPPED)
+
 
 class CoordinatorPresence(_Strict):
     """``PREFIX/JOB/coordinator`` (retained; ``offline`` is the last will): which coordinator runs the job.
 
     A coordinator that finds another instance online with a fresh heartbeat refuses to start; one started
     with ``--take-over`` publishes itself here and the older instance stops when it reads it.
+
+    It changes only on job lifecycle transitions (start, take-over, reconnect, end; the will on a crash), never
+    on a heartbeat, so it is the topic devices follow: ``phase`` is the job's end (finished/stopped) in the
+    ``stopped`` presence the coordinator publishes when run ``run_id`` ends, and None otherwise (running, or the
+    will of a coordinator that died: the job is not over).
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -396,6 +404,15 @@ class CoordinatorPresence(_Strict):
     started_at: FiniteFloat
     ts: FiniteFloat | None = None
     take_over: bool = False
+    phase: Phase | None = None
+
+    @model_validator(mode="after")
+    def _phase_only_when_stopped(self) -> CoordinatorPresence:
+        if self.phase is not None and self.phase not in END_PHASES:
+            raise ValueError(f"phase {self.phase.value!r} is not an end phase (finished, stopped)")
+        if self.phase is not None and self.state != "stopped":
+            raise ValueError(f"phase {self.phase.value!r} needs state 'stopped' (the job ended), not {self.state!r}")
+        return self
 
 
 class RefusalReason(StrEnum):

@@ -43,6 +43,7 @@ from fedmqtt.mqtt import (
 )
 from fedmqtt.privacy.policy import RoundPrivacy, check_update_norm
 from fedmqtt.schema import (
+    END_PHASES,
     CodecSpec,
     CoordinatorPresence,
     DeviceStatus,
@@ -434,7 +435,9 @@ class CoordinatorService:
             oldest = self._inbox.queue[0] if self._inbox.queue else None
         return oldest is not None and oldest.received_at < deadline
 
-    def _presence(self, state: str) -> CoordinatorPresence:
+    def _presence(self, state: str, phase: Phase | None = None) -> CoordinatorPresence:
+        """The retained presence. Published on lifecycle transitions only (start, reconnect, :meth:`_finish`; the
+        will): devices follow it instead of the status heartbeat, so it must never be republished periodically."""
         return CoordinatorPresence(
             job=self.config.job,
             instance=self.instance,
@@ -443,6 +446,7 @@ class CoordinatorService:
             started_at=self.started_at,
             ts=self.clock(),
             take_over=self.config.take_over,
+            phase=phase,
         )
 
     def _probe_job(self) -> list[_Inbound]:
@@ -955,7 +959,10 @@ class CoordinatorService:
         if code == 0:  # finished, or stopped by a rule of the job (target accuracy, privacy budget)
             self._release()
         self._maybe_publish_status(force=True)
-        self._publish(self.topics.coordinator, to_json(self._presence("stopped")), retain=True)
+        # The devices' news that the run is over (--exit-on-finish): the machine's end phase, finished or stopped.
+        end = self.machine.phase
+        ended = to_json(self._presence("stopped", end if end in END_PHASES else None))
+        self._publish(self.topics.coordinator, ended, retain=True)
         self._checkpoint()
         self.exit_code = code
 

@@ -5,7 +5,7 @@ data part, error-feedback state and privacy ledger. Network threads only route m
 process trains the selected devices one after another, so they share the process's torch threads and one model
 copy plus its optimizer.
 
-What to do with each plan and job status is decided by the pure core, :mod:`fedmqtt.device.screening`; this
+What to do with each plan and coordinator presence is decided by the pure core, :mod:`fedmqtt.device.screening`; this
 module carries the decisions out. A plan the device cannot serve is declined with a retained device status that
 says why, and the device goes on listening for the next plan.
 """
@@ -48,6 +48,7 @@ from fedmqtt.mqtt import (
     Will,
 )
 from fedmqtt.schema import (
+    CoordinatorPresence,
     DeviceState,
     DeviceStatus,
     DownlinkPath,
@@ -57,7 +58,6 @@ from fedmqtt.schema import (
     MessageError,
     Phase,
     Plan,
-    Status,
     from_json,
     new_token,
     to_json,
@@ -75,9 +75,9 @@ DELTA_WAIT_SECONDS = 5.0
 
 #: Devices of one process that connect at the same time on a shared network loop (connect_all).
 CONNECT_CONCURRENCY = 16
-#: Distinct plan and job-status payloads whose parsed form a process keeps (DeviceRuntime.parse).
+#: Distinct plan and coordinator-presence payloads whose parsed form a process keeps (DeviceRuntime.parse).
 _PARSED_KEPT = 64
-_Message = TypeVar("_Message", Plan, Status)
+_Message = TypeVar("_Message", Plan, CoordinatorPresence)
 
 
 class DeviceRefusal(FedmqttError):
@@ -126,7 +126,7 @@ class DeviceOptions:
 @dataclass(eq=False)
 class _Inbound:
     device: VirtualDevice
-    kind: str  # "plan" | "status" | "connected"
+    kind: str  # "plan" | "presence" (the coordinator's) | "connected"
     payload: bytes = b""
     live: bool = False  # published while we listened (not a retained message replayed on subscribing)
 
@@ -144,7 +144,7 @@ class VirtualDevice:
     ledger: Any = None
     model_frames: queue.Queue[bytes] = field(default_factory=queue.Queue)
     state: DeviceState = "online"
-    # Plans and job statuses received and not yet handled by the worker, oldest first (the inbox holds them
+    # Plans and coordinator presences received and not yet handled by the worker, oldest first (the inbox holds them
     # too; this list lets the worker see what came *after* the message it handles).
     pending: list[_Inbound] = field(default_factory=list)
     # Said in the next status's detail (e.g. that another process uses this device id).
@@ -175,8 +175,10 @@ class VirtualDevice:
         self.conn = MqttConnection(
             settings,
             on_message=self._on_message,
-            # Its own status topic too: another process's status there means two processes share this id.
-            subscriptions=[(topics.plan, 1), (topics.status, 1), (topics.device_status(self.device_id), 1)],
+            # The coordinator's presence, not the job status: it changes only when the job starts or ends (the
+            # status is a heartbeat, n deliveries a second for n devices). Its own status topic too: another
+            # process's status there means two processes share this id.
+            subscriptions=[(topics.plan, 1), (topics.coordinator, 1), (topics.device_status(self.device_id), 1)],
             on_connected=self._on_connected,
             on_disconnected=self._on_disconnected,
             network_loop=self.runtime.network_loop,
@@ -204,15 +206,9 @@ class VirtualDevice:
 
     def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
         topics = self.runtime.topics
-        if topic == topics.plan or topic == topics.status:
-            item = _Inbound(self, "plan" if topic == topics.plan else "status", payload, live=not retain)
+        if topic == topics.plan or topic == topics.coordinator:
+            item = _Inbound(self, "plan" if topic == topics.plan else "presence", payload, live=not retain)
             with self._lock:
-                last = self.pending[-1] if self.pending else None
-                if item.kind == "status" and last is not None and last.kind == "status":
-                    # A newer snapshot of the job status replaces the one still waiting (nothing came between):
-                    # a worker busy training must not face a backlog of one status a second per virtual device.
-                    last.payload, last.live = payload, item.live
-                    return
                 self.pending.append(item)
             self.runtime.inbox.put(item)
         elif topic == topics.model or topic == topics.delta:
@@ -226,7 +222,7 @@ class VirtualDevice:
             if foreign_instance(status, device=self.device_id, instance=runtime.instance, since=runtime.started_at):
                 self._duplicate(f"a status from process instance {status.instance} arrived on this device's topic")
 
-    def take_pending(self, item: _Inbound) -> list[Plan | Status | None]:
+    def take_pending(self, item: _Inbound) -> list[Plan | CoordinatorPresence | None]:
         """Remove ``item`` from the pending list; return what arrived after it (parsed; plans cleared from the
         retained topic as None; unreadable messages left out)."""
         with self._lock:
@@ -236,16 +232,16 @@ class VirtualDevice:
                     break
         return self.queued()
 
-    def queued(self) -> list[Plan | Status | None]:
+    def queued(self) -> list[Plan | CoordinatorPresence | None]:
         with self._lock:
             later = list(self.pending)
-        parsed: list[Plan | Status | None] = []
+        parsed: list[Plan | CoordinatorPresence | None] = []
         for other in later:
             try:
                 if other.kind == "plan":
                     parsed.append(self.runtime.parse(Plan, other.payload) if other.payload else None)
                 elif other.payload:
-                    parsed.append(self.runtime.parse(Status, other.payload))
+                    parsed.append(self.runtime.parse(CoordinatorPresence, other.payload))
             except MessageError:
                 continue
         return parsed
@@ -327,7 +323,7 @@ class DeviceRuntime:
         # paho's thread per client; None: shared when the process hosts more than one device. Made in connect_all.
         self.shared_loop = shared_loop
         self.network_loop: NetworkLoop | None = None
-        # Plans and job statuses parsed once per distinct payload (see parse()), newest last.
+        # Plans and coordinator presences parsed once per distinct payload (see parse()), newest last.
         self._parsed: dict[tuple[type, bytes], Any] = {}
         self.topics = Topics(job=options.job, prefix=options.prefix)
         self.inbox: queue.Queue[_Inbound] = queue.Queue()
@@ -351,8 +347,9 @@ class DeviceRuntime:
 
     def parse(self, kind: type[_Message], payload: bytes) -> _Message:
         """``from_json(kind, payload)``, once per distinct payload: every virtual device of the process receives
-        its own copy of each plan and job status, and parsing each copy cost O(devices) per message; with a status
-        a second and 250 devices a process, the worker fell behind and a plan waited behind minutes of statuses.
+        its own copy of each plan and coordinator presence, and parsing each copy cost O(devices) per message
+        (when devices still followed the once-a-second job status, a worker with 250 devices fell behind and a plan
+        waited behind minutes of statuses).
         Worker thread only. Raises :class:`MessageError` (remembered too: a hostile payload is parsed once)."""
         key = (kind, payload)
         hit = self._parsed.get(key)
@@ -454,28 +451,34 @@ class DeviceRuntime:
             device.publish_status(state, run_id=device.screen.current_run)
             return
         queued = device.take_pending(item)
-        if item.kind == "status":
-            self._on_job_status(device, item)
+        if item.kind == "presence":
+            self._on_presence(device, item)
         elif item.kind == "plan":
             self._on_plan(device, item, queued)
 
-    def _on_job_status(self, device: VirtualDevice, item: _Inbound) -> None:
+    def _on_presence(self, device: VirtualDevice, item: _Inbound) -> None:
+        """The coordinator's presence: whether the run this device serves ended (screening.on_presence)."""
         if not item.payload:
             return
         try:
-            status = self.parse(Status, item.payload)
+            presence = self.parse(CoordinatorPresence, item.payload)
         except MessageError as exc:
-            log.warning("%s: ignored an invalid job status: %s", device.device_id, exc)
+            log.warning("%s: ignored an invalid coordinator presence: %s", device.device_id, exc)
             return
-        if device.screen.on_status(status, live=item.live):
-            self.finished_phase = status.phase
-        elif status.phase in (Phase.FINISHED, Phase.STOPPED) and self.options.exit_on_finish:
+        if device.screen.on_presence(presence, live=item.live):
+            self.finished_phase = presence.phase
+        elif presence.phase is not None and self.options.exit_on_finish:
             log.info(
-                "%s: job status says run %s is %s; not the run this device serves, waiting for plans",
-                device.device_id, run_label(status.run_id), status.phase.value,
+                "%s: the coordinator says run %s is %s; not the run this device serves, waiting for plans",
+                device.device_id, run_label(presence.run_id), presence.phase.value,
+            )  # fmt: skip
+        elif presence.state == "offline" and item.live and presence.job == self.options.job:
+            log.info(
+                "%s: the coordinator of run %s went offline (its last will); waiting for it to come back",
+                device.device_id, run_label(presence.run_id),
             )  # fmt: skip
 
-    def _on_plan(self, device: VirtualDevice, item: _Inbound, queued: list[Plan | Status | None]) -> None:
+    def _on_plan(self, device: VirtualDevice, item: _Inbound, queued: list[Plan | CoordinatorPresence | None]) -> None:
         if not item.payload:
             return  # the retained plan was cleared (a new run starts)
         try:
@@ -508,7 +511,7 @@ class DeviceRuntime:
         self,
         device: VirtualDevice,
         plan: Plan,
-        queued: list[Plan | Status | None],
+        queued: list[Plan | CoordinatorPresence | None],
         known_models: tuple[str, ...] | None = None,
         timed: bool = False,
     ) -> PlanScreening:

@@ -1,4 +1,5 @@
-"""The device's pure core: what a device does with each plan and each job status. No MQTT, no torch, no clock.
+"""The device's pure core: what a device does with each plan and each coordinator presence. No MQTT, no torch,
+no clock.
 
 The device side's counterpart of :meth:`fedmqtt.coordinator.machine.RoundMachine.screen_update`. The adapter
 (``device/agent.py``) parses messages, asks :meth:`DeviceScreen.screen` what to do with a plan, carries the
@@ -8,9 +9,12 @@ A plan is answered at most once per *run* of the job: answers are keyed by ``(ru
 plan of another run (a stale retained plan, a re-run of a finished job id) never blocks the plans of the
 current one. Within one run rounds never go backwards.
 
-A ``finished``/``stopped`` job status ends a device's service (``--exit-on-finish``) only when it is the status of
-the run the device serves: a device started for a new run must not obey the retained status the previous run left
-behind; it waits for the new run's plans.
+Devices learn that a run ended from the coordinator's retained presence (``PREFIX/JOB/coordinator``,
+:class:`fedmqtt.schema.CoordinatorPresence`), which changes only on job lifecycle transitions, not from the job
+status (a heartbeat at least once a second: n deliveries a second for a fleet of n devices). A presence whose
+``phase`` is finished/stopped ends a device's service (``--exit-on-finish``) only when it is the presence of the
+run the device serves: a device started for a new run must not obey the retained presence the previous run left
+behind; it waits for the new run's plans. A coordinator's last will (``offline``, no phase) ends nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from enum import StrEnum
 from typing import Any, ClassVar, Protocol
 
 from fedmqtt.device.train_time import time_problem
-from fedmqtt.schema import DeviceStatus, DPMode, DPPlan, Phase, Plan, Status
+from fedmqtt.schema import CoordinatorPresence, DeviceStatus, DPMode, DPPlan, Plan
 
 # How much a device remembers; old runs and rounds fall out first (insertion order).
 MAX_ANSWERS = 256
@@ -29,8 +33,6 @@ MAX_RUNS = 16
 
 Run = str | None  # a plan's run id; None for a coordinator that does not state one
 PlanKey = tuple[Run, int, int]  # (run_id, round, attempt)
-
-_ENDED = (Phase.FINISHED, Phase.STOPPED)
 
 
 class Decision(StrEnum):
@@ -45,7 +47,7 @@ class PlanReason(StrEnum):
     WRONG_JOB = "wrong_job"
     NOT_SELECTED = "not_selected"
     ALREADY_ANSWERED = "already_answered"
-    RUN_ENDED = "run_ended"  # a status says this plan's run is finished or stopped
+    RUN_ENDED = "run_ended"  # the coordinator's presence says this plan's run is finished or stopped
     STALE = "stale"  # older than the newest plan seen in the same run
     SUPERSEDED = "superseded"  # a newer plan (or the plan's withdrawal) is already queued
     EXPIRED = "expired"  # its deadline passed before the device could start
@@ -150,9 +152,9 @@ def _remember(mapping: dict[Any, Any], key: Any, value: Any, limit: int) -> None
 
 @dataclass
 class DeviceScreen:
-    """One device's memory of plans and job statuses, and the rules applied to them.
+    """One device's memory of plans and of the runs that ended, and the rules applied to them.
 
-    ``screen`` changes nothing; ``observe``, ``answer`` and ``on_status`` record.
+    ``screen`` changes nothing; ``observe``, ``answer`` and ``on_presence`` record.
     """
 
     job: str
@@ -165,7 +167,7 @@ class DeviceScreen:
     # of their plans, or received one live, i.e. published while it listened); the last joined is current.
     seen_runs: dict[Run, None] = field(default_factory=dict)
     joined_runs: dict[Run, None] = field(default_factory=dict)
-    # Runs a status said are finished or stopped.
+    # Runs a coordinator presence said are finished or stopped.
     ended_runs: dict[Run, None] = field(default_factory=dict)
 
     @property
@@ -184,7 +186,7 @@ class DeviceScreen:
         plan: Plan,
         *,
         now: float,
-        queued: Sequence[Plan | Status | None] = (),
+        queued: Sequence[Plan | CoordinatorPresence | None] = (),
         known_models: Collection[str] | None = None,
         ledger: BudgetCheck | None = None,
         train_estimate: float | None = None,
@@ -193,7 +195,7 @@ class DeviceScreen:
         """What to do with ``plan``, received on the job's plan topic.
 
         ``queued``: what arrived for this device after the plan and is still waiting in its inbox, oldest first:
-        plans, job statuses, and None for a cleared (withdrawn) retained plan. ``known_models``: the model names
+        plans, coordinator presences, and None for a cleared (withdrawn) retained plan. ``known_models``: the model names
         this device can build (None: do not check). ``ledger``: the device's privacy ledger, if it keeps one.
         ``train_estimate``: seconds this device's training for the plan is estimated to take
         (:class:`fedmqtt.device.train_time.TrainTimeEstimator`; None: no estimate yet, so it is tried), checked
@@ -210,7 +212,7 @@ class DeviceScreen:
         if key in self.answered:
             return PlanScreening.ignore(PlanReason.ALREADY_ANSWERED, f"{where} is already answered")
         if plan.run_id in self.ended_runs or any(
-            isinstance(q, Status) and q.job == self.job and q.run_id == plan.run_id and q.phase in _ENDED
+            isinstance(q, CoordinatorPresence) and q.job == self.job and q.run_id == plan.run_id and q.phase is not None
             for q in queued
         ):
             return PlanScreening.ignore(PlanReason.RUN_ENDED, f"run {run_label(plan.run_id)} is over")
@@ -268,25 +270,27 @@ class DeviceScreen:
             return
         _remember(self.joined_runs, run, None, MAX_RUNS)
 
-    # --- job status -------------------------------------------------------------------------------
+    # --- coordinator presence ---------------------------------------------------------------------
 
-    def on_status(self, status: Status, *, live: bool) -> bool:
-        """Record a job status; return whether it ends this device's service (for ``--exit-on-finish``).
+    def on_presence(self, presence: CoordinatorPresence, *, live: bool) -> bool:
+        """Record a coordinator presence; return whether it ends this device's service (for ``--exit-on-finish``).
 
-        It does when it says finished/stopped and its run is the one this device serves: the run it last
-        answered a plan of or received a live plan of. A device that has joined no run yet accepts a status
-        published live (it was listening when the job ended, e.g. a privacy budget too small for round 1 ends
-        a run before any plan); a retained status replayed on subscribing is the previous run's news and is not
-        obeyed.
+        It does when its ``phase`` says finished/stopped and its run is the one this device serves: the run it
+        last answered a plan of or received a live plan of. A device that has joined no run yet accepts a presence
+        published live (it was listening when the job ended, e.g. a privacy budget too small for round 1 ends a
+        run before any plan); a retained presence replayed on subscribing is the previous run's news and is not
+        obeyed. An ``online`` presence of a run (a resumed run keeps its run id) says that run goes on; the last
+        will of a coordinator that died (``offline``, no phase) changes nothing: the job is not over.
         """
-        if status.job != self.job:
+        if presence.job != self.job:
             return False
-        if status.phase not in _ENDED:
-            self.ended_runs.pop(status.run_id, None)  # a resumed run (--resume keeps the run id) goes on
+        if presence.phase is None:  # the schema admits only an end phase (finished, stopped) here
+            if presence.state == "online":
+                self.ended_runs.pop(presence.run_id, None)
             return False
-        _remember(self.ended_runs, status.run_id, None, MAX_RUNS)
+        _remember(self.ended_runs, presence.run_id, None, MAX_RUNS)
         if self.joined:
-            return status.run_id == self.current_run
+            return presence.run_id == self.current_run
         return live
 
     # --- persistence ------------------------------------------------------------------------------
