@@ -1227,7 +1227,9 @@ class CoordinatorService:
         history and the status's last metrics, say ``round_evaluated``, judge --target-accuracy, checkpoint."""
         if result.error is not None:
             log.error("round %d: %s", result.round, result.detail)
-        index = next((i for i in range(len(self.history) - 1, -1, -1) if self.history[i]["round"] == result.round), None)
+        index = next(
+            (i for i in range(len(self.history) - 1, -1, -1) if self.history[i]["round"] == result.round), None
+        )
         if index is None:
             log.warning("round %d was evaluated but has no record; its accuracy is dropped", result.round)
         else:
