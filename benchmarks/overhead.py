@@ -2,7 +2,7 @@
 
 The job: 10 devices, 5 rounds, the McMahan et al. CNN, E = 1, B = 10, lr 0.05, IID, float32 both ways.
 
-1. in-process: a plain FedAvg loop in this process with fedmqtt's own pieces: the devices' parts
+1. in-process: a plain FedAvg loop in one process with fedmqtt's own pieces: the devices' parts
    (``fedmqtt.data.partition`` with the run's seed), the coordinator's initial model (``build_model(seed=)``),
    ``fedmqtt.training.train_local`` per device (unseeded shuffling, as the devices train) and the coordinator's
    FedAvg (``fedmqtt.coordinator.aggregation``), torch with its default threads;
@@ -11,8 +11,9 @@ The job: 10 devices, 5 rounds, the McMahan et al. CNN, E = 1, B = 10, lr 0.05, I
    global model handed over a pipe, the same FedAvg between rounds: no broker, no frames — what the cores can do;
 3. fedmqtt: ``fedmqtt simulate`` on Mosquitto.
 
-Seconds are seconds of rounds: training and aggregation for 1 and 2 (each model is evaluated after its round,
-outside the clock, for the accuracy); the sum of the round summaries' seconds (round opened to closed) for 3.
+Every way runs in processes of their own sessions, as simulate starts its children (Linux's autogroup shares a
+busy CPU between sessions first). Seconds are seconds of rounds: training and aggregation for 1 and 2 (each model
+is evaluated after its round, outside the clock, for the accuracy); the sum of the round summaries' seconds (round opened to closed) for 3.
 Where fedmqtt's extra time goes comes from the job's events and device statuses (benchmarks/_runner.py,
 ``round_phases``): model download, device training and upload, and the close (aggregation, evaluation, publish).
 
@@ -127,11 +128,35 @@ def run_inprocess(job: R.Job, data: Path) -> dict[str, Any]:
     return _baseline_result(seconds, loop, threads=_torch_threads(), processes=1)
 
 
+def _inprocess_worker(conn: Connection, job: R.Job, data: str) -> None:
+    os.setsid()  # a session of its own, as each process of fedmqtt simulate has (see run_inprocess_alone)
+    conn.send(run_inprocess(job, Path(data)))
+
+
+def run_inprocess_alone(job: R.Job, data: Path) -> dict[str, Any]:
+    """:func:`run_inprocess` in a process of its own session. simulate starts every child in a new session, and
+    Linux's scheduler (autogroup) shares a busy CPU between sessions first: the loop, the floor's workers and
+    fedmqtt's device processes must all be in sessions of their own, or a shared machine's load favours one."""
+    ctx = mp.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    process = ctx.Process(target=_inprocess_worker, args=(theirs, job, str(data)))
+    process.start()
+    try:
+        result: dict[str, Any] = ours.recv()
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    return result
+
+
 def _floor_worker(conn: Connection, job: R.Job, data: str, first: int, end: int, threads: int) -> None:
     import torch
 
     from fedmqtt.models import build_model
 
+    os.setsid()  # as simulate's device processes (see run_inprocess_alone)
     torch.set_num_threads(threads)
     datasets = device_parts(job, Path(data), first, end)
     model = build_model(job.model)
@@ -300,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"overhead: {job.label()}", file=sys.stderr)
     # The machine's 1-minute load average before each way: on a shared machine the ratios mean little without it.
     load = {"inprocess": os.getloadavg()[0]}
-    inprocess = run_inprocess(job, data)
+    inprocess = run_inprocess_alone(job, data)
     print(f"  in-process: {inprocess['seconds']:.1f} s", file=sys.stderr)
     load["floor"] = os.getloadavg()[0]
     floor = run_floor(job, data)
