@@ -141,8 +141,9 @@ def load_source(checkpoint_dir: Path | None, model_file: Path | None, model: str
     num_classes = _num_classes_of(name, arrays, path)
     held_file = ModelFile(name, num_classes, arrays, arrays_digest(arrays))
     fitted = check_model(held_file, model or name, path=path, num_classes=num_classes)
-    round_ = state.get("model_round")
-    return Source(name, num_classes, fitted, held_file.digest, None, f"coordinator checkpoint {path} (round {round_})")
+    opens = state.get("model_round")  # the round this global model opens: it is the result of the rounds before
+    after = f"after round {int(opens) - 1}" if isinstance(opens, int) and opens > 1 else "initial model"
+    return Source(name, num_classes, fitted, held_file.digest, None, f"coordinator checkpoint {path} ({after})")
 
 
 # --------------------------------------------------------------------------------------------------
