@@ -68,6 +68,8 @@ TLS_COORDINATOR = ["coordinator", "--broker", "{mqtts}", "--job", "j", "--rounds
 DEVICE = ["device", "--broker", "{mqtt}", "--job", "j", "--id", "d1", "--connect-timeout", "2"]
 TLS_DEVICE = ["device", "--broker", "{mqtts}", "--job", "j", "--id", "d1", "--connect-timeout", "2"]
 WATCH = ["watch", "--broker", "{mqtts}", "--job", "j", "--connect-timeout", "2"]
+RELEASE = ["release", "--broker", "{mqtt}", "--job", "j", "--connect-timeout", "2"]
+TLS_RELEASE = ["release", "--broker", "{mqtts}", "--job", "j", "--connect-timeout", "2"]
 SIMULATE = ["simulate", "--devices", "1", "--rounds", "1", "--broker", "{mqtt}", "--timeout", "10"]
 TLS_SIMULATE = ["simulate", "--devices", "1", "--rounds", "1", "--broker", "{mqtts}", "--timeout", "10"]
 MOSQUITTO = ["broker", "--mosquitto", "--port", "{port}"]
@@ -116,6 +118,26 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("device", [*TLS_DEVICE, "--data-dir", "adir", "--tls-ca", "garbage.bin"], "--tls-ca", "garbage.bin"),
     ("device", [*TLS_DEVICE, "--data-dir", "adir", "--tls-cert", "garbage.bin"], "--tls-cert", "garbage.bin"),
     ("device", [*TLS_DEVICE, "--tls-cert", "tls/server.crt", "--tls-key", "missing.key"], "--tls-key", "missing.key"),
+    ("device", [*DEVICE, "--serve-only", "--serve-dir", "afile"], "--serve-dir", "afile"),
+    ("device", [*DEVICE, "--serve-only", "--serve-dir", "afile/x"], "--serve-dir", "afile/x"),
+    # release
+    ("release", [*RELEASE, "--model-file", "missing.fedmodel"], "--model-file", "missing.fedmodel"),
+    ("release", [*RELEASE, "--model-file", "adir"], "--model-file", "adir"),
+    ("release", [*RELEASE, "--model-file", "garbage.bin"], "--model-file", "garbage.bin"),
+    (
+        "release",
+        [*RELEASE, "--model-file", "adir", "--username", "u", "--password-file", "adir"],
+        "--password-file",
+        "adir",
+    ),
+    ("release", [*TLS_RELEASE, "--model-file", "adir", "--tls-ca", "missing.crt"], "--tls-ca", "missing.crt"),
+    ("release", [*TLS_RELEASE, "--model-file", "adir", "--tls-cert", "garbage.bin"], "--tls-cert", "garbage.bin"),
+    (
+        "release",
+        [*TLS_RELEASE, "--model-file", "adir", "--tls-cert", "tls/server.crt", "--tls-key", "missing.key"],
+        "--tls-key",
+        "missing.key",
+    ),
     # watch
     ("watch", [*WATCH, "--tls-ca", "missing.crt"], "--tls-ca", "missing.crt"),
     ("watch", [*WATCH, "--tls-ca", "adir"], "--tls-ca", "adir"),

@@ -287,7 +287,8 @@ def register(subparsers: Any) -> None:
 
 
 def run_release(args: argparse.Namespace) -> int:
-    from fedmqtt.model_file import check_model, load_model_file
+    from fedmqtt.errors import ConfigError
+    from fedmqtt.model_file import ModelFileError, check_model, load_model_file
     from fedmqtt.mqtt import MqttConnection
     from fedmqtt.mqtt.settings import broker_settings_from_args
     from fedmqtt.paths import require_input_file
@@ -296,8 +297,11 @@ def run_release(args: argparse.Namespace) -> int:
     broker = broker_settings_from_args(args)
     topics = Topics(job=args.job, prefix=args.prefix)
     require_input_file("--model-file", args.model_file)
-    model_file = load_model_file(args.model_file)
-    arrays = check_model(model_file, model_file.model, path=args.model_file, num_classes=model_file.num_classes)
+    try:
+        model_file = load_model_file(args.model_file)
+        arrays = check_model(model_file, model_file.model, path=args.model_file, num_classes=model_file.num_classes)
+    except ModelFileError as exc:
+        raise ConfigError("--model-file", str(exc)) from None
     meta = model_file.meta
     accuracy, loss = meta.get("accuracy"), meta.get("loss")
     frame = encode_release(
