@@ -99,6 +99,7 @@ def test_int8_torchscript_agrees_with_the_float_model(
         assert abs(report.after.accuracy - report.before.accuracy) < 0.01
 
 
+@pytest.mark.slow  # the float baseline goes through torch.export (17-30 s here)
 def test_int8_static_onnx_runs_in_onnxruntime(
     mlp_file: Path, pngs: tuple[list[Path], np.ndarray], tmp_path: Path
 ) -> None:
