@@ -22,9 +22,10 @@ from fedmqtt.codecs import decode_frame, encode_frame, peek_header
 from fedmqtt.codecs.downlink import arrays_digest
 from fedmqtt.model_file import ModelFile, ModelFileError, load_model_file, save_model_file
 from fedmqtt.models import build_model, get_arrays
-from fedmqtt.mqtt import MqttConnection
+from fedmqtt.mqtt import MqttConnection, PublishRefused
 from fedmqtt.release import encode_release, serve_path
 from fedmqtt.schema import CodecSpec, FrameHeader, FrameKind, ReleaseInfo
+from fedmqtt.topics import Topics
 from test_e2e import Job, participants
 from test_imagefolder import write_imagefolder
 
@@ -160,3 +161,22 @@ def test_a_finished_job_releases_its_model_and_serving_devices_keep_the_newest_v
 
     job.processes["serve"].send_signal(signal.SIGTERM)
     assert job.wait_exit("serve") == 0
+
+
+def test_on_a_secure_mosquitto_devices_and_watchers_read_the_release_and_only_the_coordinator_writes_it(
+    secure_mosquitto: Any, mqtt_client: Callable[..., MqttConnection]
+) -> None:
+    secure = secure_mosquitto
+    topics = Topics(job="rel" + str(int(time.time() * 1000) % 10**8), prefix=secure.prefix)
+    frame = encode_release(get_arrays(build_model("mlp", seed=2)), model="mlp", job=topics.job, round=1,
+                           sender="coordinator", released_at=time.time())  # fmt: skip
+    coordinator = mqtt_client(secure.url_for("coordinator"), tls_ca=secure.ca_file)
+    coordinator.publish(topics.release, frame, qos=1, retain=True)
+    for user in ("d1", "watcher"):
+        got = Releases()
+        reader = mqtt_client(secure.url_for(user), subscriptions=[(topics.release, 1)], on_message=got,
+                             tls_ca=secure.ca_file)  # fmt: skip
+        assert got.wait(f"{user} to read the release", lambda h: h.job == topics.job, timeout=10) == frame
+        with pytest.raises(PublishRefused, match="Not authorized"):
+            reader.publish(topics.release, b"forged", qos=1)
+    coordinator.publish(topics.release, b"", qos=1, retain=True)  # leave no retained release behind
