@@ -51,7 +51,7 @@ __all__ = [
 
 META_KEY = "fedmqtt.json"  # the TorchScript extra file; the ONNX metadata_props key is ONNX_META_KEY
 ONNX_META_KEY = "fedmqtt"
-META_FORMAT = "fedmqtt-export-meta"
+META_FORMAT: Literal["fedmqtt-export-meta"] = "fedmqtt-export-meta"
 
 # Names of the classes of the data sets fedmqtt knows (index = label).
 _CLASS_NAMES: dict[str, tuple[str, ...]] = {
