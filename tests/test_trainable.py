@@ -136,6 +136,35 @@ def test_a_trainable_only_delta_carries_only_those_tensors_and_leaves_the_frozen
         assert np.allclose(held["fc3.bias"], target["fc3.bias"], atol=1e-6)
 
 
+def test_a_model_part_completes_any_model_of_the_job_however_many_rounds_the_device_missed() -> None:
+    from fedmqtt.codecs import DeltaBaseMismatch, DeltaMismatch
+    from fedmqtt.codecs.downlink import apply_model_part_frame, encode_model_part
+
+    trained = ("fc3.weight", "fc3.bias")
+    manifest = tuple(e for e in model_manifest("mlp") if e.name in trained)
+    rng = np.random.default_rng(1)
+    models = [_mlp(0)]
+    for _ in range(4):  # four rounds move the head only
+        models.append({k: (v + rng.standard_normal(v.shape).astype(np.float32) if k in trained else v)
+                       for k, v in models[-1].items()})  # fmt: skip
+    latest = models[-1]
+    frame = encode_model_part(latest, trained, codec=CodecSpec(), job="j", round=5, sender="coordinator", run_id=None)
+    assert [t.name for t in peek_header(frame).tensors] == list(trained) and len(frame) < 9_000
+    want = {"job": "j", "round": 5, "run_id": None, "digest": arrays_digest(latest), "manifest": manifest}
+    for held in models:  # the base or any later model: the same bits
+        rebuilt = apply_model_part_frame(frame, held=held, **want)
+        assert all(rebuilt[k].tobytes() == latest[k].tobytes() for k in latest)
+    other_base = {k: (v if k in trained else v + np.float32(1)) for k, v in latest.items()}
+    with pytest.raises(DeltaBaseMismatch):
+        apply_model_part_frame(frame, held=other_base, **want)
+    with pytest.raises(DeltaMismatch, match="the plan names"):
+        apply_model_part_frame(frame, held=models[0], **(want | {"digest": arrays_digest(models[0])}))
+    with pytest.raises(DeltaMismatch, match="round 5, the plan is for round 6"):
+        apply_model_part_frame(frame, held=models[0], **(want | {"round": 6}))
+    with pytest.raises(ValueError, match="lossy"):
+        encode_model_part(latest, trained, codec=CodecSpec.parse("int8"), job="j", round=5, sender="coordinator")
+
+
 def test_a_delta_with_tensors_out_of_order_or_unknown_does_not_apply() -> None:
     from fedmqtt.codecs import DeltaMismatch
 
@@ -351,9 +380,10 @@ def test_a_job_from_a_pretrained_file_trains_only_the_head_through_a_real_broker
         )
     )  # the same device's update of every tensor
     assert all(size < 9_000 for size, _ in device_updates) and full_size > 700_000
-    # Downlink: the models after round 1 go out as float32 deltas of the head alone; the devices took them.
+    # Downlink: every model also goes out as a model part (the head alone, float32); from round 2 on the devices
+    # hold a model of the job and take only that.
     deltas = frames.on(job.topics.delta)
-    assert {r for _, _, r in deltas} == {2, 3, 4} and all(names == trained for _, names, _ in deltas)
+    assert {r for _, _, r in deltas} == {1, 2, 3, 4} and all(names == trained for _, names, _ in deltas)
     assert summaries[0].bytes_down_full and not summaries[0].bytes_down_delta
     delta_size = {r: size for size, _, r in deltas}
     assert all(size < 9_000 for size in delta_size.values())

@@ -147,6 +147,9 @@ class FrameKind(StrEnum):
     PARTIAL_AGGREGATE = "partial_aggregate"
     # The compressed difference between two global models (``PREFIX/JOB/delta``; fedmqtt.codecs.downlink).
     MODEL_DELTA = "model_delta"
+    # A --trainable job's global model without its frozen tensors (``PREFIX/JOB/delta``, lossless downlink): the
+    # trainable tensors whole; base_model_hash is the digest of the frozen ones (fedmqtt.codecs.downlink).
+    MODEL_PART = "model_part"
     # The model a job released when it ended (``PREFIX/JOB/release``; fedmqtt.release): header.release says more.
     RELEASE = "release"
 

@@ -30,7 +30,10 @@ __all__ = [
     "DownlinkTracker",
     "apply_delta",
     "apply_delta_frame",
+    "apply_model_part_frame",
     "arrays_digest",
+    "encode_model_part",
+    "frozen_digest",
     "full_model_codec",
     "sends_deltas",
 ]
@@ -124,6 +127,84 @@ def apply_delta_frame(
         raise DeltaMismatch(
             f"held model + delta has digest {got[:12]}, the plan names {digest[:12]} (a corrupt or forged delta)"
         )
+    return result
+
+
+def frozen_digest(arrays: Mapping[str, np.ndarray], trainable: Sequence[str]) -> str:
+    """:func:`arrays_digest` of the tensors not in ``trainable``: the frozen part every model of a ``--trainable``
+    job shares (what a device must hold to rebuild a model from a :data:`~FrameKind.MODEL_PART` frame)."""
+    skip = set(trainable)
+    return arrays_digest({name: value for name, value in arrays.items() if name not in skip})
+
+
+def encode_model_part(
+    model: Mapping[str, np.ndarray],
+    trainable: Sequence[str],
+    *,
+    codec: CodecSpec,
+    job: str,
+    round: int,
+    sender: str,
+    model_name: str | None = None,
+    run_id: str | None = None,
+) -> bytes:
+    """A ``--trainable`` job's downlink with a lossless codec: the trainable tensors of ``model`` whole, keyed by
+    the digest of its frozen tensors (``base_model_hash``). A device holding *any* model with that frozen part (the
+    base, or the model of any earlier round of the job) rebuilds ``model`` bit for bit, however many rounds it
+    missed; a device with none fetches the retained full model once."""
+    if sends_deltas(codec):
+        raise ValueError(f"a model part is sent whole and lossless; {codec} is lossy")
+    keep = set(trainable)
+    return encode_frame(
+        {name: value for name, value in model.items() if name in keep},
+        kind=FrameKind.MODEL_PART,
+        job=job,
+        round=round,
+        sender=sender,
+        codec=codec,
+        base_model_hash=frozen_digest(model, trainable),
+        model_name=model_name,
+        run_id=run_id,
+    )
+
+
+def apply_model_part_frame(
+    frame: Buffer,
+    *,
+    held: Mapping[str, np.ndarray],
+    job: str,
+    round: int,
+    run_id: str | None,
+    digest: str,
+    manifest: Sequence[ManifestEntry] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> ModelArrays:
+    """The model a device obtains from a model-part frame (device side): ``held`` with the frame's tensors put in.
+    Raises :class:`~fedmqtt.codecs.errors.DeltaBaseMismatch` when the held model's frozen tensors are not the
+    frame's, :class:`~fedmqtt.codecs.errors.DeltaMismatch` (or another FrameError) when the frame is not the one the
+    plan wants or the result is not the model the plan names (``digest``)."""
+    header = peek_header(frame)
+    if header.kind is not FrameKind.MODEL_PART:
+        raise DeltaMismatch(f"a {header.kind.value} frame where a model_part frame was expected")
+    if header.job != job or header.run_id != run_id:
+        raise DeltaMismatch(
+            f"the model part is for job {header.job!r} run {header.run_id}, the plan for job {job!r} run {run_id}"
+        )
+    if header.round != round:
+        raise DeltaMismatch(f"the model part is of round {header.round}, the plan is for round {round}")
+    names = [t.name for t in header.tensors]
+    if not names or [name for name in held if name in set(names)] != names:
+        raise DeltaMismatch("the model part's tensors are not some of the held model's, in its order")
+    if header.base_model_hash != frozen_digest(held, names):
+        raise DeltaBaseMismatch("the held model's frozen tensors are not those the model part completes")
+    decoded = decode_frame(frame, expected_manifest=manifest, max_body_bytes=max_body_bytes)
+    result: ModelArrays = {
+        name: decoded.arrays[name] if name in decoded.arrays else np.asarray(value, dtype=np.float32)
+        for name, value in held.items()
+    }
+    got = arrays_digest(result)
+    if got != digest:
+        raise DeltaMismatch(f"held model + part has digest {got[:12]}, the plan names {digest[:12]}")
     return result
 
 

@@ -24,7 +24,13 @@ import numpy as np
 from fedmqtt import arrays as A
 from fedmqtt.codecs import decode_frame, encode_frame, model_hash, peek_header
 from fedmqtt.codecs import errors as codec_errors
-from fedmqtt.codecs.downlink import DownlinkTracker, arrays_digest, full_model_codec, sends_deltas
+from fedmqtt.codecs.downlink import (
+    DownlinkTracker,
+    arrays_digest,
+    encode_model_part,
+    full_model_codec,
+    sends_deltas,
+)
 from fedmqtt.coordinator import machine as M
 from fedmqtt.coordinator import numeric
 from fedmqtt.coordinator.aggregation import Strategy, build_strategy
@@ -194,9 +200,11 @@ class CoordinatorService:
         self.update_manifest = (
             self.manifest if self.trained is None else tuple(e for e in self.manifest if e.name in self.trained)
         )
-        # Delta frames on the downlink: a compressed codec, or a --trainable job (lossless float32 deltas of the
-        # trainable tensors when --downlink is float32: devices holding the base need nothing else).
-        self._sends_deltas = sends_deltas(config.downlink_codec) or self.trained is not None
+        # Delta frames on the downlink with a compressed codec (a --trainable job's deltas carry its tensors only);
+        # with a lossless one, a --trainable job publishes model parts: its trainable tensors whole, which complete
+        # any model a device holds of this job (the frozen tensors never change), however many rounds it missed.
+        self._sends_deltas = sends_deltas(config.downlink_codec)
+        self._sends_parts = self.trained is not None and not self._sends_deltas
         self.numel = A.numel(self.global_arrays)
         self.strategy: Strategy = build_strategy(config.strategy, **config.strategy_params)
         # DP rounds draw devices from a secret seed: a selection anyone could recompute from a known seed would
@@ -1162,6 +1170,18 @@ class CoordinatorService:
                     run_id=self.run_id,
                 )
             held = tracker.held
+        elif self._sends_parts:
+            assert self.trained is not None
+            self.delta_frame = encode_model_part(
+                held,
+                self.trained,
+                codec=codec,
+                job=self.config.job,
+                round=self.model_round,
+                sender=COORDINATOR_ID,
+                model_name=self.config.model,
+                run_id=self.run_id,
+            )
         self.model_frame = encode_frame(
             held,
             kind=FrameKind.GLOBAL_MODEL,
@@ -1173,7 +1193,7 @@ class CoordinatorService:
             run_id=self.run_id,
         )
         self.model_hash = model_hash(self.model_frame)
-        self.model_digest = arrays_digest(held) if self._downlink is not None else None
+        self.model_digest = arrays_digest(held) if self._downlink is not None or self._sends_parts else None
         self._publish(self.topics.model, self.model_frame, retain=True)
         if self.delta_frame:
             self._publish(self.topics.delta, self.delta_frame, retain=True)

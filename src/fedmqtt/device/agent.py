@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 
 from fedmqtt import arrays as A
 from fedmqtt.checkpoint import load_state, save_state, write_atomic
-from fedmqtt.codecs import ErrorFeedback, decode_frame, encode_frame, model_hash
+from fedmqtt.codecs import ErrorFeedback, decode_frame, encode_frame, model_hash, peek_header
 from fedmqtt.codecs import errors as codec_errors
-from fedmqtt.codecs.downlink import apply_delta_frame
+from fedmqtt.codecs.downlink import apply_delta_frame, apply_model_part_frame
 from fedmqtt.device.screening import (
     DeviceScreen,
     PlanReason,
@@ -613,16 +613,27 @@ class DeviceRuntime:
                 if not frame:
                     return None, False  # no delta leads to this model (the first one of a run)
                 try:
-                    arrays = apply_delta_frame(
-                        frame,
-                        held=held[1],
-                        held_hash=held[0],
-                        job=plan.job,
-                        round=plan.round,
-                        run_id=plan.run_id,
-                        digest=plan.model_digest,
-                        manifest=manifest,
-                    )
+                    if peek_header(frame).kind is FrameKind.MODEL_PART:  # a --trainable job's lossless downlink
+                        arrays = apply_model_part_frame(
+                            frame,
+                            held=held[1],
+                            job=plan.job,
+                            round=plan.round,
+                            run_id=plan.run_id,
+                            digest=plan.model_digest,
+                            manifest=manifest,
+                        )
+                    else:
+                        arrays = apply_delta_frame(
+                            frame,
+                            held=held[1],
+                            held_hash=held[0],
+                            job=plan.job,
+                            round=plan.round,
+                            run_id=plan.run_id,
+                            digest=plan.model_digest,
+                            manifest=manifest,
+                        )
                 except codec_errors.DeltaBaseMismatch as exc:  # it missed a round: routine
                     log.info("%s: %s; fetching the full model", device.device_id, exc)
                     return None, True
