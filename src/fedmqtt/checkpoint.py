@@ -23,7 +23,11 @@ _ARRAY_MARK = "__array__"
 
 
 class CheckpointError(FedmqttError):
-    """A checkpoint cannot be written or read."""
+    """A checkpoint cannot be written or read; ``reason`` says why without the advice (for callers with their own)."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def _split(value: Any, arrays: dict[str, np.ndarray]) -> Any:
@@ -66,9 +70,12 @@ def load_state(path: Path) -> dict[str, Any]:
             document = bytes(npz[_STATE_KEY]).decode("utf-8")
             arrays = {k: npz[k] for k in npz.files if k != _STATE_KEY}
     except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {path}") from None
+        raise CheckpointError(f"no checkpoint at {path}", reason="no such file") from None
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); remove it or start without --resume") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({exc}); remove it or start without --resume",
+            reason=str(exc) or type(exc).__name__,
+        ) from None
     result = _join(json.loads(document), arrays)
     if not isinstance(result, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a state dictionary")

@@ -79,7 +79,7 @@ def load_model_file(path: Path) -> ModelFile:
     try:
         state = load_state(Path(path))
     except CheckpointError as exc:
-        raise ModelFileError(path, f"is not readable as a fedmqtt model file ({exc})") from None
+        raise ModelFileError(path, f"is not readable as a fedmqtt model file ({exc.reason})") from None
     if state.get("format") != MODEL_FILE_FORMAT:
         raise ModelFileError(
             path, "is not a fedmqtt model file (write one with `fedmqtt pretrain` or `fedmqtt export`)"
