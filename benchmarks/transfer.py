@@ -194,6 +194,9 @@ def record(run: R.SimRun, kind: str, extra: dict[str, Any]) -> dict[str, Any]:
         "bytes_up_per_update": round(R.per_round(totals["bytes_up"], updates)) if updates else None,
         "bytes_up_per_round": round(R.per_round(totals["bytes_up"], len(rounds))) if rounds else None,
         "bytes_down_per_round": round(R.per_round(totals["bytes_down"], len(rounds))) if rounds else None,
+        # Round 1 sends the whole model to every device process; later rounds the delta (head-only: the head's).
+        "bytes_down_round_1": rounds[0]["bytes_down"] if rounds else None,
+        "bytes_down_per_later_round": R.mean([r["bytes_down"] for r in rounds[1:]]),
         "round_seconds": totals["round_seconds"],
         "wall_seconds": round(run.wall_seconds, 1),
         "refused": totals["refused"],
@@ -235,11 +238,23 @@ def print_tables(result: dict[str, Any]) -> None:
         body = [
             [r["run"], r.get("mode") or "-", R.fmt(r.get("sigma"), ".3f"), R.fmt(r["final_accuracy"], ".4f"),
              R.fmt(r["epsilon"], ".2f"), str(r["rounds"]), R.fmt(r["bytes_up_per_update"], ",.0f"),
-             R.fmt(r["bytes_up_per_round"], ",.0f"), R.fmt(r["bytes_down_per_round"], ",.0f")]
+             R.fmt(r["bytes_up_per_round"], ",.0f"), R.fmt(r.get("bytes_down_round_1"), ",.0f"),
+             R.fmt(r.get("bytes_down_per_later_round"), ",.0f")]
             for r in part["runs"]
         ]  # fmt: skip
-        print(R.table(["run", "mode", "σ", "accuracy", "ε", "rounds", "B up/update", "B up/round", "B down/round"],
-                      body))  # fmt: skip
+        header = [
+            "run",
+            "mode",
+            "σ",
+            "accuracy",
+            "ε",
+            "rounds",
+            "B up/update",
+            "B up/round",
+            "B down r1",
+            "B down/later",
+        ]
+        print(R.table(header, body))
         for r in part["runs"]:
             curve = " ".join(
                 f"{p['round']}:{R.fmt(p['accuracy'], '.3f')}" + (f"/ε{p['epsilon']:.2f}" if p["epsilon"] else "")
@@ -338,7 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         first = part["runs"][0] if part["runs"] else None
         if first is not None:
             bytes_by["head-only" if SCENARIOS[name].trainable else "full"] = {
-                k: first[k] for k in ("bytes_up_per_update", "bytes_up_per_round", "bytes_down_per_round")
+                k: first.get(k)
+                for k in (
+                    "bytes_up_per_update",
+                    "bytes_up_per_round",
+                    "bytes_down_round_1",
+                    "bytes_down_per_later_round",
+                )
             }
     result["bytes_full_vs_head_only"] = bytes_by
     result["machine_after"] = R.machine()
