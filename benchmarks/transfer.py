@@ -111,12 +111,13 @@ def device_data(source: Path, out: Path, train_samples: int | None) -> Path:
     """MNIST for the devices and the coordinator's evaluation: the training split (its first ``train_samples``
     images with --quick) and the test split WITHOUT its first PUBLIC_SLICE images (the public slice)."""
     from fedmqtt.data import IDX_FILES, TRAIN_FILES, read_idx_file, write_idx_file
+    from fedmqtt.pretrain import public_slice  # the one rule for which images `pretrain --public-slice` saw
 
     out.mkdir(parents=True, exist_ok=True)
     for stem in IDX_FILES:
         path = next(p for p in (source / stem, source / f"{stem}.gz") if p.exists())
         array = read_idx_file(path, 3 if "images" in stem else 1)
-        kept = array[:train_samples] if stem in TRAIN_FILES else array[PUBLIC_SLICE:]
+        kept = array[:train_samples] if stem in TRAIN_FILES else array[public_slice(len(array), PUBLIC_SLICE)[1]]
         write_idx_file(out / stem, kept)
     return out
 
