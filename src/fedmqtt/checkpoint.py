@@ -72,6 +72,8 @@ def load_state(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}", reason="no such file") from None
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+        if "pickle" in str(exc):  # numpy's message suggests loading it unsafely: never, and never advise it
+            exc = ValueError("it holds pickled Python objects, which fedmqtt never loads")
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({exc}); remove it or start without --resume",
             reason=str(exc) or type(exc).__name__,

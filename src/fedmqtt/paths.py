@@ -63,6 +63,16 @@ def output_dir_problem(path: PathLike) -> str | None:
     return None
 
 
+def output_file_problem(path: PathLike) -> str | None:
+    """A file that is written (replaced if present): not a directory, in a directory that is or can be made
+    writable."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return "is a directory, not a file"
+    problem = output_dir_problem(p.absolute().parent)
+    return None if problem is None else f"cannot be written: its directory {p.absolute().parent} {problem}"
+
+
 def _require(flag: str, path: PathLike | None, problem_of: Callable[[PathLike], str | None]) -> None:
     if path is None:
         return
@@ -79,6 +89,11 @@ def require_input_file(flag: str, path: PathLike | None) -> None:
 def require_input_dir(flag: str, path: PathLike | None) -> None:
     """Raise :class:`ConfigError` naming ``flag`` unless ``path`` (if given) is a readable directory."""
     _require(flag, path, input_dir_problem)
+
+
+def require_output_file(flag: str, path: PathLike | None) -> None:
+    """Raise :class:`ConfigError` naming ``flag`` unless ``path`` (if given) can be written as a file."""
+    _require(flag, path, output_file_problem)
 
 
 def require_output_dir(flag: str, path: PathLike | None) -> None:

@@ -380,7 +380,10 @@ def run_predict(args: Any) -> int:
 
     if args.top < 1:
         raise ConfigError("--top", f"must be at least 1, got {args.top}")
-    model = load_exported(args.model)
+    try:
+        model = load_exported(args.model)
+    except ExportedModelError as exc:
+        raise ConfigError("--model", str(exc)) from None
     predictions = predict_images(model, args.images, top=args.top)
     failed = [p for p in predictions if p.error is not None]
     if args.json:

@@ -77,7 +77,14 @@ def pretrain(
     """Train ``model`` centrally on ``dataset`` and write it to ``out`` (see the module docstring)."""
     from fedmqtt.data import load_dataset, resolve_data_dir
     from fedmqtt.model_file import save_model_file
-    from fedmqtt.models import build_model, get_arrays, model_input_shape
+    from fedmqtt.models import MODEL_NAMES, build_model, get_arrays, model_input_shape
+
+    if model not in MODEL_NAMES:
+        raise ConfigError("--model", f"unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    from fedmqtt.paths import require_input_dir, require_output_file
+
+    require_output_file("--out", out)  # before any data is found, downloaded or trained on
+    require_input_dir("--data-dir", data_dir)
     from fedmqtt.training import evaluate, train_local
 
     if model_input_shape(model) != (1, 28, 28):
@@ -138,9 +145,7 @@ def pretrain(
 
 
 def register(subparsers: Any) -> None:
-    from fedmqtt.data import DATASETS
-    from fedmqtt.models import MODEL_NAMES
-
+    # Model and data set names are checked when the command runs: their registries import torch (help stays fast).
     p = subparsers.add_parser(
         "pretrain",
         help="train a model centrally and write a model file (a job's --init-checkpoint)",
@@ -149,8 +154,10 @@ def register(subparsers: Any) -> None:
         "one split (a public slice) and reports its accuracy on the rest of that split; the file records which "
         "images it saw.",
     )
-    p.add_argument("--model", default="cnn", choices=MODEL_NAMES, help="model (default: %(default)s)")
-    p.add_argument("--dataset", default="mnist", choices=DATASETS, help="data set (default: %(default)s)")
+    p.add_argument(
+        "--model", default="cnn", metavar="NAME", help="a model of fedmqtt's registry (default: %(default)s)"
+    )
+    p.add_argument("--dataset", default="mnist", metavar="NAME", help="mnist or fashion-mnist (default: %(default)s)")
     p.add_argument("--data-dir", help="directory of the IDX files (default: $FEDMQTT_DATA, else the cache)")
     p.add_argument("--public-slice", type=int, metavar="N", help="train on N images of one split only")
     p.add_argument(
