@@ -221,8 +221,12 @@ def test_an_unknown_format_and_unwritable_outputs_are_refused(mlp_file: Path, tm
     blocker = tmp_path / "afile"
     blocker.write_text("not a directory")
     message = _refused(*source, "--out", str(blocker / "model.pt"))
-    assert message == f"fedmqtt export: error: --out: {blocker} is a file, not a directory"
-    assert "is a directory; name the file to write" in _refused(*source, "--out", str(tmp_path))
+    out = blocker / "model.pt"
+    assert (
+        message
+        == f"fedmqtt export: error: --out: {out} cannot be written: its directory {blocker} is a file, not a directory"
+    )
+    assert f"--out: {tmp_path} is a directory, not a file" in _refused(*source, "--out", str(tmp_path))
 
 
 def test_int8_with_the_state_format_or_dynamic_int8_with_onnx_is_refused(mlp_file: Path, tmp_path: Path) -> None:

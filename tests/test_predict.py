@@ -144,7 +144,7 @@ def test_files_that_are_no_usable_model_are_refused(models: dict[str, Path], tmp
         load_exported(tmp_path / "odd.pt")
     done = _run("--model", str(tmp_path / "text"), str(image))
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        f"fedmqtt predict: error: model {tmp_path / 'text'}: is not a model fedmqtt can run (a TorchScript, ONNX "
+        f"fedmqtt predict: error: --model: model {tmp_path / 'text'}: is not a model fedmqtt can run (a TorchScript, ONNX "
         "or fedmqtt model file written by `fedmqtt export`)"
     ]
 

@@ -99,7 +99,7 @@ def load_source(checkpoint_dir: Path | None, model_file: Path | None, model: str
     from fedmqtt.checkpoint import CheckpointError
     from fedmqtt.codecs.downlink import arrays_digest
     from fedmqtt.coordinator.durability import Durability
-    from fedmqtt.model_file import ModelFile, ModelFileError, check_model, load_model_file
+    from fedmqtt.model_file import ModelFile, check_model, load_model_file
     from fedmqtt.models import model_info
     from fedmqtt.paths import input_dir_problem, input_file_problem
 
@@ -111,11 +111,8 @@ def load_source(checkpoint_dir: Path | None, model_file: Path | None, model: str
         problem = input_file_problem(model_file)
         if problem is not None:
             raise ConfigError("--model-file", f"{model_file} {problem}")
-        try:
-            held = load_model_file(model_file)
-            arrays = check_model(held, model or held.model, path=model_file, num_classes=held.num_classes)
-        except ModelFileError as exc:
-            raise ConfigError("--model-file", str(exc)) from None
+        held = load_model_file(model_file)
+        arrays = check_model(held, model or held.model, path=model_file, num_classes=held.num_classes)
         dataset = held.meta.get("dataset")
         return Source(held.model, held.num_classes, arrays, held.digest, dataset, f"model file {model_file}")
     assert checkpoint_dir is not None
@@ -516,12 +513,16 @@ def format_table(report: ExportReport) -> str:
 
 
 def run_export(args: Any) -> int:
+    from fedmqtt.model_file import ModelFileError
     from fedmqtt.paths import require_input_dir, require_output_file
 
     # Cheap checks of the paths first: a bad --out must not cost a model load and an evaluation.
     require_output_file("--out", args.out)
     require_input_dir("--eval-data", args.eval_data)
-    source = load_source(args.checkpoint_dir, args.model_file, args.model)
+    try:
+        source = load_source(args.checkpoint_dir, args.model_file, args.model)
+    except ModelFileError as exc:
+        raise ConfigError("--model-file", str(exc)) from None
     report = export_model(
         source,
         args.out,
