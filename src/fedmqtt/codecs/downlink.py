@@ -24,7 +24,7 @@ import numpy as np
 from fedmqtt.arrays import ModelArrays
 from fedmqtt.codecs.errors import DeltaBaseMismatch, DeltaMismatch
 from fedmqtt.codecs.frame import DEFAULT_MAX_BODY_BYTES, Buffer, decode_frame, encode_frame, peek_header
-from fedmqtt.schema import CodecSpec, FrameKind, ManifestEntry, ValueEncoding
+from fedmqtt.schema import CodecSpec, FrameHeader, FrameKind, ManifestEntry, ValueEncoding
 
 __all__ = [
     "DownlinkTracker",
@@ -87,6 +87,16 @@ def apply_delta(held: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray])
     return out
 
 
+def _check_served(header: FrameHeader, what: str, relation: str, *, job: str, run_id: str | None, round: int) -> None:
+    """A downlink frame must be for the job, run and round of the plan being served (:class:`DeltaMismatch`)."""
+    if header.job != job or header.run_id != run_id:
+        raise DeltaMismatch(
+            f"{what} is for job {header.job!r} run {header.run_id}, the plan for job {job!r} run {run_id}"
+        )
+    if header.round != round:
+        raise DeltaMismatch(f"{what} {relation} round {header.round}, the plan is for round {round}")
+
+
 def apply_delta_frame(
     frame: Buffer,
     *,
@@ -110,12 +120,7 @@ def apply_delta_frame(
     header = peek_header(frame)  # everything but the body is checked before the body is decoded
     if header.kind is not FrameKind.MODEL_DELTA:
         raise DeltaMismatch(f"a {header.kind.value} frame on the delta topic; expected model_delta")
-    if header.job != job or header.run_id != run_id:
-        raise DeltaMismatch(
-            f"the delta is for job {header.job!r} run {header.run_id}, the plan for job {job!r} run {run_id}"
-        )
-    if header.round != round:
-        raise DeltaMismatch(f"the delta leads to the model of round {header.round}, the plan is for round {round}")
+    _check_served(header, "the delta", "leads to the model of", job=job, run_id=run_id, round=round)
     if header.base_model_hash != held_hash:
         raise DeltaBaseMismatch(
             f"the delta applies to model {str(header.base_model_hash)[:12]}, this device holds {held_hash[:12]}"
@@ -186,12 +191,7 @@ def apply_model_part_frame(
     header = peek_header(frame)
     if header.kind is not FrameKind.MODEL_PART:
         raise DeltaMismatch(f"a {header.kind.value} frame where a model_part frame was expected")
-    if header.job != job or header.run_id != run_id:
-        raise DeltaMismatch(
-            f"the model part is for job {header.job!r} run {header.run_id}, the plan for job {job!r} run {run_id}"
-        )
-    if header.round != round:
-        raise DeltaMismatch(f"the model part is of round {header.round}, the plan is for round {round}")
+    _check_served(header, "the model part", "is of", job=job, run_id=run_id, round=round)
     names = [t.name for t in header.tensors]
     if not names or [name for name in held if name in set(names)] != names:
         raise DeltaMismatch("the model part's tensors are not some of the held model's, in its order")
