@@ -322,6 +322,14 @@ def write_json(path: Path, result: Mapping[str, Any]) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def finish(path: Path, result: Mapping[str, Any], missed: Sequence[str]) -> int:
+    """Write the result, name each missed target on stderr; the exit code says whether any was missed."""
+    write_json(path, result)
+    for line in missed:
+        print(f"TARGET MISSED: {line}", file=sys.stderr)
+    return 1 if missed else 0
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Job):
         return asdict(value)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 import zstandard
 
+import _runner as R
 from fedmqtt.arrays import ModelArrays, numel
 from fedmqtt.codecs import decode_frame, encode_frame
 from fedmqtt.coordinator.aggregation import build_strategy
@@ -221,12 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "records": records,
         "targets_missed": failed,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}", file=sys.stderr)
-    for line in failed:
-        print(f"TARGET MISSED: {line}", file=sys.stderr)
-    return 1 if failed else 0
+    return R.finish(args.json, result, failed)
 
 
 if __name__ == "__main__":

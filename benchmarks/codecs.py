@@ -15,7 +15,6 @@ download cache (~/.cache/fedmqtt/mnist).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import zstandard
 
+import _runner as R
 from fedmqtt.arrays import ModelArrays, l2_norm, numel, subtract
 from fedmqtt.codecs import decode_frame, encode_frame
 from fedmqtt.codecs.encodings import kept_count
@@ -231,11 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "index_coding": studies,
         "targets_missed": failed,
     }
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}", file=sys.stderr)
-    for line in failed:
-        print(f"TARGET MISSED: {line}", file=sys.stderr)
-    return 1 if failed else 0
+    return R.finish(args.json, result, failed)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _runner as R
+
 REPO = Path(__file__).resolve().parent.parent
 GOAL_MB = 30.0  # per virtual device, beyond the shared model and torch runtime
 MODES = ("old", "lean")
@@ -199,12 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "goal_mb_per_device": GOAL_MB,
         "targets_missed": failed,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}", file=sys.stderr)
-    for line in failed:
-        print(f"TARGET MISSED: {line}", file=sys.stderr)
-    return 1 if failed else 0
+    return R.finish(args.json, result, failed)
 
 
 if __name__ == "__main__":

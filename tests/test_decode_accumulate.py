@@ -86,6 +86,8 @@ def test_int8c_frames_decode_to_the_per_channel_values() -> None:
 
 
 def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:  # the scripts import their shared helpers (benchmarks/_runner.py) by name
+        sys.path.append(str(BENCHMARKS))  # appended: benchmarks/codecs.py must not shadow the stdlib
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
