@@ -228,6 +228,36 @@ class ReleaseInfo(_Strict):
     source: Literal["job", "file"] = "job"
 
 
+class PartialEntry(_Strict):
+    """One device update summed into a partial aggregate."""
+
+    device: Identifier
+    num_samples: NonNegInt
+    # The update's weight as the aggregator computed it (num_samples, or the DP rounds' uniform weight).
+    weight: NonNegFloat
+
+
+class PartialInfo(_Strict):
+    """What a partial-aggregate frame (``FrameKind.PARTIAL_AGGREGATE``, ``PREFIX/JOB/partials/WORKER``) holds:
+    exactly the updates the coordinator's collect request listed for that aggregator, so the coordinator's
+    quorum, refusals and round summary stay exact (fedmqtt.aggregator)."""
+
+    attempt: NonNegInt
+    run_id: Token | None = None
+    # At most the largest fleet one site aggregator serves in one round.
+    devices: Annotated[tuple[PartialEntry, ...], Field(max_length=100_000)]
+    # DP (central mode, adaptive clipping): how many of the summed updates were not clipped.
+    unclipped: NonNegInt = 0
+
+    @field_validator("devices")
+    @classmethod
+    def _unique_devices(cls, devices: tuple[PartialEntry, ...]) -> tuple[PartialEntry, ...]:
+        names = [d.device for d in devices]
+        if len(set(names)) != len(names):
+            raise ValueError("a partial aggregate names each device once")
+        return devices
+
+
 class FrameHeader(_Strict):
     """The validated header of a binary frame."""
 
@@ -254,6 +284,8 @@ class FrameHeader(_Strict):
     downlink: DownlinkPath | None = None
     # Release frames: the digest, accuracy and time of the released model.
     release: ReleaseInfo | None = None
+    # Partial-aggregate frames: the attempt, run and the devices whose updates were summed.
+    partial: PartialInfo | None = None
 
     @field_validator("tensors")
     @classmethod
@@ -468,6 +500,71 @@ class EventType(StrEnum):
 
 
 EVENT_DEVICES_MAX = 50  # device ids one batched presence event names
+
+
+class AggregatorPresence(_Strict):
+    """``PREFIX/JOB/aggregators/WORKER/status`` (retained; ``offline`` is the last will): one aggregator worker
+    (``fedmqtt aggregator``) of a job run with ``--aggregators N``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job: Identifier
+    worker: Identifier
+    instance: Token
+    state: Literal["online", "offline"]
+    # The MQTT 5 shared-subscription group it reads updates through (None: a site aggregator reading them all).
+    group: Identifier | None = None
+    site: Identifier | None = None
+    since: FiniteFloat
+
+
+PROGRESS_ENTRIES_MAX = 256  # updates one progress message reports
+
+
+class ProgressEntry(_Strict):
+    """One update an aggregator screened: accepted (held on its disk, header for the coordinator to screen as if
+    it had the frame) or refused by the aggregator's own checks (decoding, values, norm)."""
+
+    device: Identifier
+    accepted: bool
+    header: FrameHeader | None = None
+    reason: RefusalReason | None = None
+    detail: Annotated[str, Field(max_length=2000)] = ""
+    # The update frame's size on the wire (the round summary's bytes_up).
+    bytes: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _header_xor_reason(self) -> ProgressEntry:
+        if self.accepted and (self.header is None or self.reason is not None):
+            raise ValueError("an accepted entry carries the update's header and no refusal reason")
+        if not self.accepted and self.reason is None:
+            raise ValueError("a refused entry says why (reason)")
+        return self
+
+
+class AggregatorProgress(_Strict):
+    """``PREFIX/JOB/aggregators/WORKER/progress`` (QoS 1): the updates an aggregator screened since its last
+    progress message, so the coordinator counts the quorum without seeing a single update."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job: Identifier
+    worker: Identifier
+    run_id: Token | None = None
+    round: NonNegInt
+    attempt: NonNegInt
+    entries: Annotated[tuple[ProgressEntry, ...], Field(min_length=1, max_length=PROGRESS_ENTRIES_MAX)]
+
+
+class CollectRequest(_Strict):
+    """``PREFIX/JOB/collect`` (retained, QoS 1): the coordinator closed round ``round`` (attempt ``attempt``) and
+    asks each aggregator for the partial aggregate of exactly the devices listed for it."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job: Identifier
+    run_id: Token | None = None
+    round: NonNegInt
+    attempt: NonNegInt
+    holdings: dict[Identifier, tuple[Identifier, ...]]
+    issued_at: FiniteFloat
 
 
 class Event(_Strict):

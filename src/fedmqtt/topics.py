@@ -11,6 +11,12 @@
     PREFIX/JOB/privacy                 retained JSON privacy ledger
     PREFIX/JOB/coordinator             retained JSON presence of the coordinator (offline is its last will)
     PREFIX/JOB/release                 retained, QoS 1: the model the job released when it ended (fedmqtt.release)
+    PREFIX/JOB/aggregators/WORKER/status    retained JSON presence of an aggregator worker (offline: last will)
+    PREFIX/JOB/aggregators/WORKER/progress  QoS 1 JSON: the updates a worker screened (accepted or refused)
+    PREFIX/JOB/collect                 retained JSON, QoS 1: the coordinator asks the workers for their partials
+    PREFIX/JOB/partials/WORKER         QoS 1: a worker's partial-aggregate frame for the closed round
+
+Aggregator workers read the updates through an MQTT 5 shared subscription, ``$share/GROUP/PREFIX/JOB/updates/+``.
 
 Identifiers (prefix, job, device) must be safe inside a topic level: no ``/``, ``+``, ``#``, no spaces.
 """
@@ -39,6 +45,11 @@ _DEVICES = "devices"
 _PRIVACY = "privacy"
 _COORDINATOR = "coordinator"
 _RELEASE = "release"
+_AGGREGATORS = "aggregators"
+_PROGRESS = "progress"
+_COLLECT = "collect"
+_PARTIALS = "partials"
+_SHARE = "$share"
 
 
 def validate_id(kind: str, value: str) -> str:
@@ -129,6 +140,55 @@ class Topics:
     @property
     def device_status_filter(self) -> str:
         return f"{self.base}/{_DEVICES}/+/{_STATUS}"
+
+    # --- scale-out aggregation (fedmqtt.aggregator) -------------------------------------------------
+
+    def shared_updates_filter(self, group: str) -> str:
+        """``$share/GROUP/PREFIX/JOB/updates/+``: the broker hands each update to one member of ``group``."""
+        return f"{_SHARE}/{validate_id('shared-subscription group', group)}/{self.updates_filter}"
+
+    def aggregator_status(self, worker: str) -> str:
+        return f"{self.base}/{_AGGREGATORS}/{validate_id('aggregator id', worker)}/{_STATUS}"
+
+    def aggregator_progress(self, worker: str) -> str:
+        return f"{self.base}/{_AGGREGATORS}/{validate_id('aggregator id', worker)}/{_PROGRESS}"
+
+    @property
+    def aggregators_filter(self) -> str:
+        """Every worker's status and progress topics."""
+        return f"{self.base}/{_AGGREGATORS}/+/+"
+
+    @property
+    def collect(self) -> str:
+        return f"{self.base}/{_COLLECT}"
+
+    def partial(self, worker: str) -> str:
+        return f"{self.base}/{_PARTIALS}/{validate_id('aggregator id', worker)}"
+
+    @property
+    def partials_filter(self) -> str:
+        return f"{self.base}/{_PARTIALS}/+"
+
+    def aggregator_of_status(self, topic: str) -> str | None:
+        """The WORKER of ``PREFIX/JOB/aggregators/WORKER/status``, or None."""
+        return self._aggregator_topic(topic, _STATUS)
+
+    def aggregator_of_progress(self, topic: str) -> str | None:
+        """The WORKER of ``PREFIX/JOB/aggregators/WORKER/progress``, or None."""
+        return self._aggregator_topic(topic, _PROGRESS)
+
+    def _aggregator_topic(self, topic: str, leaf: str) -> str | None:
+        levels = self._levels_below_base(topic)
+        if levels is None or len(levels) != 3 or levels[0] != _AGGREGATORS or levels[2] != leaf:
+            return None
+        return levels[1] if _ID_RE.match(levels[1]) else None
+
+    def aggregator_of_partial(self, topic: str) -> str | None:
+        """The WORKER of ``PREFIX/JOB/partials/WORKER``, or None."""
+        levels = self._levels_below_base(topic)
+        if levels is None or len(levels) != 2 or levels[0] != _PARTIALS:
+            return None
+        return levels[1] if _ID_RE.match(levels[1]) else None
 
     @property
     def everything_filter(self) -> str:
@@ -224,4 +284,23 @@ def watcher_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
         AclRule("read", f"{p}/+/{_COORDINATOR}"),
         AclRule("read", f"{p}/+/{_RELEASE}"),
         AclRule("deny", f"{p}/+/{_UPDATES}/#"),
+    )
+
+
+def aggregator_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
+    """What an aggregator account (username == worker id) may do, for every job under ``prefix``: read the
+    devices' updates (through its shared subscription) and what it needs to screen them (plan, model, delta,
+    coordinator presence, collect requests); write only its own status, progress and partial topics."""
+    validate_prefix(prefix)
+    p = prefix
+    return (
+        AclRule("read", f"{p}/+/{_UPDATES}/+"),
+        AclRule("read", f"{p}/+/{_PLAN}"),
+        AclRule("read", f"{p}/+/{_MODEL}"),
+        AclRule("read", f"{p}/+/{_DELTA}"),
+        AclRule("read", f"{p}/+/{_COORDINATOR}"),
+        AclRule("read", f"{p}/+/{_COLLECT}"),
+        AclRule("readwrite", f"{p}/+/{_AGGREGATORS}/%u/{_STATUS}"),
+        AclRule("write", f"{p}/+/{_AGGREGATORS}/%u/{_PROGRESS}"),
+        AclRule("write", f"{p}/+/{_PARTIALS}/%u"),
     )
