@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedmqtt import arrays as A
-from fedmqtt.codecs import decode_frame, encode_frame, model_hash, peek_header
-from fedmqtt.codecs import errors as codec_errors
+from fedmqtt.codecs import decode_frame, encode_frame, model_hash
 from fedmqtt.codecs.downlink import (
     DownlinkTracker,
     arrays_digest,
@@ -31,8 +30,8 @@ from fedmqtt.codecs.downlink import (
     full_model_codec,
     sends_deltas,
 )
+from fedmqtt.coordinator import intake, numeric
 from fedmqtt.coordinator import machine as M
-from fedmqtt.coordinator import numeric
 from fedmqtt.coordinator.aggregation import Strategy, build_strategy
 from fedmqtt.coordinator.config import CoordinatorConfig
 from fedmqtt.coordinator.durability import CHECKPOINT_FILE, QUARANTINE_DIR, REPLAY_MARKER, SPOOL_DIR, Durability
@@ -47,7 +46,7 @@ from fedmqtt.mqtt import (
     PublishTimeout,
     Will,
 )
-from fedmqtt.privacy.policy import RoundPrivacy, check_update_norm
+from fedmqtt.privacy.policy import RoundPrivacy
 from fedmqtt.schema import (
     END_PHASES,
     CodecSpec,
@@ -94,13 +93,6 @@ PROBE_SECONDS = 1.5
 WILL_SETTLE_SECONDS = 2.0
 _MAX_DETAIL = 2000  # schema.Event.detail's max_length
 
-# Map decode failures to the refusal reasons the events topic reports.
-_FRAME_ERROR_REASONS: dict[type[Exception], RefusalReason] = {
-    codec_errors.ManifestMismatch: RefusalReason.MANIFEST_MISMATCH,
-    codec_errors.NonFiniteValues: RefusalReason.NON_FINITE,
-}
-
-
 # What a device's status alone leads to (batched: see _execute_presence), and the actions whose events must follow
 # the presence changes before them.
 _PRESENCE_ACTIONS = (M.DeviceOnline, M.DeviceOffline, M.StatusChanged)
@@ -110,13 +102,6 @@ _ROUND_ACTIONS = (M.OpenRound, M.CloseRound, M.RoundFailed, M.JobFinished, M.Job
 def _presence_detail(count: int, devices: tuple[str, ...], shown: int = 5) -> str:
     listed = ", ".join(devices[:shown])
     return f"{count} device{'s' if count != 1 else ''}: {listed}" + (" ..." if count > shown else "")
-
-
-def _refusal_reason(exc: Exception) -> RefusalReason:
-    for cls, reason in _FRAME_ERROR_REASONS.items():
-        if isinstance(exc, cls):
-            return reason
-    return RefusalReason.MALFORMED
 
 
 @dataclass
@@ -287,9 +272,7 @@ class CoordinatorService:
         self.machine.set_round_budget(budget.rounds if budget else None, budget.reason if budget else "")
 
     def _weight(self, header: FrameHeader) -> float:
-        # DP rounds weight every update the same; otherwise the sample count, bounded by the plan (screened), so
-        # the float conversion is exact.
-        return self.privacy.update_weight if self.privacy is not None else float(header.num_samples)
+        return intake.update_weight(header, dp=self.privacy is not None)
 
     def _load_eval_set(self) -> Any:
         if self.config.eval_data is None:
@@ -749,12 +732,6 @@ class CoordinatorService:
         """The tensors updates carry and aggregation covers: the --trainable ones (all without it)."""
         return arrays if self.trained is None else {k: arrays[k] for k in self.trained}
 
-    def _frozen_in(self, header: FrameHeader) -> list[str]:
-        """The frozen tensors (not in --trainable) an update frame carries."""
-        if self.trained is None:
-            return []
-        return [t.name for t in header.tensors if t.name not in self.trained]
-
     def _refold_from_spool(self, why: str) -> None:
         """Rebuild the open attempt's accumulator from the spooled frames of its accepted updates."""
         self.strategy.begin_round(self._trained_part(self.global_arrays))
@@ -787,13 +764,10 @@ class CoordinatorService:
     ) -> None:
         now = self.clock()
         progress = self._progress
-        if len(payload) > self.config.max_update_bytes:
-            self._refuse(device, None, RefusalReason.MALFORMED, f"frame of {len(payload)} bytes exceeds the limit")
-            return
-        try:
-            header = peek_header(payload)
-        except codec_errors.FrameError as exc:
-            self._refuse(device, None, RefusalReason.MALFORMED, str(exc))
+        rules = self._intake_rules()
+        header = intake.check_header(payload, rules)
+        if isinstance(header, intake.Refusal):
+            self._refuse(device, None, header.reason, header.detail)
             return
         progress.round = header.round
         screening = self.machine.screen_update(
@@ -806,37 +780,10 @@ class CoordinatorService:
             assert screening.reason is not None
             self._refuse(device, header.round, screening.reason, screening.detail)
             return
-        frozen = self._frozen_in(header)
-        if frozen:
-            assert self.trained is not None
-            shown = ", ".join(frozen[:5]) + (f" (and {len(frozen) - 5} more)" if len(frozen) > 5 else "")
-            self._refuse(
-                device,
-                header.round,
-                RefusalReason.FROZEN_TENSOR,
-                f"the job trains only {', '.join(self.trained[:8])}{' ...' if len(self.trained) > 8 else ''} "
-                f"(--trainable); the update carries frozen tensor(s) {shown}: send only the trainable tensors",
-            )
-            return
-        try:
-            frame = decode_frame(
-                payload,
-                max_body_bytes=self._max_body_bytes(),
-                expected_manifest=self.update_manifest,
-            )
-        except codec_errors.FrameError as exc:
-            self._refuse(device, header.round, _refusal_reason(exc), str(exc))
-            return
-        numbers = numeric.screen_values(frame.arrays, max_norm=self.config.max_update_norm)
-        if numbers is None and self._failed_state is not None and self._failed_state[0] == header.round:
-            numbers = self._overflows_alone(frame.arrays, self._weight(header))
-        if numbers is not None:
-            self._refuse(device, header.round, numbers[0], numbers[1])
-            return
         dp = self.plan.dp if self.plan is not None else None
-        refusal = check_update_norm(dp, frame.arrays, self.codec) if dp is not None else None
-        if refusal is not None:
-            self._refuse(device, header.round, RefusalReason.NORM_EXCEEDS_CLIP, refusal)
+        frame = intake.check_frame(payload, header, rules, dp=dp, values_check=self._overflow_check(header))
+        if isinstance(frame, intake.Refusal):
+            self._refuse(device, header.round, frame.reason, frame.detail)
             return
         if not from_spool:
             self.files.spool(header.round, self.machine.attempt, device, payload)
@@ -850,12 +797,32 @@ class CoordinatorService:
         progress.accepted = True
         self._execute(self.machine.accept_update(device, header, received_at if received_at is not None else now))
 
+    def _intake_rules(self) -> intake.IntakeRules:
+        """What an update frame is checked against (fedmqtt.coordinator.intake, shared with the aggregators)."""
+        return intake.IntakeRules(
+            max_update_bytes=self.config.max_update_bytes,
+            update_manifest=self.update_manifest,
+            model_numel=self.numel,
+            codec=self.codec,
+            trained=self.trained,
+            max_update_norm=self.config.max_update_norm,
+        )
+
+    def _overflow_check(self, header: FrameHeader) -> Callable[[A.ModelArrays], intake.Refusal | None] | None:
+        """After an attempt of this round failed to aggregate: the check that refuses an update that alone would
+        make the model non-finite (None otherwise)."""
+        if self._failed_state is None or self._failed_state[0] != header.round:
+            return None
+        weight = self._weight(header)
+
+        def check(arrays: A.ModelArrays) -> intake.Refusal | None:
+            verdict = self._overflows_alone(arrays, weight)
+            return intake.Refusal(*verdict) if verdict is not None else None
+
+        return check
+
     def _max_body_bytes(self) -> int:
-        # The decoded tensors alone take 4 bytes per entry, whatever the payload's (compressed) size, and the
-        # largest body any codec writes takes under 10 (top-k of float32 values or int8 values with per-channel
-        # scales, plus varint indices). A bound of 4 x --max-update-mb alone refused every update of a model
-        # larger than that, however small its frame.
-        return max(4 * self.config.max_update_bytes, 10 * self.numel)
+        return intake.body_limit(self.config.max_update_bytes, self.numel)
 
     # ------------------------------------------------------------------------------------ actions
 
