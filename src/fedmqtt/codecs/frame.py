@@ -61,6 +61,7 @@ from fedmqtt.schema import (
     FrameKind,
     ManifestEntry,
     MessageError,
+    PartialInfo,
     ReleaseInfo,
     TensorSpec,
     ValueEncoding,
@@ -136,6 +137,7 @@ def encode_frame(
     run_id: str | None = None,
     downlink: DownlinkPath | None = None,
     release: ReleaseInfo | None = None,
+    partial: PartialInfo | None = None,
 ) -> bytes:
     """Encode ``arrays`` (name -> float tensor, in model order) as one frame.
 
@@ -195,6 +197,7 @@ def encode_frame(
             run_id=run_id,
             downlink=downlink,
             release=release,
+            partial=partial,
         )
     except ValidationError as exc:
         raise EncodeError(f"cannot build the frame header: {_first_error(exc)}") from None

@@ -6,6 +6,8 @@ import paho.mqtt.client as paho
 
 from fedmqtt.mqtt.errors import InvalidTopic
 
+_SHARE = "$share/"
+
 
 def validate_topic_name(topic: str) -> str:
     """A topic a message is published to: non-empty, no wildcards, no NUL, at most 65535 UTF-8 bytes."""
@@ -34,5 +36,10 @@ def validate_topic_filter(topic_filter: str) -> str:
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT matching, including the rule that ``+``/``#`` at the first level do not match ``$`` topics."""
+    """MQTT matching, including the rule that ``+``/``#`` at the first level do not match ``$`` topics. A shared
+    subscription ``$share/GROUP/FILTER`` (MQTT 5) receives the messages of ``FILTER``."""
+    if topic_filter.startswith(_SHARE):
+        parts = topic_filter.split("/", 2)
+        if len(parts) == 3:
+            topic_filter = parts[2]
     return bool(paho.topic_matches_sub(topic_filter, topic))
