@@ -50,6 +50,8 @@ _PROGRESS = "progress"
 _COLLECT = "collect"
 _PARTIALS = "partials"
 _SHARE = "$share"
+_SITES = "sites"
+_BRIDGE = "bridge"
 
 
 def validate_id(kind: str, value: str) -> str:
@@ -190,6 +192,11 @@ class Topics:
             return None
         return levels[1] if _ID_RE.match(levels[1]) else None
 
+    def site_bridge(self, site: str) -> str:
+        """``PREFIX/JOB/sites/SITE/bridge``: retained ``1`` while SITE's bridge is connected, ``0`` (its last
+        will) when it is not; published by Mosquitto's bridge on the site and the cloud broker."""
+        return f"{self.base}/{_SITES}/{validate_id('site name', site)}/{_BRIDGE}"
+
     @property
     def everything_filter(self) -> str:
         """``PREFIX/JOB/#``: a readable view of a whole run with ``mosquitto_sub -v``."""
@@ -304,3 +311,28 @@ def aggregator_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
         AclRule("write", f"{p}/+/{_AGGREGATORS}/%u/{_PROGRESS}"),
         AclRule("write", f"{p}/+/{_PARTIALS}/%u"),
     )
+
+
+# --- edge sites: what a site broker's bridge to the cloud broker carries (fedmqtt.broker.bridge) -----------------
+
+BRIDGE_DOWN = "down"  # cloud broker -> site broker
+BRIDGE_UP = "up"  # site broker -> cloud broker
+
+
+def bridge_topics(prefix: str, job: str, *, site_aggregator: bool) -> tuple[tuple[str, str], ...]:
+    """The ``(direction, topic filter)`` pairs a site's bridge carries for one job, ``direction`` being
+    :data:`BRIDGE_DOWN` or :data:`BRIDGE_UP`.
+
+    Down: what the site's devices and its aggregator read (plan, model, delta, coordinator presence, collect
+    requests, the release) and what a watcher at the site reads (status, events, round summaries, privacy
+    ledger). Up: the devices' presence, the aggregators' presence and progress, their partial aggregates, and
+    the devices' updates only when no site aggregator sums them at the site. No topic goes both ways, so the
+    bridge cannot loop.
+    """
+    t = Topics(job=job, prefix=prefix)
+    down = (t.plan, t.model, t.delta, t.coordinator, t.collect, t.release, t.status, t.events, t.rounds_filter,
+            t.privacy)  # fmt: skip
+    up = [t.device_status_filter, t.aggregators_filter, t.partials_filter]
+    if not site_aggregator:
+        up.append(t.updates_filter)
+    return tuple((BRIDGE_DOWN, topic) for topic in down) + tuple((BRIDGE_UP, topic) for topic in up)

@@ -2,6 +2,8 @@
 
 fedmqtt broker [--embedded | --mosquitto] [--config-dir DIR] [--host H] [--port P] [--tls] [--auth]
                [--client-certs [--cafile CA]] [--max-packet-mb N] [--prefix fedmqtt]
+               [--bridge-to URL --site NAME --job J [--site-aggregator] [--bridge-username U]
+                [--bridge-password-file F] [--bridge-cafile CA] [--bridge-certfile C --bridge-keyfile K]]
 fedmqtt broker add-device ID [--password P]      (also add-coordinator, add-watcher)
 fedmqtt broker gen-certs [--host NAME ...] [--force]
 fedmqtt broker gen-certs --device ID [--device ID2 ...] [--coordinator] [--watcher] [--force]
@@ -12,12 +14,16 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedmqtt.errors import ConfigError
 from fedmqtt.mqtt import DEFAULT_MAX_PACKET_SIZE
 from fedmqtt.paths import require_input_file, require_output_dir
 from fedmqtt.settings import MB
 from fedmqtt.topics import DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from fedmqtt.broker.bridge import BridgeConfig
 
 DEFAULT_CONFIG_DIR = Path(".fedmqtt") / "broker"
 
@@ -58,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix the ACL covers (default fedmqtt)")
     parser.add_argument("--certfile", type=Path, help="server certificate (default CONFIG_DIR/tls/server.crt)")
     parser.add_argument("--keyfile", type=Path, help="server private key (default CONFIG_DIR/tls/server.key)")
+    _add_bridge_flags(parser)
     parser.set_defaults(func=run_broker)
 
     actions = parser.add_subparsers(dest="broker_action", metavar="ACTION")
@@ -101,6 +108,70 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     certs.set_defaults(func=gen_certs_command)
 
 
+def _add_bridge_flags(parser: argparse.ArgumentParser) -> None:
+    bridge = parser.add_argument_group(
+        "edge site (Mosquitto bridge to the cloud broker; docs/edge-sites.md)",
+        "This broker runs on a site's gateway and bridges one job's topics to the cloud broker: plan and models "
+        "down, the devices' presence and the site's partial aggregates (or its updates) up.",
+    )
+    bridge.add_argument("--bridge-to", metavar="URL", help="the cloud broker, mqtt://HOST:PORT or mqtts://HOST:PORT")
+    bridge.add_argument("--site", metavar="NAME", help="this site's name (the bridge's client id is fedmqtt-NAME)")
+    bridge.add_argument("--job", metavar="J", help="the job whose topics the bridge carries")
+    bridge.add_argument(
+        "--site-aggregator", action=argparse.BooleanOptionalAction, default=False,
+        help="a site aggregator (fedmqtt aggregator --site NAME) sums the site's updates: carry its partial "
+        "aggregates up and keep the updates on the site (default: no, carry every update up)",
+    )  # fmt: skip
+    bridge.add_argument("--bridge-username", metavar="U", help="the bridge's account on the cloud broker")
+    bridge.add_argument("--bridge-password-file", type=Path, metavar="F",
+                        help="file whose first line is that account's password")  # fmt: skip
+    bridge.add_argument("--bridge-cafile", type=Path, metavar="CA",
+                        help="CA of the cloud broker's certificate (mqtts://; default: the system's CA bundle)")  # fmt: skip
+    bridge.add_argument("--bridge-certfile", type=Path, metavar="C",
+                        help="client certificate of the bridge (a cloud broker with --client-certs)")  # fmt: skip
+    bridge.add_argument("--bridge-keyfile", type=Path, metavar="K", help="its private key")
+
+
+_BRIDGE_FLAGS = ("site", "job", "bridge_username", "bridge_password_file", "bridge_cafile", "bridge_certfile",
+                 "bridge_keyfile")  # fmt: skip
+
+
+def _bridge_config(args: argparse.Namespace) -> BridgeConfig | None:
+    """The bridge the flags ask for (None without --bridge-to); BridgeError names the flag to fix."""
+    from fedmqtt.broker.bridge import BridgeConfig
+    from fedmqtt.broker.errors import BridgeError
+    from fedmqtt.mqtt.settings import read_password_file
+
+    if args.bridge_to is None:
+        for name in _BRIDGE_FLAGS:
+            if getattr(args, name) is not None:
+                raise BridgeError(f"--{name.replace('_', '-')}", "configures a bridge: add --bridge-to URL")
+        if args.site_aggregator:
+            raise BridgeError("--site-aggregator", "configures a bridge: add --bridge-to URL")
+        return None
+    for name in ("site", "job"):
+        if getattr(args, name) is None:
+            raise BridgeError(f"--{name}", "a bridge carries one job of one site: give --site NAME and --job J")
+    password = None
+    if args.bridge_password_file is not None:
+        try:
+            password = read_password_file(args.bridge_password_file)
+        except ValueError as exc:
+            raise BridgeError("--bridge-password-file", str(exc)) from None
+    return BridgeConfig.create(
+        args.bridge_to,
+        site=args.site,
+        job=args.job,
+        prefix=args.prefix,
+        site_aggregator=args.site_aggregator,
+        username=args.bridge_username,
+        password=password,
+        cafile=args.bridge_cafile,
+        certfile=args.bridge_certfile,
+        keyfile=args.bridge_keyfile,
+    )
+
+
 def _add_config_dir(parser: argparse.ArgumentParser, default: object) -> None:
     # Sub-actions use SUPPRESS so `fedmqtt broker --config-dir D add-device x` keeps D.
     parser.add_argument(
@@ -112,7 +183,11 @@ def run_broker(args: argparse.Namespace) -> int:
     max_packet_size = int(args.max_packet_mb * MB)
     if max_packet_size < 1000:
         raise ConfigError("--max-packet-mb", "must be at least 0.001 (1000 bytes)")
+    bridge = _bridge_config(args)
     use_mosquitto = args.mosquitto or (not args.embedded and _mosquitto_installed())
+    if bridge is not None and not use_mosquitto:
+        raise ConfigError("--bridge-to", "bridges are Mosquitto's feature; the embedded broker has none: use "
+                                         "--mosquitto (apt-get install mosquitto)")  # fmt: skip
     if not use_mosquitto:
         for flag, value in (("--auth", args.auth), ("--tls", args.tls), ("--certfile", args.certfile),
                             ("--client-certs", args.client_certs)):  # fmt: skip
@@ -145,6 +220,7 @@ def run_broker(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         client_certs=args.client_certs,
         cafile=args.cafile,
+        bridge=bridge,
     )
     if args.tls:
         _check_server_certificate(config.tls_files.server_cert, config.tls_files.server_key)

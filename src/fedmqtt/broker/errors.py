@@ -27,3 +27,13 @@ class AccountError(BrokerError):
 
 class CertificateError(BrokerError):
     """Test certificates cannot be generated, or TLS files are missing."""
+
+
+class BridgeError(BrokerError):
+    """A site-to-cloud bridge cannot be configured (bad cloud URL, site name, credentials or TLS files).
+    ``flag`` names the ``fedmqtt broker`` flag to fix."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+        self.message = message

@@ -32,6 +32,7 @@ from types import FrameType
 from typing import IO
 
 from fedmqtt.broker.accounts import AccountKind, add_account, render_acl, username_for, write_private
+from fedmqtt.broker.bridge import BridgeConfig
 from fedmqtt.broker.certs import ClientCertificate, TlsFiles, generate_test_certificates, issue_client_certificate
 from fedmqtt.broker.errors import BrokerError, BrokerStartError, CertificateError, MissingTool
 from fedmqtt.broker.net import find_free_port, mqtt_probe, probe_host
@@ -91,6 +92,8 @@ class MosquittoConfig:
     # the user name the ACL keys on. Needs tls; applies the ACL (no password file).
     client_certs: bool = False
     cafile: Path | None = None
+    # Edge sites: this broker (a site's) bridges one job's topics to the cloud broker (fedmqtt.broker.bridge).
+    bridge: BridgeConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "config_dir", Path(self.config_dir).absolute())
@@ -213,6 +216,8 @@ class MosquittoConfig:
             ]
         else:
             lines.append("allow_anonymous true")
+        if self.bridge is not None:
+            lines += ["", *self.bridge.render()]
         return "\n".join(lines) + "\n"
 
     def write(self) -> Path:
@@ -234,6 +239,8 @@ class MosquittoConfig:
                 f"client certificates are on but the CA {self.client_ca} does not exist; run `fedmqtt broker "
                 f"gen-certs --config-dir {self.config_dir}`, or pass your own --cafile"
             )
+        if self.bridge is not None:
+            self.bridge.check_files()
         if self.acl:
             write_private(self.acl_file, render_acl(self.prefix))
         if self.auth and not self.client_certs:
@@ -368,6 +375,7 @@ class MosquittoBroker:
         prefix: str = DEFAULT_PREFIX,
         persistence: bool = True,
         startup_timeout: float = 10.0,
+        bridge: BridgeConfig | None = None,
     ) -> None:
         self.config_dir = Path(config_dir).absolute()
         self.port = port
@@ -381,6 +389,7 @@ class MosquittoBroker:
         self.prefix = prefix
         self.persistence = persistence
         self.startup_timeout = startup_timeout
+        self.bridge = bridge
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -397,6 +406,7 @@ class MosquittoBroker:
             tls=self.tls,
             prefix=self.prefix,
             client_certs=self.client_certs,
+            bridge=self.bridge,
         )
 
     @property
