@@ -313,3 +313,42 @@ def test_folding_float32_partials_equals_folding_the_updates(
     for name in base:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(np.abs(got["a"]).sum()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the job's settings
+# ---------------------------------------------------------------------------------------------------
+
+
+def _job(**overrides: Any) -> Any:
+    from fedmqtt.coordinator.config import load_config
+
+    return load_config(None, {"job": "j", "rounds": 1, "min_updates": 5, **overrides}, env={})
+
+
+def test_aggregators_default_to_none_and_the_partial_timeout_to_a_minute() -> None:
+    job = _job()
+    assert (job.aggregators, job.partial_timeout) == (0, 60.0)
+    assert (_job(aggregators=3, partial_timeout=5).aggregators, _job(partial_timeout=5).partial_timeout) == (3, 5.0)
+
+
+@pytest.mark.parametrize("strategy", ["median", "trimmed-mean", "krum"])
+def test_robust_strategies_are_refused_with_aggregators_and_say_why(strategy: str) -> None:
+    from fedmqtt.settings import SettingsError
+
+    with pytest.raises(
+        SettingsError, match=rf"--aggregators: {strategy} cannot combine partial aggregates: it must see"
+    ):
+        _job(aggregators=2, strategy=strategy, min_updates=10)
+    assert _job(strategy=strategy, min_updates=10).strategy == strategy  # without workers they run as before
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"aggregators": -1}, "--aggregators: must be >= 0"),
+    ({"partial_timeout": 0}, "--partial-timeout: must be > 0"),
+])  # fmt: skip
+def test_bad_values_are_named_by_their_flags(overrides: dict[str, Any], message: str) -> None:
+    from fedmqtt.settings import SettingsError
+
+    with pytest.raises(SettingsError, match=message):
+        _job(**overrides)

@@ -33,6 +33,7 @@ TRAINING = "model and training"
 LIMITS = "update limits"
 DURABILITY = "durability"
 PRIVACY = "differential privacy"
+SCALE_OUT = "scale-out aggregation"
 
 
 def _strategy_names() -> Sequence[str]:
@@ -64,6 +65,17 @@ def _expand_trainable(model: str, patterns: Sequence[str]) -> tuple[str, ...]:
         return expand_trainable(model, patterns)
     except FedmqttError as exc:
         raise ValueError(f"--trainable: {getattr(exc, 'message', exc)}") from None
+
+
+def _partials_refused(strategy: Any) -> str:
+    """Why ``strategy`` cannot merge the partial aggregates of --aggregators, in the strategy's own words."""
+    from fedmqtt.coordinator.errors import AggregationError
+
+    try:
+        strategy.add_partial({}, 0.0, 1)
+    except AggregationError as exc:
+        return str(exc)
+    return f"{strategy.name} cannot combine partial aggregates"  # pragma: no cover - buffering strategies raise
 
 
 def _info(help: str, **kwargs: Any) -> dict[str, Any]:
@@ -264,6 +276,21 @@ class CoordinatorConfig(BrokerSettings):
         Field(**_info("start even if another coordinator is alive on this job; the other one stops", group=DURABILITY)),
     ] = False
 
+    # -- scale-out aggregation (fedmqtt.aggregator): 0 = the coordinator takes every update itself
+    aggregators: Annotated[
+        int,
+        Field(ge=0, **_info(
+            "aggregator workers (fedmqtt aggregator) that screen, keep and sum the updates; rounds open once this "
+            "many are online, and the coordinator merges their partial aggregates (FedAvg family only; 0: the "
+            "coordinator takes every update itself)", group=SCALE_OUT, metavar="N")),
+    ] = 0  # fmt: skip
+    partial_timeout: Annotated[
+        float,
+        Field(gt=0, allow_inf_nan=False, **_info(
+            "seconds a closed round waits for the aggregators' partial aggregates before the attempt fails (and is "
+            "retried)", group=SCALE_OUT, metavar="S")),
+    ] = 60.0  # fmt: skip
+
     # -- differential privacy: None = off
     dp: DPSettings | None = None
 
@@ -369,6 +396,8 @@ class CoordinatorConfig(BrokerSettings):
             object.__setattr__(self, "min_updates_at_deadline", need)
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("--resume: needs --checkpoint-dir")
+        if self.aggregators and strategy.buffers_updates:
+            raise ValueError(f"--aggregators: {_partials_refused(strategy)}")
         if self.trainable is not None:  # globs -> the model's tensor names, resolved here once (the plan's set)
             object.__setattr__(self, "trainable", _expand_trainable(self.model, self.trainable))
         if self.init_checkpoint is not None:
