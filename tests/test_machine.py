@@ -446,6 +446,7 @@ EVENTS: dict[EventName, Callable[[RoundMachine], list[Action]]] = {
     EventName.AGGREGATION_FAILED: lambda m: m.aggregation_failed(m.round, "non-finite", 5.0),
     EventName.STOP: lambda m: m.stop("why", 5.0),
     EventName.TARGET_REACHED: lambda m: m.target_reached("target accuracy 0.5 reached: 0.6 after round 1", 5.0),
+    EventName.ABANDON_ATTEMPT: lambda m: m.abandon_attempt("the coordinator restarted", 5.0),
 }
 
 
@@ -867,3 +868,55 @@ def test_target_reached_during_aggregation_is_illegal_it_goes_to_aggregation_don
     with pytest.raises(IllegalEvent, match="target_reached"):
         machine.target_reached(REACHED, 2.0)
     assert machine.state_dict() == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# scale-out aggregation: the open gate and abandoned attempts
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_a_closed_gate_holds_rounds_until_it_opens() -> None:
+    machine = RoundMachine(config(min_updates=2))
+    machine.set_open_gate("waiting for aggregators: 0 of 2 online")
+    bring_online(machine, "d0", "d1")
+    assert not of_type(machine.start(0.0), OpenRound)
+    assert machine.stage is Stage.WAITING and machine.gate == "waiting for aggregators: 0 of 2 online"
+    assert not of_type(machine.tick(1.0), OpenRound)
+    machine.set_open_gate(None)
+    opened = one(machine.tick(2.0), OpenRound)
+    assert (opened.round, opened.attempt, opened.selected) == (1, 0, ("d0", "d1"))
+
+
+def test_a_closed_gate_holds_the_next_round_and_the_retry_but_not_an_open_round() -> None:
+    machine = training_machine(devices=2, min_updates=2, rounds=3)
+    machine.set_open_gate("waiting for aggregators: 1 of 2 online")
+    accept(machine, "d0", 1.0)
+    one(accept(machine, "d1", 1.0), CloseRound)  # the open round closes as usual
+    assert not of_type(machine.aggregation_done(1, 2.0), OpenRound)
+    assert (machine.stage, machine.round) == (Stage.WAITING, 2)
+    machine.set_open_gate(None)
+    one(machine.tick(3.0), OpenRound)
+    machine.set_open_gate("waiting")
+    accept(machine, "d0", 4.0)
+    one(machine.tick(20.0), CloseRound)  # the deadline, with one update
+    actions = machine.aggregation_failed(2, "a worker went offline", 21.0)
+    assert one(actions, RoundFailed).round == 2 and not of_type(actions, OpenRound)
+    assert machine.stage is Stage.WAITING
+
+
+@pytest.mark.parametrize("closing", [False, True])
+def test_an_abandoned_attempt_reopens_and_never_stops_the_job_itself(closing: bool) -> None:
+    machine = training_machine(devices=2, min_updates=2, max_attempts=1)
+    accept(machine, "d0", 1.0)
+    if closing:
+        one(accept(machine, "d1", 1.0), CloseRound)
+    why = "the coordinator restarted in the middle of the attempt"
+    actions = machine.abandon_attempt(why, 2.0)
+    failed = one(actions, RoundFailed)
+    assert (failed.round, failed.attempt, failed.reason) == (1, 0, why)
+    opened = one(actions, OpenRound)
+    assert (opened.round, opened.attempt) == (1, 1) and machine.accepted == {}
+    assert not of_type(actions, JobStopped)
+    # The attempt it opened is the second of max_attempts=1: a real failure now stops the job.
+    stopped = machine.tick(100.0)
+    assert one(stopped, JobStopped).cause is StopCause.ROUND_FAILURES

@@ -17,6 +17,8 @@ Lifecycle (one job)::
     NEW, WAITING, TRAINING, AGGREGATING --stop(reason)--> STOPPED
     NEW, WAITING, AGGREGATING --the next round would exceed the round budget (privacy)--> STOPPED
     AGGREGATING --aggregation_done(target_reached=...) before the last round (target accuracy)--> STOPPED
+    TRAINING, AGGREGATING --abandon_attempt (the adapter lost what the attempt held)--> the next attempt, as a failure
+                          does, but it never stops the job itself (even past max_attempts)
     WAITING, TRAINING --target_reached (an earlier round's model, evaluated while this round runs)--> STOPPED
 
 A stop says why (:class:`StopCause`): the privacy budget and the target accuracy are rules of the job, a round
@@ -344,6 +346,7 @@ class EventName(StrEnum):
     AGGREGATION_DONE = "aggregation_done"
     AGGREGATION_FAILED = "aggregation_failed"
     TARGET_REACHED = "target_reached"
+    ABANDON_ATTEMPT = "abandon_attempt"
     STOP = "stop"
 
 
@@ -375,6 +378,10 @@ TRANSITIONS: dict[tuple[Stage, EventName], frozenset[Stage]] = {
     # fails like a deadline without quorum: retried, or the job stops after max_attempts.
     (_S.AGGREGATING, _E.AGGREGATION_FAILED): frozenset({_S.WAITING, _S.TRAINING, _S.STOPPED, _S.FINISHED}),
     (_S.AGGREGATING, _E.STOP): frozenset({_S.STOPPED}),
+    # The adapter cannot account for the open attempt any more (a coordinator restarted in the middle of an attempt
+    # whose updates aggregator workers hold): a new attempt opens; this alone never stops the job.
+    (_S.TRAINING, _E.ABANDON_ATTEMPT): _OPEN_RESULTS,
+    (_S.AGGREGATING, _E.ABANDON_ATTEMPT): _OPEN_RESULTS,
     # Pipelined evaluation: the model of a closed round reached --target-accuracy while the next round waits or
     # trains; the job stops there. In AGGREGATING the adapter passes it to aggregation_done instead; after the
     # end of the job it changes nothing.
@@ -467,6 +474,9 @@ class RoundMachine:
         # Devices whose last will arrived while the broker connection was in doubt (a broker restart publishes
         # the wills of clients that never died): device -> when the will takes effect unless it comes back.
         self._suspect: dict[str, float] = {}
+        # Why rounds may not open now although enough devices are online (None: they may), set by the adapter
+        # (scale-out aggregation: fewer aggregator workers online than the job needs). See set_open_gate.
+        self._gate: str | None = None
 
     # -- read-only views -------------------------------------------------------------------------
 
@@ -555,6 +565,16 @@ class RoundMachine:
             _require_int("rounds", rounds, 0)
         self._budget = rounds
         self._budget_reason = reason or "privacy budget: no round left"
+
+    @property
+    def gate(self) -> str | None:
+        return self._gate
+
+    def set_open_gate(self, reason: str | None) -> None:
+        """Hold rounds from opening (``reason``: why, e.g. "waiting for aggregators: 1 of 2 online") or let them
+        open again (None). Not an event: a round waiting in WAITING opens on the next ``tick`` or ``device_status``
+        once the gate is open; a round already open is not affected."""
+        self._gate = reason
 
     def snapshot(self, now: float) -> Status:
         """The retained status message (without privacy and metrics: the adapter adds those)."""
@@ -764,6 +784,12 @@ class RoundMachine:
             EventName.AGGREGATION_FAILED, lambda actions: self._fail(now, f"aggregation failed: {reason}", actions)
         )
 
+    def abandon_attempt(self, reason: str, now: float) -> list[Action]:
+        """The adapter lost what the open (or closing) attempt held: fail it with ``RoundFailed(reason)`` and open
+        the next attempt (or wait for devices). Unlike a failure it never stops the job itself, even when it was
+        the ``max_attempts``-th attempt (the attempts it opens still count for later failures)."""
+        return self._run(EventName.ABANDON_ATTEMPT, lambda actions: self._fail(now, reason, actions, counted=False))
+
     def stop(self, reason: str, now: float, cause: StopCause = StopCause.EXTERNAL) -> list[Action]:
         """End the job from outside."""
         return self._run(EventName.STOP, lambda actions: self._stop(reason, actions, cause))
@@ -873,7 +899,7 @@ class RoundMachine:
     def _open_or_wait(self, now: float, actions: list[Action]) -> None:
         """In WAITING: open the next attempt of ``self._round`` if enough devices are online."""
         while True:
-            if len(self._online) < self.config.devices_needed:
+            if len(self._online) < self.config.devices_needed or self._gate is not None:
                 self._stage = Stage.WAITING
                 return
             self._attempts += 1
@@ -927,13 +953,13 @@ class RoundMachine:
             )
         )
 
-    def _fail(self, now: float, reason: str, actions: list[Action]) -> None:
+    def _fail(self, now: float, reason: str, actions: list[Action], *, counted: bool = True) -> None:
         actions.append(RoundFailed(self._round, self.attempt, reason))
         self._accepted = {}
         self._set_selection(())
         self._deadline = None
         self._opened_at = None
-        if self._attempts >= self.config.max_attempts:
+        if counted and self._attempts >= self.config.max_attempts:
             self._stop(
                 f"round {self._round} failed {self._attempts} time(s) (max_attempts={self.config.max_attempts}); "
                 f"last failure: {reason}",
