@@ -411,6 +411,9 @@ class Status(_Strict):
     run_id: Token | None = None
     # The coordinator process publishing (see CoordinatorPresence).
     instance: Token | None = None
+    # Scale-out aggregation (--aggregators N): the workers online and the number rounds wait for (None without).
+    aggregators_online: NonNegInt | None = None
+    aggregators_needed: NonNegInt | None = None
 
 
 CoordinatorState = Literal["online", "offline", "stopped"]
@@ -497,6 +500,12 @@ class EventType(StrEnum):
     COORDINATOR_CONFLICT = "coordinator_conflict"
     RUN_STARTED = "run_started"
     ROUND_EVALUATED = "round_evaluated"  # a closed round's model was evaluated (or its evaluation failed)
+    # Scale-out aggregation (--aggregators N): rounds wait for the workers; a worker came online / went offline (with
+    # the acknowledged updates it held); a message of a worker (progress, partial aggregate, status) was refused.
+    AGGREGATORS_WAITING = "aggregators_waiting"
+    AGGREGATOR_ONLINE = "aggregator_online"
+    AGGREGATOR_OFFLINE = "aggregator_offline"
+    AGGREGATOR_REFUSED = "aggregator_refused"
 
 
 EVENT_DEVICES_MAX = 50  # device ids one batched presence event names
