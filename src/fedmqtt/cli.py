@@ -16,6 +16,7 @@ from fedmqtt import __version__
 from fedmqtt.errors import FedmqttError
 
 _SUBCOMMAND_MODULES = (
+    "fedmqtt.aggregator.cli",
     "fedmqtt.broker.cli",
     "fedmqtt.coordinator.cli",
     "fedmqtt.device.cli",
