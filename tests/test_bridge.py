@@ -4,15 +4,21 @@ job across two bridged Mosquitto brokers (site and cloud)."""
 from __future__ import annotations
 
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from paho.mqtt.client import topic_matches_sub
 
+from conftest import MqttClientFactory, ProcessGroup, fedmqtt_argv
 from fedmqtt.broker.bridge import BridgeConfig
 from fedmqtt.broker.errors import BridgeError
-from fedmqtt.broker.mosquitto import MosquittoConfig
-from fedmqtt.topics import BRIDGE_DOWN, BRIDGE_UP, Topics, bridge_topics
+from fedmqtt.broker.mosquitto import MosquittoBroker, MosquittoConfig
+from fedmqtt.broker.net import find_free_port
+from fedmqtt.mqtt import ClientSettings, parse_broker_url
+from fedmqtt.topics import BRIDGE_DOWN, BRIDGE_UP, Topics, bridge_topics, site_acl
+from fedmqtt.watch import StateHolder, WatchState, open_watch
 
 # --- which topics cross the WAN ---------------------------------------------------------------------------------
 
@@ -57,6 +63,57 @@ def test_no_topic_goes_both_ways_and_nothing_of_another_job_or_prefix_is_carried
         for other in (Topics(job="k", prefix="acme/fl"), Topics(job="j")):
             for topic in (other.plan, other.model, other.update("d1"), other.partial("w"), other.device_status("d")):
                 assert not any(topic_matches_sub(p, topic) for _, p in pairs)
+
+
+def _allowed(rules: tuple, access: str, username: str, topic: str) -> bool:
+    return any(
+        access in rule.access and topic_matches_sub(rule.pattern.replace("%u", username), topic) for rule in rules
+    )
+
+
+@pytest.mark.parametrize("site_aggregator", [False, True])
+def test_a_site_account_reads_what_its_bridge_carries_down_and_writes_what_it_carries_up(site_aggregator: bool) -> None:
+    rules = site_acl("acme")
+    t = Topics(job="j", prefix="acme")
+    examples = {"+": "x1", "#": "x1/y"}
+    for direction, pattern in bridge_topics("acme", "j", site_aggregator=site_aggregator):
+        topic = "/".join(examples.get(level, level) for level in pattern.split("/"))
+        access = "read" if direction == BRIDGE_DOWN else "write"
+        assert _allowed(rules, access, "s1", topic), (direction, topic)
+        assert not _allowed(rules, "write" if access == "read" else "read", "s1", topic), (direction, topic)
+    assert _allowed(rules, "write", "s1", t.site_bridge("s1"))
+    assert not _allowed(rules, "write", "s1", t.site_bridge("s2"))
+    for topic in (t.model, t.plan, t.collect, t.status):  # the cloud's own messages
+        assert not _allowed(rules, "write", "s1", topic)
+    assert not _allowed(rules, "read", "s1", t.update("d1"))  # nobody's updates come back down
+    assert not _allowed(rules, "read", "s1", t.partial("w1"))
+
+
+@pytest.mark.mosquitto
+@pytest.mark.usefixtures("mosquitto_installed")
+def test_site_accounts_get_their_own_block_in_the_acl_and_a_device_account_cannot_become_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedmqtt.broker.accounts import list_accounts, render_acl
+    from fedmqtt.cli import main
+
+    text = render_acl("acme", sites=["s1"])
+    block = text.split("user s1\n", 1)[1]
+    assert "topic write acme/+/updates/+" in block and "topic readwrite acme/+/sites/s1/bridge" in block
+    assert "user s1" not in render_acl("acme")
+    config_dir = tmp_path / "cloud"
+    MosquittoConfig(config_dir, auth=True, prefix="acme").write()
+    assert main(["broker", "add-site", "plant-1", "--config-dir", str(config_dir)]) == 0
+    assert "site account 'plant-1' created" in capsys.readouterr().out
+    assert "plant-1" in list_accounts(config_dir / "passwd")
+    assert "user plant-1\ntopic read acme/+/plan" in (config_dir / "acl").read_text()  # rewritten at once
+    assert stat.S_IMODE((config_dir / "acl").stat().st_mode) == 0o600
+    assert main(["broker", "add-device", "cam-1", "--config-dir", str(config_dir)]) == 0
+    assert main(["broker", "add-site", "cam-1", "--config-dir", str(config_dir)]) == 1
+    assert "'cam-1' exists and is not a site's" in capsys.readouterr().err
+    assert "user cam-1" not in (config_dir / "acl").read_text()
+    assert main(["broker", "add-site", "a/b", "--config-dir", str(config_dir)]) == 1
+    assert "invalid site name 'a/b'" in capsys.readouterr().err
 
 
 # --- the bridge section of mosquitto.conf ------------------------------------------------------------------------
@@ -167,3 +224,131 @@ def test_the_cli_refuses_a_bridge_it_cannot_build(capsys: pytest.CaptureFixture[
     for flags, message in cases:
         assert main(["broker", *flags]) == 1
         assert message in capsys.readouterr().err, flags
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fedmqtt.data import write_idx_dataset
+
+    return write_idx_dataset(tmp_path_factory.mktemp("small"), num_train=600, num_test=300, seed=11)
+
+
+class EdgeJob(ProcessGroup):
+    """One job across a site broker (``fedmqtt broker --bridge-to``, a subprocess) and a cloud broker (TLS,
+    accounts): the coordinator and a watcher on the cloud, the devices on the site."""
+
+    def __init__(self, cloud: MosquittoBroker, passwords: dict[str, str], prefix: str, logs: Path) -> None:
+        super().__init__(logs)
+        self.cloud = cloud
+        self.prefix = prefix
+        self.job = "edge"
+        self.topics = Topics(job=self.job, prefix=prefix)
+        self.secrets = logs / "secrets"
+        self.secrets.mkdir()
+        for user, password in passwords.items():
+            (self.secrets / user).write_text(password + "\n")
+        self.holder = StateHolder(WatchState(topics=self.topics))
+        self.site_url: str | None = None
+
+    def cloud_flags(self, user: str) -> list[str]:
+        return ["--broker", self.cloud.url, "--tls-ca", str(self.cloud.ca_file), "--username", user,
+                "--password-file", str(self.secrets / user), "--job", self.job, "--prefix", self.prefix,
+                "--mqtt-version", "5"]  # fmt: skip
+
+    def site(self, name: str, config_dir: Path, *flags: str) -> str:
+        """Start the site broker with its bridge; its URL once it serves."""
+        self.start(
+            f"site-{name}",
+            fedmqtt_argv("broker", "--mosquitto", "--config-dir", str(config_dir), "--port", str(find_free_port()),
+                         "--prefix", self.prefix, "--bridge-to", self.cloud.url, "--site", name, "--job", self.job,
+                         "--bridge-username", name, "--bridge-password-file", str(self.secrets / name),
+                         "--bridge-cafile", str(self.cloud.ca_file), *flags),
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while "listening on" not in self.log(f"site-{name}"):
+            self.fail_if_one_failed("the site broker")
+            assert time.monotonic() < deadline, self.log(f"site-{name}")
+            time.sleep(0.1)
+        self.site_url = self.log(f"site-{name}").split("listening on ")[1].split()[0]
+        return self.site_url
+
+    def coordinator(self, data: Path, *flags: str) -> None:
+        self.start("coordinator", fedmqtt_argv(
+            "coordinator", *self.cloud_flags("coordinator"), "--model", "mlp", "--eval-data", str(data),
+            "--local-epochs", "1", "--batch-size", "20", "--lr", "0.1", "--uplink", "int8", "--quiet", *flags))  # fmt: skip
+
+    def devices(self, name: str, data: Path, *flags: str) -> None:
+        assert self.site_url is not None
+        self.start(name, fedmqtt_argv(
+            "device", "--broker", self.site_url, "--job", self.job, "--prefix", self.prefix, "--mqtt-version", "5",
+            "--data-dir", str(data), "--threads", "1", "--exit-on-finish", *flags))  # fmt: skip
+
+    def wait_for(self, what: str, predicate: Callable[[WatchState], bool], timeout: float = 120.0) -> WatchState:
+        deadline = time.monotonic() + timeout
+        while not predicate(state := self.holder.state):
+            self.fail_if_one_failed(what)
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}; state: {state.status}\n{self.log('coordinator')}")
+            time.sleep(0.05)
+        return state
+
+
+@pytest.mark.e2e
+@pytest.mark.mosquitto
+def test_a_job_runs_across_the_bridge_devices_on_the_site_coordinator_in_the_cloud(
+    mosquitto_factory: Callable[..., MosquittoBroker], mqtt_client: MqttClientFactory, tmp_path: Path,
+    topic_prefix: str, small_data: Path,
+) -> None:  # fmt: skip
+    cloud = mosquitto_factory(tls=True, auth=True, prefix=topic_prefix)
+    passwords = {"coordinator": cloud.add_account("coordinator"), "watcher": cloud.add_account("watcher"),
+                 "plant-1": cloud.add_account("site", "plant-1")}  # fmt: skip
+    cloud.reload()
+    job = EdgeJob(cloud, passwords, topic_prefix, tmp_path)
+    try:
+        watcher_url = parse_broker_url(cloud.url).with_credentials("watcher", passwords["watcher"])
+        job.watcher = open_watch(
+            ClientSettings.from_url(watcher_url.to_url(include_password=True), "watch-edge", tls_ca=cloud.ca_file),
+            job.holder,
+        )
+        site_dir = tmp_path / "site"
+        job.site("plant-1", site_dir)
+        conf = site_dir / "mosquitto.conf"
+        assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+        assert f"remote_password {passwords['plant-1']}" in conf.read_text()
+        for pid in (int((site_dir / "mosquitto.pid").read_text()), job.processes["site-plant-1"].pid):
+            assert passwords["plant-1"] not in Path(f"/proc/{pid}/cmdline").read_text()
+        # The bridge is up: its state is retained on the cloud broker (read with the coordinator's account
+        # before the coordinator runs: one connection per account).
+        states: list[bytes] = []
+        coordinator_url = parse_broker_url(cloud.url).with_credentials("coordinator", passwords["coordinator"])
+        peek = mqtt_client(coordinator_url.to_url(include_password=True), tls_ca=cloud.ca_file,
+                           subscriptions=[(job.topics.site_bridge("plant-1"), 1)],
+                           on_message=lambda t, p, q, r, m: states.append(p))  # fmt: skip
+        wait_until(lambda: b"1" in states, "the bridge's state on the cloud broker", job)
+        peek.close()
+        job.coordinator(small_data, "--rounds", "2", "--min-updates", "3", "--round-timeout", "60")
+        job.devices("devices", small_data, "--id-prefix", "d", "--partition", "iid", "--num-parts", "3",
+                    "--parts", "0:3")  # fmt: skip
+        state = job.wait_for("the job to finish", lambda s: s.finished and s.rounds_done == 2, timeout=180)
+        assert job.wait_exit("coordinator") == 0
+        # The coordinator is on the cloud broker only: every update it accepted crossed the bridge.
+        for summary in state.ordered_rounds():
+            assert set(summary.participants) == {"d0000", "d0001", "d0002"}
+            assert summary.closed_by == "quorum" and summary.bytes_up > 0
+        assert state.ordered_rounds()[-1].accuracy is not None
+        # The devices' presence crossed the bridge too (retained on the cloud broker), and they leave.
+        assert job.wait_exit("devices") == 0
+        job.wait_for("the devices' offline status", lambda s: s.device_counts() == {"offline": 3}, timeout=20)
+    finally:
+        if getattr(job, "watcher", None) is not None:
+            job.watcher.close()
+        job.close()
+
+
+def wait_until(predicate: Callable[[], bool], what: str, group: ProcessGroup, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        group.fail_if_one_failed(what)
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -290,7 +290,13 @@ def watcher_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
         AclRule("read", f"{p}/+/{_PRIVACY}"),
         AclRule("read", f"{p}/+/{_COORDINATOR}"),
         AclRule("read", f"{p}/+/{_RELEASE}"),
+        # Scale-out aggregation: the workers' presence and progress (update headers, no values), the collect
+        # request; never the partials (a partial of one device is its update).
+        AclRule("read", f"{p}/+/{_AGGREGATORS}/+/{_STATUS}"),
+        AclRule("read", f"{p}/+/{_AGGREGATORS}/+/{_PROGRESS}"),
+        AclRule("read", f"{p}/+/{_COLLECT}"),
         AclRule("deny", f"{p}/+/{_UPDATES}/#"),
+        AclRule("deny", f"{p}/+/{_PARTIALS}/#"),
     )
 
 
@@ -336,3 +342,29 @@ def bridge_topics(prefix: str, job: str, *, site_aggregator: bool) -> tuple[tupl
     if not site_aggregator:
         up.append(t.updates_filter)
     return tuple((BRIDGE_DOWN, topic) for topic in down) + tuple((BRIDGE_UP, topic) for topic in up)
+
+
+def site_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
+    """What a site's bridge account may do on the cloud broker, for every job under ``prefix``: read what
+    :func:`bridge_topics` carries down, write what it carries up (its devices' presence and updates, its
+    aggregators' presence, progress and partials) and its own bridge-state topic (``%u`` = the site name).
+    A site is trusted for the devices and aggregators behind it: the cloud broker cannot tell which are its."""
+    validate_prefix(prefix)
+    p = prefix
+    return (
+        AclRule("read", f"{p}/+/{_PLAN}"),
+        AclRule("read", f"{p}/+/{_MODEL}"),
+        AclRule("read", f"{p}/+/{_DELTA}"),
+        AclRule("read", f"{p}/+/{_COORDINATOR}"),
+        AclRule("read", f"{p}/+/{_COLLECT}"),
+        AclRule("read", f"{p}/+/{_RELEASE}"),
+        AclRule("read", f"{p}/+/{_STATUS}"),
+        AclRule("read", f"{p}/+/{_EVENTS}"),
+        AclRule("read", f"{p}/+/{_ROUNDS}/+"),
+        AclRule("read", f"{p}/+/{_PRIVACY}"),
+        AclRule("write", f"{p}/+/{_DEVICES}/+/{_STATUS}"),
+        AclRule("write", f"{p}/+/{_UPDATES}/+"),
+        AclRule("write", f"{p}/+/{_AGGREGATORS}/+/+"),
+        AclRule("write", f"{p}/+/{_PARTIALS}/+"),
+        AclRule("readwrite", f"{p}/+/{_SITES}/%u/{_BRIDGE}"),
+    )

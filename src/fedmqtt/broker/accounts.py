@@ -21,19 +21,20 @@ import os
 import secrets
 import shutil
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 from fedmqtt.atomic import PRIVATE, write_atomic
 from fedmqtt.broker.errors import AccountError, MissingTool
 from fedmqtt.errors import InvalidIdentifier
-from fedmqtt.topics import AclRule, coordinator_acl, device_acl, validate_id, validate_prefix, watcher_acl
+from fedmqtt.topics import AclRule, coordinator_acl, device_acl, site_acl, validate_id, validate_prefix, watcher_acl
 
 COORDINATOR_USER = "coordinator"
 WATCHER_USER = "watcher"
 RESERVED_USERNAMES = frozenset({COORDINATOR_USER, WATCHER_USER})
 
-AccountKind = Literal["device", "coordinator", "watcher"]
+AccountKind = Literal["device", "coordinator", "watcher", "site"]
 
 _INSTALL_HINT = (
     "install Mosquitto (Debian/Ubuntu: apt install mosquitto mosquitto-clients; macOS: brew install mosquitto)"
@@ -47,12 +48,19 @@ def _acl_line(keyword: str, rule: AclRule) -> str:
     return f"{keyword} {rule.access} {rule.pattern}"
 
 
-def render_acl(prefix: str, *, coordinator_user: str = COORDINATOR_USER, watcher_user: str = WATCHER_USER) -> str:
-    """The Mosquitto ACL file text for one topic prefix (pure)."""
+def render_acl(
+    prefix: str,
+    *,
+    coordinator_user: str = COORDINATOR_USER,
+    watcher_user: str = WATCHER_USER,
+    sites: Iterable[str] = (),
+) -> str:
+    """The Mosquitto ACL file text for one topic prefix (pure). ``sites``: the site accounts (edge sites'
+    bridges, ``fedmqtt broker add-site NAME``), each with its own block."""
     validate_prefix(prefix)
     lines = [
         "# fedmqtt ACL, generated from fedmqtt.topics; regenerated when the broker starts (do not edit).",
-        f"# Topic prefix: {prefix}",
+        f"{_PREFIX_LINE}{prefix}",
         "",
         "# Devices: username == device id (== client id). Each writes only its own update and status topics,",
         "# reads the job's shared topics, and neither reads nor writes other devices' topics.",
@@ -70,7 +78,35 @@ def render_acl(prefix: str, *, coordinator_user: str = COORDINATOR_USER, watcher
     for rule in device_acl(prefix):
         if rule.access in ("write", "readwrite"):
             lines.append(_acl_line("topic", AclRule("deny", rule.pattern.replace("%u", watcher_user))))
+    for site in sites:
+        lines += ["", f"# The bridge of the edge site {site} (docs/edge-sites.md).", f"user {site}"]
+        lines += [_acl_line("topic", AclRule(rule.access, rule.pattern.replace("%u", site))) for rule in site_acl(prefix)]
     return "\n".join(lines) + "\n"
+
+
+def acl_prefix(acl_text: str) -> str | None:
+    """The topic prefix a generated ACL file covers (its ``# Topic prefix:`` line), or None."""
+    for line in acl_text.splitlines():
+        if line.startswith(_PREFIX_LINE):
+            return line[len(_PREFIX_LINE) :].strip() or None
+    return None
+
+
+def read_sites(sites_file: Path) -> list[str]:
+    """The site accounts listed in ``sites_file`` (one name a line; missing file: none)."""
+    if not sites_file.exists():
+        return []
+    return [line.strip() for line in sites_file.read_text().splitlines() if line.strip()]
+
+
+def register_site(sites_file: Path, site: str) -> None:
+    """Add ``site`` to the list of site accounts (the ACL gives each its own block)."""
+    sites = read_sites(sites_file)
+    if site not in sites:
+        write_private(sites_file, "".join(f"{name}\n" for name in [*sites, site]))
+
+
+_PREFIX_LINE = "# Topic prefix: "
 
 
 def write_private(path: Path, text: str) -> None:
@@ -96,14 +132,14 @@ def username_for(kind: AccountKind, device_id: str | None = None) -> str:
     if kind == "watcher":
         return WATCHER_USER
     if device_id is None:
-        raise AccountError("a device account needs a device id")
+        raise AccountError(f"a {kind} account needs a {'site name' if kind == 'site' else 'device id'}")
     try:
-        validate_id("device id", device_id)
+        validate_id("site name" if kind == "site" else "device id", device_id)
     except InvalidIdentifier as exc:
         raise AccountError(str(exc)) from exc
     if device_id in RESERVED_USERNAMES:
         raise AccountError(
-            f"{device_id!r} is the name of the {device_id} account and cannot be a device id; choose another"
+            f"{device_id!r} is the name of the {device_id} account and cannot be a {'site name' if kind == 'site' else 'device id'}; choose another"
         )
     return device_id
 

@@ -31,10 +31,20 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from fedmqtt.broker.accounts import AccountKind, add_account, render_acl, username_for, write_private
+from fedmqtt.broker.accounts import (
+    AccountKind,
+    acl_prefix,
+    add_account,
+    list_accounts,
+    read_sites,
+    register_site,
+    render_acl,
+    username_for,
+    write_private,
+)
 from fedmqtt.broker.bridge import BridgeConfig
 from fedmqtt.broker.certs import ClientCertificate, TlsFiles, generate_test_certificates, issue_client_certificate
-from fedmqtt.broker.errors import BrokerError, BrokerStartError, CertificateError, MissingTool
+from fedmqtt.broker.errors import AccountError, BrokerError, BrokerStartError, CertificateError, MissingTool
 from fedmqtt.broker.net import find_free_port, mqtt_probe, probe_host
 from fedmqtt.mqtt import DEFAULT_MAX_PACKET_SIZE
 from fedmqtt.topics import DEFAULT_PREFIX, validate_prefix
@@ -45,6 +55,7 @@ ACL_FILE = "acl"
 DATA_DIR = "data"
 TLS_DIR = "tls"
 PID_FILE = "mosquitto.pid"
+SITES_FILE = "sites"  # the site accounts (fedmqtt broker add-site NAME): each gets its block in the ACL
 LOG_FILE = "mosquitto.log"
 
 _INSTALL_HINT = (
@@ -129,6 +140,10 @@ class MosquittoConfig:
     @property
     def data_dir(self) -> Path:
         return self.config_dir / DATA_DIR
+
+    @property
+    def sites_file(self) -> Path:
+        return self.config_dir / SITES_FILE
 
     @property
     def pid_file(self) -> Path:
@@ -242,13 +257,28 @@ class MosquittoConfig:
         if self.bridge is not None:
             self.bridge.check_files()
         if self.acl:
-            write_private(self.acl_file, render_acl(self.prefix))
+            write_private(self.acl_file, render_acl(self.prefix, sites=read_sites(self.sites_file)))
         if self.auth and not self.client_certs:
             if not self.password_file.exists():
                 write_private(self.password_file, "")
             os.chmod(self.password_file, 0o600)
         write_private(self.config_file, self.render())
         return self.config_file
+
+
+def register_site_account(config_dir: Path, site: str) -> None:
+    """Make ``site`` (an account of the password file, or about to be) a site account: list it and rewrite the
+    ACL of ``config_dir`` with its block, for the prefix the ACL already covers. An account that exists and
+    is not a site's (a device's) is refused: it would gain a site's rights."""
+    config_dir = Path(config_dir)
+    sites_file = config_dir / SITES_FILE
+    if site in list_accounts(config_dir / PASSWORD_FILE) and site not in read_sites(sites_file):
+        raise AccountError(f"the account {site!r} exists and is not a site's (a device's?); choose another site name")
+    register_site(sites_file, site)
+    acl_file = config_dir / ACL_FILE
+    prefix = acl_prefix(acl_file.read_text()) if acl_file.exists() else None
+    if prefix is not None:
+        write_private(acl_file, render_acl(prefix, sites=read_sites(sites_file)))
 
 
 def read_pid(config_dir: Path) -> int | None:
@@ -503,6 +533,8 @@ class MosquittoBroker:
         """Create/update an account (device id is the username for devices); return its password. Call
         ``reload()`` for a running broker to accept it."""
         username = username_for(kind, device_id)
+        if kind == "site":
+            register_site_account(self.config_dir, username)
         return add_account(self.config(self.port or 1883).password_file, username, password)
 
     def _close_log(self) -> None:
