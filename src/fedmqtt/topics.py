@@ -290,6 +290,11 @@ def watcher_acl(prefix: str = DEFAULT_PREFIX) -> tuple[AclRule, ...]:
         AclRule("read", f"{p}/+/{_PRIVACY}"),
         AclRule("read", f"{p}/+/{_COORDINATOR}"),
         AclRule("read", f"{p}/+/{_RELEASE}"),
+        # Scale-out aggregation: the workers' presence and progress (update headers, no values), the collect
+        # request; not the partials (a partial of one device is its update): nothing grants them.
+        AclRule("read", f"{p}/+/{_AGGREGATORS}/+/{_STATUS}"),
+        AclRule("read", f"{p}/+/{_AGGREGATORS}/+/{_PROGRESS}"),
+        AclRule("read", f"{p}/+/{_COLLECT}"),
         AclRule("deny", f"{p}/+/{_UPDATES}/#"),
     )
 
