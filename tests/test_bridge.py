@@ -3,7 +3,11 @@ job across two bridged Mosquitto brokers (site and cloud)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import socket
 import stat
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -345,10 +349,116 @@ def test_a_job_runs_across_the_bridge_devices_on_the_site_coordinator_in_the_clo
         job.close()
 
 
-def wait_until(predicate: Callable[[], bool], what: str, group: ProcessGroup, timeout: float = 30.0) -> None:
+def wait_until(
+    predicate: Callable[[], bool], what: str, group: ProcessGroup | None = None, timeout: float = 30.0
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        group.fail_if_one_failed(what)
+        if group is not None:
+            group.fail_if_one_failed(what)
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+class Wan:
+    """A TCP forwarder on loopback standing for the WAN between a site and the cloud: ``cut()`` closes every
+    connection through it and refuses new ones (the link is down), ``restore()`` lets them through again."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self.connections: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.connections += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.up = False
+        with self.lock:
+            for s in self.connections:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            self.connections.clear()
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+@pytest.mark.mosquitto
+def test_while_the_wan_is_down_qos1_messages_wait_on_both_sides_and_arrive_when_the_bridge_reconnects(
+    mosquitto_factory: Callable[..., MosquittoBroker], mqtt_client: MqttClientFactory, topic_prefix: str
+) -> None:
+    t = Topics(job="j", prefix=topic_prefix)
+    cloud = mosquitto_factory(prefix=topic_prefix)
+    wan = Wan(cloud.port)
+    try:
+        bridge = BridgeConfig.create(f"mqtt://127.0.0.1:{wan.port}", site="s1", job="j", prefix=topic_prefix)
+        site = mosquitto_factory(prefix=topic_prefix, bridge=dataclasses.replace(bridge, restart_timeout=(1, 2)))
+        at_cloud: list[tuple[str, bytes]] = []
+        at_site: list[tuple[str, bytes]] = []
+        mqtt_client(cloud.url, subscriptions=[(t.updates_filter, 1), (t.site_bridge("s1"), 1)],
+                    on_message=lambda tp, p, q, r, m: at_cloud.append((tp, p)))  # fmt: skip
+        mqtt_client(site.url, subscriptions=[(t.plan, 1), (t.model, 1)],
+                    on_message=lambda tp, p, q, r, m: at_site.append((tp, p)))  # fmt: skip
+        wait_until(lambda: (t.site_bridge("s1"), b"1") in at_cloud, "the bridge to connect")
+
+        wan.cut()
+        wait_until(lambda: (t.site_bridge("s1"), b"0") in at_cloud, "the bridge's last will on the cloud broker")
+        device = mqtt_client(site.url)
+        for n in range(3):
+            device.publish(t.update(f"d{n}"), f"update {n}".encode(), qos=1)
+        device.publish(t.device_status("d0"), b"online", qos=1, retain=True)
+        coordinator = mqtt_client(cloud.url)
+        coordinator.publish(t.plan, b"plan of round 2", qos=1, retain=True)
+        coordinator.publish(t.model, b"model of round 2", qos=1, retain=True)
+        time.sleep(1.0)
+        assert not [m for m in at_cloud if t.device_of_update(m[0])] and not at_site  # nothing crossed
+
+        wan.restore()
+        wait_until(lambda: len([m for m in at_cloud if t.device_of_update(m[0])]) == 3, "the queued updates")
+        wait_until(lambda: len(at_site) == 2, "the queued plan and model")
+        assert sorted(p for tp, p in at_cloud if t.device_of_update(tp)) == [b"update 0", b"update 1", b"update 2"]
+        assert dict(at_site) == {t.plan: b"plan of round 2", t.model: b"model of round 2"}
+        # Retained state crossed too: a client that connects to either side now gets the other side's.
+        late_cloud: list[bytes] = []
+        mqtt_client(cloud.url, subscriptions=[(t.device_status("d0"), 1)],
+                    on_message=lambda tp, p, q, r, m: late_cloud.append(p))  # fmt: skip
+        late_site: list[bytes] = []
+        mqtt_client(site.url, subscriptions=[(t.plan, 1)], on_message=lambda tp, p, q, r, m: late_site.append(p))
+        wait_until(lambda: late_cloud == [b"online"] and late_site == [b"plan of round 2"], "retained messages")
+    finally:
+        wan.close()
