@@ -194,6 +194,10 @@ class Scene:
                         out[entry.device] = (message.worker, entry)
         return out
 
+    def first_partial(self, procs: Any = None) -> tuple[str, DecodedFrame]:
+        """The first partial published (waited for): (worker, frame)."""
+        return self.wait("a partial", lambda: self.partials[0] if self.partials else None, procs=procs)
+
     def entry_count(self) -> int:
         with self._cond:
             return sum(len(m.entries) for m in self.progress)
@@ -274,7 +278,8 @@ def test_a_worker_reports_progress_refuses_bad_frames_and_sums_exactly_the_liste
     scene.update("d9", arrays_for(9), 4)  # not selected
     scene.update("d1", arrays_for(99), 10)  # a second, different update of d1
 
-    entries = scene.wait("7 progress entries", lambda: scene.entry_count() >= 7 and scene.entries(), procs=procs)
+    scene.wait("7 progress entries", lambda: scene.entry_count() >= 7, procs=procs)
+    entries = scene.entries()
     accepted = {e.device: e for m in scene.progress for e in m.entries if e.accepted}
     assert sorted(accepted) == ["d1", "d2", "d3"]
     for d, entry in accepted.items():
@@ -297,7 +302,7 @@ def test_a_worker_reports_progress_refuses_bad_frames_and_sums_exactly_the_liste
     time.sleep(1.0)
     assert scene.partials == []
     scene.collect({"w1": ("d1", "d3"), "w2": ("d2",)})
-    worker, frame = scene.wait("the partial", lambda: scene.partials and scene.partials[0], procs=procs)
+    worker, frame = scene.first_partial(procs)
     assert worker == "w1"
     h = frame.header
     assert h.kind is FrameKind.PARTIAL_AGGREGATE and h.sender == "w1" and h.round == 1 and h.run_id == scene.run_id
@@ -375,9 +380,105 @@ def test_a_worker_killed_after_acking_answers_the_collect_once_restarted_with_it
 
     start_worker(procs, scene, "w1", spool, name="w1-again")
     scene.collect({"w1": tuple(devices)})
-    _, frame = scene.wait("the partial", lambda: scene.partials and scene.partials[0], procs=procs)
+    _, frame = scene.first_partial(procs)
     assert frame.header.partial is not None
     assert [e.device for e in frame.header.partial.devices] == devices
     assert_partial(frame, weighted_sum([(values[d], float(5 + i)) for i, d in enumerate(devices)]))
     scene.end_job()
     assert procs.wait_exit("w1-again") == 0
+
+
+def test_hostile_collect_requests_and_plans_do_not_end_a_worker(
+    scene: Scene, procs: ProcessGroup, tmp_path: Path
+) -> None:
+    start_worker(procs, scene, "w1", tmp_path / "spool")
+    scene.open_round(["d1", "d2"])
+    time.sleep(0.3)
+    values = {"d1": arrays_for(301), "d2": arrays_for(302)}
+    scene.update("d1", values["d1"], 4)
+    scene.update("d2", values["d2"], 6)
+    scene.wait("2 accepted", lambda: len(scene.entries()) >= 2, procs=procs)
+    t = scene.topics
+    hostile: list[tuple[str, bytes]] = [
+        (t.collect, b"\x00" * 64),
+        (t.collect, b'{"schema_version": 1, "job": "agg", "round": -1, "attempt": 0, "holdings": {}, "issued_at": 1}'),
+        (t.collect, to_json(CollectRequest(job="other", round=1, attempt=0, holdings={"w1": ("d1",)}, issued_at=1.0))),
+        (t.plan, b'{"schema_version": 1, "job": "agg", "round": 1}'),
+        (t.plan, b"[]" * 10_000),
+        (t.coordinator, b'{"schema_version": 1, "job": "agg", "state": "stopped", "phase": "finished"}'),
+        (t.model, encode_frame({"x": np.ones(3, np.float32)}, kind=FrameKind.UPDATE, job=JOB, round=1, sender="d1",
+                               codec=CodecSpec())),
+        (t.update("d1"), b""),
+    ]  # fmt: skip
+    for topic, payload in hostile:
+        scene.publish(topic, payload)
+    # A collect listing a device the worker never held: it sends nothing (the coordinator fails the attempt).
+    scene.collect({"w1": ("d1", "d7")})
+    time.sleep(1.5)
+    assert procs.processes["w1"].poll() is None, procs.log("w1")
+    assert scene.partials == []
+    log = procs.log("w1")
+    assert "does not hold (d7)" in log and "Traceback" not in log
+    # Still at work: the next attempt's collect (same round, new attempt) is answered from what it then holds.
+    scene.open_round(["d1", "d2"], attempt=1)
+    time.sleep(0.3)
+    scene.update("d1", values["d1"], 4)
+    scene.wait("d1 accepted again", lambda: sum(e.accepted for m in scene.progress for e in m.entries) >= 3)
+    scene.collect({"w1": ("d1",)}, attempt=1)
+    _, frame = scene.first_partial(procs)
+    assert frame.header.partial is not None and frame.header.partial.attempt == 1
+    assert_partial(frame, weighted_sum([(values["d1"], 4.0)]))
+    procs.processes["w1"].send_signal(signal.SIGINT)
+    assert procs.wait_exit("w1") == 0
+
+
+def test_an_aggregator_account_works_under_the_acl_and_cannot_write_another_workers_topics(
+    secure_mosquitto: Any, mqtt_client: MqttClientFactory, procs: ProcessGroup, tmp_path: Path
+) -> None:
+    from fedmqtt.mqtt import PublishRefused
+
+    secure = secure_mosquitto
+    passwords = {w: secure.broker.add_account("aggregator", w) for w in ("w1", "w2")}
+    secure.broker.reload()
+    time.sleep(0.5)
+    ca = secure.ca_file
+    topics = Topics(job=JOB, prefix=secure.prefix)
+    w1 = mqtt_client(secure.url_for("w1", passwords["w1"]), tls_ca=ca)
+    for topic in (topics.partial("w2"), topics.aggregator_progress("w2"), topics.aggregator_status("w2"),
+                  topics.update("w1"), topics.device_status("w1"), topics.plan, topics.collect):  # fmt: skip
+        with pytest.raises(PublishRefused, match="Not authorized"):
+            w1.publish(topic, b"forged by w1", qos=1)
+    w1.publish(topics.partial("w1"), b"its own partial topic", qos=1)
+    w1.close()
+
+    # The worker itself, logged in as w1: it reads the updates, writes its presence, progress and partial.
+    url = secure.url_for("coordinator")
+    scene = Scene(url, secure.prefix, lambda u, **kw: mqtt_client(u, tls_ca=ca, **kw))
+    try:
+        password_file = tmp_path / "w1.password"
+        password_file.write_text(passwords["w1"] + "\n")
+        password_file.chmod(0o600)
+        plain = secure.url_for(None)
+        argv = fedmqtt_argv(
+            "aggregator", "--broker", plain, "--username", "w1", "--password-file", str(password_file),
+            "--tls-ca", ca, "--job", JOB, "--prefix", secure.prefix, "--id", "w1", "--spool", str(tmp_path / "s"),
+        )  # fmt: skip
+        procs.start("w1", argv)
+        scene.wait(
+            "w1 online", lambda: "w1" in scene.presences and scene.presences["w1"].state == "online", procs=procs
+        )
+        scene.open_round(["d1"])
+        time.sleep(0.3)
+        values = arrays_for(400)
+        d1 = mqtt_client(secure.url_for("d1"), tls_ca=ca)
+        frame = encode_frame(values, kind=FrameKind.UPDATE, job=JOB, round=1, sender="d1", codec=CodecSpec(),
+                             num_samples=9, base_model_hash=scene.model_hash)  # fmt: skip
+        d1.publish(topics.update("d1"), frame, qos=1)
+        scene.wait("d1 accepted", lambda: "d1" in scene.entries() and scene.entries()["d1"][1].accepted, procs=procs)
+        scene.collect({"w1": ("d1",)})
+        _, partial = scene.first_partial(procs)
+        assert_partial(partial, weighted_sum([(values, 9.0)]))
+        scene.end_job()
+        assert procs.wait_exit("w1") == 0
+    finally:
+        scene.clear()

@@ -28,13 +28,24 @@ from typing import Literal
 from fedmqtt.atomic import PRIVATE, write_atomic
 from fedmqtt.broker.errors import AccountError, MissingTool
 from fedmqtt.errors import InvalidIdentifier
-from fedmqtt.topics import AclRule, coordinator_acl, device_acl, site_acl, validate_id, validate_prefix, watcher_acl
+from fedmqtt.topics import (
+    AclRule,
+    aggregator_acl,
+    coordinator_acl,
+    device_acl,
+    site_acl,
+    validate_id,
+    validate_prefix,
+    watcher_acl,
+)
 
 COORDINATOR_USER = "coordinator"
 WATCHER_USER = "watcher"
 RESERVED_USERNAMES = frozenset({COORDINATOR_USER, WATCHER_USER})
 
-AccountKind = Literal["device", "coordinator", "watcher", "site"]
+AccountKind = Literal["device", "coordinator", "watcher", "site", "aggregator"]
+# The accounts named by an id, and what the id is called in messages.
+_ID_KINDS = {"device": "device id", "site": "site name", "aggregator": "aggregator id"}
 
 _INSTALL_HINT = (
     "install Mosquitto (Debian/Ubuntu: apt install mosquitto mosquitto-clients; macOS: brew install mosquitto)"
@@ -54,9 +65,11 @@ def render_acl(
     coordinator_user: str = COORDINATOR_USER,
     watcher_user: str = WATCHER_USER,
     sites: Iterable[str] = (),
+    aggregators: Iterable[str] = (),
 ) -> str:
     """The Mosquitto ACL file text for one topic prefix (pure). ``sites``: the site accounts (edge sites'
-    bridges, ``fedmqtt broker add-site NAME``), each with its own block."""
+    bridges, ``fedmqtt broker add-site NAME``), each with its own block; ``aggregators``: the aggregator
+    workers' accounts (``fedmqtt broker add-aggregator ID``), likewise."""
     validate_prefix(prefix)
     lines = [
         "# fedmqtt ACL, generated from fedmqtt.topics; regenerated when the broker starts (do not edit).",
@@ -81,6 +94,15 @@ def render_acl(
     for site in sites:
         lines += ["", f"# The bridge of the edge site {site} (docs/edge-sites.md).", f"user {site}"]
         lines += [_acl_line("topic", AclRule(rule.access, rule.pattern.replace("%u", site))) for rule in site_acl(prefix)]
+    for worker in aggregators:
+        lines += ["", f"# The aggregator worker {worker} (fedmqtt aggregator --id {worker}).", f"user {worker}"]
+        lines += [
+            _acl_line("topic", AclRule(r.access, r.pattern.replace("%u", worker))) for r in aggregator_acl(prefix)
+        ]
+        lines.append("# The device patterns above apply to this account too: take their write access back.")
+        for rule in device_acl(prefix):
+            if rule.access in ("write", "readwrite"):
+                lines.append(_acl_line("topic", AclRule("deny", rule.pattern.replace("%u", worker))))
     return "\n".join(lines) + "\n"
 
 
@@ -131,15 +153,16 @@ def username_for(kind: AccountKind, device_id: str | None = None) -> str:
         return COORDINATOR_USER
     if kind == "watcher":
         return WATCHER_USER
+    what = _ID_KINDS[kind]
     if device_id is None:
-        raise AccountError(f"a {kind} account needs a {'site name' if kind == 'site' else 'device id'}")
+        raise AccountError(f"a {kind} account needs a {what}")
     try:
-        validate_id("site name" if kind == "site" else "device id", device_id)
+        validate_id(what, device_id)
     except InvalidIdentifier as exc:
         raise AccountError(str(exc)) from exc
     if device_id in RESERVED_USERNAMES:
         raise AccountError(
-            f"{device_id!r} is the name of the {device_id} account and cannot be a {'site name' if kind == 'site' else 'device id'}; choose another"
+            f"{device_id!r} is the name of the {device_id} account and cannot be a {what}; choose another"
         )
     return device_id
 

@@ -4,7 +4,7 @@ fedmqtt broker [--embedded | --mosquitto] [--config-dir DIR] [--host H] [--port 
                [--client-certs [--cafile CA]] [--max-packet-mb N] [--prefix fedmqtt]
                [--bridge-to URL --site NAME --job J [--site-aggregator] [--bridge-username U]
                 [--bridge-password-file F] [--bridge-cafile CA] [--bridge-certfile C --bridge-keyfile K]]
-fedmqtt broker add-device ID [--password P]      (also add-coordinator, add-watcher, add-site NAME)
+fedmqtt broker add-device ID [--password P]      (also add-coordinator, add-watcher, add-site NAME, add-aggregator ID)
 fedmqtt broker gen-certs [--host NAME ...] [--force]
 fedmqtt broker gen-certs --device ID [--device ID2 ...] [--coordinator] [--watcher] [--force]
 """
@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=run_broker)
 
     actions = parser.add_subparsers(dest="broker_action", metavar="ACTION")
-    for kind in ("device", "coordinator", "watcher", "site"):
+    for kind in ("device", "coordinator", "watcher", "site", "aggregator"):
         action = actions.add_parser(
             f"add-{kind}",
             help=f"create or update the {kind} account in the Mosquitto password file",
@@ -82,6 +82,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         if kind == "site":
             action.add_argument("device_id", metavar="NAME",
                                 help="site name (also the user name its bridge logs in with: --bridge-username)")  # fmt: skip
+        if kind == "aggregator":
+            action.add_argument(
+                "device_id", metavar="ID", help="aggregator id (fedmqtt aggregator --id; also the MQTT username)"
+            )
         action.add_argument("--password", help="use this password instead of generating one")
         _add_config_dir(action, default=argparse.SUPPRESS)
         action.set_defaults(func=add_account_command, account_kind=kind)
@@ -273,6 +277,10 @@ def add_account_command(args: argparse.Namespace) -> int:
         from fedmqtt.broker.mosquitto import register_site_account
 
         register_site_account(config_dir, username)
+    if args.account_kind == "aggregator":
+        from fedmqtt.broker.mosquitto import register_aggregator_account
+
+        register_aggregator_account(config_dir, username)
     password = add_account(password_file, username, args.password)
     print(f"{args.account_kind} account {username!r} {'updated' if existed else 'created'} in {password_file}")
     if args.password is None:

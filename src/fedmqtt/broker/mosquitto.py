@@ -56,6 +56,7 @@ DATA_DIR = "data"
 TLS_DIR = "tls"
 PID_FILE = "mosquitto.pid"
 SITES_FILE = "sites"  # the site accounts (fedmqtt broker add-site NAME): each gets its block in the ACL
+AGGREGATORS_FILE = "aggregators"  # the aggregator accounts (fedmqtt broker add-aggregator ID), likewise
 LOG_FILE = "mosquitto.log"
 
 _INSTALL_HINT = (
@@ -257,7 +258,7 @@ class MosquittoConfig:
         if self.bridge is not None:
             self.bridge.check_files()
         if self.acl:
-            write_private(self.acl_file, render_acl(self.prefix, sites=read_sites(self.sites_file)))
+            write_private(self.acl_file, render_config_acl(self.config_dir, self.prefix))
         if self.auth and not self.client_certs:
             if not self.password_file.exists():
                 write_private(self.password_file, "")
@@ -275,10 +276,34 @@ def register_site_account(config_dir: Path, site: str) -> None:
     if site in list_accounts(config_dir / PASSWORD_FILE) and site not in read_sites(sites_file):
         raise AccountError(f"the account {site!r} exists and is not a site's (a device's?); choose another site name")
     register_site(sites_file, site)
+    _rewrite_acl(config_dir)
+
+
+def register_aggregator_account(config_dir: Path, worker: str) -> None:
+    """Make ``worker`` an aggregator account (:func:`fedmqtt.topics.aggregator_acl`), as
+    :func:`register_site_account` does for a site: an existing account of another kind is refused."""
+    config_dir = Path(config_dir)
+    listed = config_dir / AGGREGATORS_FILE
+    if worker in list_accounts(config_dir / PASSWORD_FILE) and worker not in read_sites(listed):
+        raise AccountError(f"the account {worker!r} exists and is not an aggregator's; choose another aggregator id")
+    register_site(listed, worker)  # the same one-name-a-line list as the sites'
+    _rewrite_acl(config_dir)
+
+
+def render_config_acl(config_dir: Path, prefix: str) -> str:
+    """The ACL of a config dir: the topic map's rules, with a block for each listed site and aggregator."""
+    config_dir = Path(config_dir)
+    return render_acl(
+        prefix, sites=read_sites(config_dir / SITES_FILE), aggregators=read_sites(config_dir / AGGREGATORS_FILE)
+    )
+
+
+def _rewrite_acl(config_dir: Path) -> None:
+    """Rewrite the ACL of ``config_dir`` (if it has one) for the prefix it already covers."""
     acl_file = config_dir / ACL_FILE
     prefix = acl_prefix(acl_file.read_text()) if acl_file.exists() else None
     if prefix is not None:
-        write_private(acl_file, render_acl(prefix, sites=read_sites(sites_file)))
+        write_private(acl_file, render_config_acl(config_dir, prefix))
 
 
 def read_pid(config_dir: Path) -> int | None:
@@ -535,6 +560,8 @@ class MosquittoBroker:
         username = username_for(kind, device_id)
         if kind == "site":
             register_site_account(self.config_dir, username)
+        if kind == "aggregator":
+            register_aggregator_account(self.config_dir, username)
         return add_account(self.config(self.port or 1883).password_file, username, password)
 
     def _close_log(self) -> None:
