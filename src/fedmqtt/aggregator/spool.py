@@ -4,6 +4,8 @@
 
     SPOOL_DIR/
       RUN/ROUND-ATTEMPT/DEVICE.frame   an accepted update, written (atomically, fsynced) before it is acknowledged
+      plan.json, manifest.json         the last plan and the global model's tensor list: a restarted worker checks
+                                       the updates its broker session queued before the retained ones arrive again
 
 ``RUN`` is the plan's run id (``_`` for a plan without one). A worker restarted with the same ``--spool`` answers
 a collect request for the updates it acknowledged before it died. Folders of other rounds are removed once a
@@ -22,6 +24,8 @@ from fedmqtt.errors import FedmqttError
 from fedmqtt.topics import validate_id
 
 FRAME_SUFFIX = ".frame"
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.json"
 _NO_RUN = "_"
 
 
@@ -75,8 +79,18 @@ class WorkerSpool:
             return []
         return sorted(p.stem for p in folder.glob(f"*{FRAME_SUFFIX}") if _is_id(p.stem))
 
+    def save(self, name: str, payload: bytes) -> None:
+        """Keep a small state file (``plan.json``, ``manifest.json``) beside the attempts' folders."""
+        write_atomic(self.root / name, payload)
+
+    def load(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name).read_bytes()
+        except OSError:
+            return None
+
     def keep_only(self, key: BucketKey | None) -> None:
-        """Remove every attempt's folder but ``key``'s (None: all of them)."""
+        """Remove every attempt's folder but ``key``'s (None: all of them, and the state files)."""
         if not self.root.is_dir():
             return
         keep = self.folder(key) if key is not None else None
@@ -88,3 +102,6 @@ class WorkerSpool:
                     shutil.rmtree(attempt, ignore_errors=True)
             if keep is None or keep.parent != run:
                 shutil.rmtree(run, ignore_errors=True)
+        if key is None:
+            for name in (PLAN_FILE, MANIFEST_FILE):
+                (self.root / name).unlink(missing_ok=True)

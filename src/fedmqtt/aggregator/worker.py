@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
-from fedmqtt.aggregator.spool import BucketKey, WorkerSpool
+from fedmqtt.aggregator.spool import MANIFEST_FILE, PLAN_FILE, BucketKey, WorkerSpool
 from fedmqtt.codecs import EncodeError, FrameError, decode_frame, encode_frame, peek_header
 from fedmqtt.coordinator import intake
 from fedmqtt.mqtt import MqttConnection, NotConnected, PublishTimeout, Will
@@ -73,6 +74,7 @@ SETTLE_SECONDS = (
     1.0  # after connecting: the retained plan, model and collect arrive before spooled updates are re-reported
 )
 _DETAIL_MAX = 2000  # schema.ProgressEntry.detail's max_length
+_MANIFEST: TypeAdapter[tuple[ManifestEntry, ...]] = TypeAdapter(tuple[ManifestEntry, ...])
 PARTIAL_CODEC = CodecSpec()  # float32 values, zstd: a partial is summed again by the coordinator, never lossy
 
 
@@ -207,11 +209,25 @@ class WorkerCore:
         self._entries_key: BucketKey | None = None
         self._first_entry_at: float | None = None
         self._pending_publishes: list[Publish] = []  # full progress messages not yet handed out
+        self._saved_plan: Plan | None = None
         # Counters (logged; a test reads them).
         self.accepted = 0
         self.refused = 0
         self.ignored = 0  # unreadable or foreign plans, models, presences, collects
         self.partials = 0
+        self._restore()
+
+    def _restore(self) -> None:
+        """The plan and manifest the last process saw (its own files): updates its broker session queued are
+        checked at once, not held back until the retained plan and model arrive again behind them."""
+        plan, manifest = self.spool.load(PLAN_FILE), self.spool.load(MANIFEST_FILE)
+        try:
+            if manifest is not None:
+                self.manifest = _MANIFEST.validate_json(manifest)
+            if plan is not None:
+                self._take_plan(from_json(Plan, plan))
+        except (MessageError, ValidationError, ValueError) as exc:
+            log.warning("ignored the saved plan or manifest in %s: %s", self.spool.root, exc)
 
     # ------------------------------------------------------------------------------------ presence
 
@@ -250,18 +266,27 @@ class WorkerCore:
             return self._ignore("an unreadable plan", exc)
         if plan.job != self.options.job:
             return self._ignore("a plan", f"it is for job {plan.job!r}")
+        step = self.flush(force=True) if self._new_bucket(plan) else Step()
+        self._take_plan(plan)
+        if plan != self._saved_plan:
+            self.spool.save(PLAN_FILE, payload)
+            self._saved_plan = plan
+        step.extend(self._retry_deferred())
+        step.extend(self._maybe_answer())
+        return step
+
+    def _new_bucket(self, plan: Plan) -> bool:
+        return self.bucket is None or self.bucket.key != BucketKey(plan.run_id, plan.round, plan.attempt)
+
+    def _take_plan(self, plan: Plan) -> None:
+        new = self._new_bucket(plan)
         self.plan = plan
-        key = BucketKey(plan.run_id, plan.round, plan.attempt)
-        step = Step()
-        if self.bucket is None or self.bucket.key != key:
-            step.extend(self.flush(force=True))
+        if new:
+            key = BucketKey(plan.run_id, plan.round, plan.attempt)
             self.bucket = self._load_bucket(key, dp=plan.dp is not None)
             # A later plan: the earlier rounds are done (their partials were collected or their attempt failed).
             self.spool.keep_only(key)
             log.info("plan: %s, %d selected", key, len(plan.selected))
-        step.extend(self._retry_deferred())
-        step.extend(self._maybe_answer())
-        return step
 
     def _load_bucket(self, key: BucketKey, *, dp: bool) -> _Bucket:
         bucket = _Bucket(key, dp=dp)
@@ -286,7 +311,10 @@ class WorkerCore:
             return self._ignore("an unreadable global model", exc)
         if header.kind is not FrameKind.GLOBAL_MODEL or header.job != self.options.job:
             return self._ignore("a model frame", f"a {header.kind.value} frame of job {header.job!r}")
-        self.manifest = header.manifest()
+        manifest = header.manifest()
+        if manifest != self.manifest:
+            self.manifest = manifest
+            self.spool.save(MANIFEST_FILE, _MANIFEST.dump_json(manifest))
         step = self._retry_deferred()
         step.extend(self._maybe_answer())
         return step
