@@ -482,3 +482,18 @@ def test_an_aggregator_account_works_under_the_acl_and_cannot_write_another_work
         assert procs.wait_exit("w1") == 0
     finally:
         scene.clear()
+
+
+def test_a_site_aggregator_reads_every_update_of_its_broker_without_a_share_group(
+    scene: Scene, procs: ProcessGroup, tmp_path: Path
+) -> None:
+    start_worker(procs, scene, "site-a", tmp_path / "spool", "--site", "a")
+    presence = scene.presences["site-a"]
+    assert presence.site == "a" and presence.group is None
+    scene.open_round(["d1", "d2"])
+    time.sleep(0.3)
+    for i, d in enumerate(("d1", "d2")):
+        scene.update(d, arrays_for(500 + i), 3)
+    scene.wait("both accepted", lambda: len(scene.entries("site-a")) == 2, procs=procs)
+    scene.end_job()
+    assert procs.wait_exit("site-a") == 0
