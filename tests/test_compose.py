@@ -8,11 +8,17 @@
   same place (paths in the environment are mapped); the service name ``broker`` and its container port are
   127.0.0.1 and a free port; ``depends_on: service_healthy`` waits for the service's own healthcheck command.
   The broker is therefore Mosquitto started by the compose file's own init step and generated configuration,
-  with auth and the per-device ACL on.
+  with auth and the per-device ACL on. Only the services compose starts without ``--profile`` run this way.
+* The ``emqx`` profile (a 3-node EMQX 5 cluster, a coordinator with ``--aggregators 2``, two aggregator workers,
+  devices) cannot run here: no EMQX image runs on our machines. ``docker-compose --profile emqx config`` accepts it;
+  its accounts step (docker/emqx/accounts.py) runs as a local process; the ACL it writes is checked against the
+  rules of :mod:`fedmqtt.topics` under EMQX's documented evaluation order (a model of EMQX, not EMQX); the fedmqtt
+  services' commands and environment go through fedmqtt's own parser and settings validation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -50,13 +56,21 @@ def docker_compose() -> str:
 
 
 def compose_config(env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The configuration compose would run: ``docker-compose config`` (interpolated, anchors merged)."""
+    """The configuration compose would run: ``docker-compose config`` (interpolated, anchors merged). Debian's
+    docker-compose 1.29 lists every service, whatever its profiles: :func:`active` picks those a profile runs."""
     result = subprocess.run(
         [docker_compose(), "-f", str(COMPOSE_FILE), "config"],
         capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, cwd=REPO, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
+
+
+def active(config: dict[str, Any], *profiles: str) -> list[str]:
+    """The services ``docker compose [--profile P ...] up`` starts: those without profiles and those of ``profiles``."""
+    return [
+        s for s, spec in config["services"].items() if not spec.get("profiles") or set(spec["profiles"]) & set(profiles)
+    ]
 
 
 # --------------------------------------------------------------------------------------------- the image
@@ -161,7 +175,7 @@ class ComposeRun:
         spec = self.config["services"][service]
         entrypoint = spec.get("entrypoint", self.image.entrypoint)
         command = spec.get("command", self.image.cmd if "entrypoint" not in spec else [])
-        return [*entrypoint, *command]
+        return [self.host_path(service, word) for word in (*entrypoint, *command)]
 
     # -- lifecycle --
 
@@ -203,9 +217,9 @@ class ComposeRun:
             time.sleep(0.5)
 
     def up(self) -> None:
-        """Start every service in dependency order (those without dependencies first)."""
+        """Start every service ``docker compose up`` starts, in dependency order (those without dependencies first)."""
         services = self.config["services"]
-        for name in sorted(services, key=lambda s: (bool(services[s].get("depends_on")), s)):
+        for name in sorted(active(self.config), key=lambda s: (bool(services[s].get("depends_on")), s)):
             self.start(name)
 
     def wait(self, service: str, timeout: float = WAIT) -> int:
@@ -245,8 +259,10 @@ class ComposeRun:
 # --------------------------------------------------------------------------------------------- tests
 
 
-def device_services(config: dict[str, Any]) -> list[str]:
-    return [s for s, spec in config["services"].items() if spec.get("command") == ["device"]]
+def device_services(config: dict[str, Any], *profiles: str) -> list[str]:
+    """The device services of a plain ``docker compose up`` (the default), or of ``profiles`` only."""
+    names = active(config) if not profiles else [s for s in active(config, *profiles) if s not in active(config)]
+    return [s for s in names if config["services"][s].get("command") == ["device"]]
 
 
 def test_docker_compose_config_accepts_the_file() -> None:
@@ -373,7 +389,7 @@ def test_sigterm_to_the_coordinator_checkpoints_and_the_same_command_resumes(com
     run.wait_healthy(BROKER_SERVICE)
     view = watch(run)  # subscribed before the job starts: it sees the events of the stop and the resume
     try:
-        for service in run.config["services"]:
+        for service in active(run.config):
             if service != BROKER_SERVICE:
                 run.start(service)
         first = view.wait_summary(1, timeout=WAIT)
@@ -394,3 +410,249 @@ def test_sigterm_to_the_coordinator_checkpoints_and_the_same_command_resumes(com
     for service in device_services(run.config):
         assert run.stop(service) == 0, run.tail(service)
     assert "Traceback" not in run.tails()
+
+
+# --------------------------------------------------------------------------------------------- the emqx profile
+
+EMQX_PROFILE = "emqx"
+EMQX_DIR = REPO / "docker" / "emqx"
+EMQX_CONF = EMQX_DIR / "emqx.conf"
+
+
+def emqx_accounts_module() -> Any:
+    """docker/emqx/accounts.py, the script the profile's accounts step runs (imported from its path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fedmqtt_emqx_accounts", EMQX_DIR / "accounts.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def emqx_profile(config: dict[str, Any]) -> dict[str, list[str]]:
+    """The profile's services by role."""
+    names = [s for s in active(config, EMQX_PROFILE) if s not in active(config)]
+    services = config["services"]
+    roles: dict[str, list[str]] = {"nodes": [], "accounts": [], "coordinator": [], "aggregators": [], "devices": []}
+    for name in names:
+        spec = services[name]
+        command = spec.get("command") or []
+        if str(spec.get("image", "")).startswith("emqx/emqx:"):
+            roles["nodes"].append(name)
+        elif "accounts.py" in " ".join(spec.get("entrypoint") or []):
+            roles["accounts"].append(name)
+        elif command[:1] == ["coordinator"]:
+            roles["coordinator"].append(name)
+        elif command[:1] == ["aggregator"]:
+            roles["aggregators"].append(name)
+        elif command == ["device"]:
+            roles["devices"].append(name)
+        else:
+            pytest.fail(f"{name}: a service of the emqx profile this test does not know")
+    return roles
+
+
+def volume_at(spec: dict[str, Any], target: str) -> str:
+    found = [str(v).split(":")[0] for v in spec.get("volumes", []) if str(v).split(":")[1] == target]
+    assert len(found) == 1, (target, spec.get("volumes"))
+    return found[0]
+
+
+def hocon_bytes(name: str) -> int:
+    """A byte-size setting of docker/emqx/emqx.conf (``NAME = 32MB``; EMQX's MB is 2^20 bytes)."""
+    found = re.findall(rf"^\s*{name} = (\d+)(KB|MB|GB)\s*$", EMQX_CONF.read_text(), re.M)
+    assert len(found) == 1, name
+    number, unit = found[0]
+    return int(number) * {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}[unit]
+
+
+def test_docker_compose_config_accepts_the_emqx_profile_and_a_plain_up_is_unchanged() -> None:
+    result = subprocess.run(
+        [docker_compose(), "-f", str(COMPOSE_FILE), "--profile", EMQX_PROFILE, "config", "-q"],
+        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = compose_config()
+    # A plain `docker compose up` starts exactly the Mosquitto job; every other service is in the emqx profile.
+    assert sorted(active(config)) == [BROKER_SERVICE, "coordinator", "device-0", "device-1", "device-2"]
+    for name, spec in config["services"].items():
+        assert spec.get("profiles") in (None, [EMQX_PROFILE]), name
+        if spec.get("profiles"):
+            assert name.startswith("emqx-"), name  # named apart, so `up SERVICE...` lists are unambiguous
+
+
+def test_the_emqx_profile_is_a_static_cluster_that_every_fedmqtt_service_reaches() -> None:
+    config = compose_config()
+    services = config["services"]
+    roles = emqx_profile(config)
+    assert len(roles["nodes"]) >= 2 and len(roles["accounts"]) == 1 and len(roles["coordinator"]) == 1
+    assert len(roles["aggregators"]) >= 2 and len(roles["devices"]) >= 2
+    (accounts,) = roles["accounts"]
+    # The nodes: unique names name@FQDN, the FQDN an alias on the network, static seeds = all nodes, one cookie.
+    names, cookies = [], set()
+    for node in roles["nodes"]:
+        spec, env = services[node], services[node]["environment"]
+        name = env["EMQX_NODE__NAME"]
+        assert name.split("@")[1] in spec["networks"]["default"]["aliases"], node
+        assert env["EMQX_CLUSTER__DISCOVERY_STRATEGY"] == "static"
+        seeds = env["EMQX_CLUSTER__STATIC__SEEDS"].strip("[]").split(",")
+        assert sorted(seeds) == sorted(services[n]["environment"]["EMQX_NODE__NAME"] for n in roles["nodes"])
+        names.append(name)
+        cookies.add(env["EMQX_NODE__COOKIE"])
+        assert spec["healthcheck"]["test"] == ["CMD", "/opt/emqx/bin/emqx", "ctl", "status"]
+        assert spec["depends_on"] == {accounts: {"condition": "service_completed_successfully"}}
+        assert volume_at(spec, "/opt/emqx/etc/emqx.conf") == str(EMQX_CONF)
+        assert volume_at(spec, "/opt/emqx/etc/fedmqtt") == volume_at(services[accounts], "/var/lib/fedmqtt/broker")
+    assert len(set(names)) == len(names) and len(cookies) == 1
+    # emqx.conf: what fedmqtt relies on (docs/clustered-brokers.md), each value the limit fedmqtt itself works with.
+    from fedmqtt.mqtt.connection import DEFAULT_MAX_PACKET_SIZE
+
+    text = EMQX_CONF.read_text()
+    assert hocon_bytes("max_packet_size") >= DEFAULT_MAX_PACKET_SIZE  # the model and update frames fit
+    assert hocon_bytes("max_payload_size") >= DEFAULT_MAX_PACKET_SIZE  # and stay retained (EMQX default: 1MB)
+    for line in ("retain_available = true", "shared_subscription = true", "use_username_as_clientid = true",
+                 "no_match = deny", "bootstrap_type = hash", "password_hash_algorithm {name = sha256, salt_position = suffix}",
+                 'bootstrap_file = "/opt/emqx/etc/fedmqtt/users.csv"', 'path = "/opt/emqx/etc/fedmqtt/acl.conf"'):  # fmt: skip
+        assert line in text, line
+    # The fedmqtt services: each reaches a node it waits for, logs in with an account the accounts step makes,
+    # with a password from the profile's own secrets volume.
+    account_env = services[accounts]["environment"]
+    secrets_volume = volume_at(services[accounts], "/var/lib/fedmqtt/secrets")
+    devices = set(account_env["FEDMQTT_DEVICES"].split())
+    workers = account_env["FEDMQTT_AGGREGATOR_IDS"].split()
+    for name in roles["coordinator"] + roles["aggregators"] + roles["devices"]:
+        spec = services[name]
+        host = re.fullmatch(r"mqtt://([a-z0-9-]+):1883", spec["environment"]["FEDMQTT_BROKER"])
+        assert host is not None and host.group(1) in roles["nodes"], name
+        assert spec["depends_on"] == {host.group(1): {"condition": "service_healthy"}}, name
+        assert volume_at(spec, "/var/lib/fedmqtt/secrets") == secrets_volume, name
+    envs = [services[d]["environment"] for d in roles["devices"]]
+    assert {e["FEDMQTT_DEVICE_ID"] for e in envs} <= devices and len({e["FEDMQTT_DEVICE_ID"] for e in envs}) == len(
+        envs
+    )
+    assert sorted(int(e["FEDMQTT_PART"]) for e in envs) == list(range(len(envs)))
+    (coordinator,) = roles["coordinator"]
+    assert int(services[coordinator]["environment"]["FEDMQTT_AGGREGATORS"]) == len(roles["aggregators"])
+    ids = [services[a]["command"][services[a]["command"].index("--id") + 1] for a in roles["aggregators"]]
+    assert sorted(ids) == sorted(workers)
+    # The clients are spread over the nodes: the cluster routes between them (updates, shared subscription).
+    assert len({services[n]["environment"]["FEDMQTT_BROKER"] for n in roles["aggregators"] + roles["devices"]}) > 1
+
+
+def test_the_emqx_accounts_step_makes_passwords_emqx_hashes_and_the_acl(tmp_path: Path) -> None:
+    module = emqx_accounts_module()
+    config = compose_config()
+    (accounts,) = emqx_profile(config)["accounts"]
+    run = ComposeRun(tmp_path / "project", config, Image(DOCKERFILE))
+    env = run.environment(accounts)
+    for attempt in (1, 2):  # a second start keeps every password
+        assert run.start(accounts).wait(timeout=120) == 0, run.tail(accounts)
+        secrets_dir, auth_dir = Path(env["FEDMQTT_SECRETS_DIR"]), Path(env["FEDMQTT_EMQX_AUTH_DIR"])
+        names = ["coordinator", "watcher", *env["FEDMQTT_DEVICES"].split(), *env["FEDMQTT_AGGREGATOR_IDS"].split()]
+        passwords = {n: (secrets_dir / n).read_text().strip() for n in names}
+        assert all((secrets_dir / n).stat().st_mode & 0o777 == 0o600 for n in names)
+        if attempt == 1:
+            first = passwords
+        assert passwords == first
+        rows = (auth_dir / "users.csv").read_text().splitlines()
+        assert rows[0] == "user_id,password_hash,salt,is_superuser"
+        users = {r.split(",")[0]: r.split(",")[1:] for r in rows[1:]}
+        assert sorted(users) == sorted(names)
+        for name, (digest, salt, superuser) in users.items():
+            assert digest == hashlib.sha256((passwords[name] + salt).encode()).hexdigest() and superuser == "false"
+            assert passwords[name] not in (auth_dir / "users.csv").read_text()
+        acl = (auth_dir / "acl.conf").read_text()
+        assert acl == module.render_emqx_acl(env["FEDMQTT_PREFIX"], env["FEDMQTT_AGGREGATOR_IDS"].split())
+    assert run.tail(accounts).count("created (password in") == len(names)
+    # A device id that is an account name is refused, with the reason, before anything is written.
+    env = {**env, "FEDMQTT_DEVICES": "dev-0 watcher", "FEDMQTT_SECRETS_DIR": str(tmp_path / "other")}
+    refused = subprocess.run(run.argv(accounts), env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 2 and "'watcher' is the name of a fedmqtt account" in refused.stderr
+    assert not (tmp_path / "other").exists()
+
+
+# EMQX's file authorizer, as its documentation states it: rules top to bottom, the first rule matching the client,
+# the action and the topic decides; no match: authorization.no_match (deny). ${username} is the client's username;
+# a `+` or `#` in a rule never matches a first level starting with `$`; a SUBSCRIBE is checked once, as a filter
+# (`$share/GROUP/T` as T). A model of EMQX, since no EMQX runs here.
+_EMQX_RULE = re.compile(
+    r'^\{(allow|deny), (all|\{username, "([^"]+)"\})(?:, (publish|subscribe|all), \["([^"]+)"\])?\}\.$'
+)
+
+
+def emqx_topic_match(name: str, topic_filter: str) -> bool:
+    words, filters = name.split("/"), topic_filter.split("/")
+    if words[0].startswith("$") and filters[0] in ("+", "#"):
+        return False
+    for i, f in enumerate(filters):
+        if f == "#":
+            return True
+        if i == len(words) or (f != "+" and f != words[i]):
+            return False
+    return len(words) == len(filters)
+
+
+def emqx_allows(acl: str, username: str, action: str, topic: str) -> bool:
+    if action == "subscribe" and topic.startswith("$share/"):
+        topic = topic.split("/", 2)[2]
+    for line in acl.splitlines():
+        if not line or line.startswith("%%"):
+            continue
+        rule = _EMQX_RULE.match(line)
+        assert rule is not None, f"not an acl.conf rule this model knows: {line}"
+        permission, who, user, rule_action, rule_topic = rule.groups()
+        if who != "all" and user != username:
+            continue
+        if rule_topic is not None:
+            if rule_action not in ("all", action):
+                continue
+            if not emqx_topic_match(topic, rule_topic.replace("${username}", username)):
+                continue
+        return permission == "allow"
+    return False  # authorization.no_match = deny
+
+
+def fedmqtt_allows(rules: Any, username: str, action: str, topic: str) -> bool:
+    """What fedmqtt.topics' rules for one account say: a matching deny wins, else a matching grant allows."""
+    grants = {"subscribe": ("read", "readwrite"), "publish": ("write", "readwrite")}[action]
+    matching = [r for r in rules if emqx_topic_match(topic, r.pattern.replace("%u", username))]
+    return not any(r.access == "deny" for r in matching) and any(r.access in grants for r in matching)
+
+
+def test_the_emqx_acl_grants_each_account_what_fedmqtt_topics_grants_it() -> None:
+    from fedmqtt.topics import Topics, aggregator_acl, coordinator_acl, device_acl, site_acl, watcher_acl
+    from fedmqtt.watch import watch_subscriptions
+
+    prefix, workers = "acme/fl", ["a1", "a2"]
+    acl = emqx_accounts_module().render_emqx_acl(prefix, workers, ["s1"])
+    accounts = {"coordinator": coordinator_acl(prefix), "watcher": watcher_acl(prefix), "d1": device_acl(prefix),
+                "d2": device_acl(prefix), "a1": aggregator_acl(prefix), "a2": aggregator_acl(prefix),
+                "s1": site_acl(prefix)}  # fmt: skip
+    names = ["$SYS/brokers", "other/j/plan", "acme/plan", "acme/fl/j/plan/extra"]
+    for job in ("j", "k"):
+        t = Topics(job=job, prefix=prefix)
+        names += [t.plan, t.model, t.delta, t.status, t.events, t.privacy, t.coordinator, t.release, t.collect]
+        names += [t.round_summary(3), t.updates_filter, t.device_status_filter, t.aggregators_filter]
+        for device in ("d1", "d2", "coordinator"):
+            names += [t.update(device), t.device_status(device)]
+        for worker in workers:
+            names += [t.aggregator_status(worker), t.aggregator_progress(worker), t.partial(worker)]
+        names += [t.site_bridge("s1"), t.site_bridge("s2")]
+    checked = 0
+    for username, rules in accounts.items():
+        for action in ("publish", "subscribe"):
+            for name in names:
+                expected = fedmqtt_allows(rules, username, action, name)
+                assert emqx_allows(acl, username, action, name) == expected, (username, action, name, expected)
+                checked += expected
+    assert checked > 50  # grants were checked, not only refusals
+    # The subscriptions fedmqtt's clients make are granted as a whole; the watcher's `JOB/#` is refused on EMQX.
+    t = Topics(job="j", prefix=prefix)
+    assert all(emqx_allows(acl, "watcher", "subscribe", f) for f, _ in watch_subscriptions(t))
+    assert emqx_allows(acl, "a1", "subscribe", t.shared_updates_filter("fedmqtt"))
+    assert not emqx_allows(acl, "d1", "subscribe", t.shared_updates_filter("fedmqtt"))
+    assert not emqx_allows(acl, "watcher", "subscribe", t.shared_updates_filter("fedmqtt"))
+    assert not emqx_allows(acl, "watcher", "subscribe", t.everything_filter)
+    assert emqx_allows(acl, "coordinator", "subscribe", t.everything_filter)
+    assert not emqx_allows(acl, "stranger", "publish", t.plan)  # a username no rule names is a device: no model writes
