@@ -1,0 +1,324 @@
+"""Scale-out aggregation end to end (#14) on a real Mosquitto: ``fedmqtt coordinator --aggregators N`` with N real
+``fedmqtt aggregator`` processes, devices played by the test with hand-made update frames (tests/harness.py).
+
+* With 2 and 3 workers, the global model after a round equals the one a coordinator without workers makes of the
+  very same updates (to float32 tolerance), with the same participants, sample count and bytes.
+* A worker SIGKILLed after it acknowledged updates: restarted with its spool before the round closes, the round
+  closes with them; still dead when it closes, the attempt fails naming it and is retried once it is back, and the
+  job completes. Never an update counted twice, never one lost.
+* A robust strategy with --aggregators is refused before anything connects.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import ProcessGroup, fedmqtt_argv, subprocess_env
+from fedmqtt.arrays import ModelArrays
+from fedmqtt.mqtt import MqttConnection
+from fedmqtt.schema import AggregatorProgress, CollectRequest, EventType, Phase, from_json
+from harness import MANIFEST, WAIT, Job, closed_port_url
+
+SAMPLES = [12, 30, 7, 21, 16, 9]
+
+
+def arrays_for(seed: int) -> ModelArrays:
+    rng = np.random.default_rng(seed)
+    return {e.name: (rng.normal(size=e.shape) * 0.01).astype(np.float32) for e in MANIFEST}
+
+
+def fedavg(updates: list[tuple[ModelArrays, int]]) -> ModelArrays:
+    total = float(sum(n for _, n in updates))
+    out = {e.name: np.zeros(e.shape, np.float64) for e in MANIFEST}
+    for u, n in updates:
+        for k in out:
+            out[k] += u[k].astype(np.float64) * n
+    return {k: (v / total).astype(np.float32) for k, v in out.items()}
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[ProcessGroup]:
+    group = ProcessGroup(tmp_path)
+    yield group
+    for name in group.processes:  # shown when the test failed
+        print(f"--- {name}\n{group.log(name)}")
+    group.close()
+
+
+class Wire:
+    """What the workers say on the job's topics: progress entries (who holds which device) and collect requests."""
+
+    def __init__(self, job: Job, mqtt_client: Callable[..., MqttConnection]) -> None:
+        self.lock = threading.Lock()
+        self.holder: dict[str, str] = {}  # device -> the worker that reported it accepted (first report)
+        self.collects: list[CollectRequest] = []
+        topics = job.topics
+        self.topics = topics
+        mqtt_client(
+            job.broker_url,
+            subscriptions=[(topics.aggregators_filter, 1), (topics.collect, 1)],
+            on_message=self._on_message,
+        )
+
+    def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+        if not payload:
+            return
+        with self.lock:
+            if topic == self.topics.collect:
+                self.collects.append(from_json(CollectRequest, payload))
+            elif self.topics.aggregator_of_progress(topic) is not None:
+                progress = from_json(AggregatorProgress, payload)
+                for entry in progress.entries:
+                    if entry.accepted:
+                        self.holder.setdefault(entry.device, progress.worker)
+
+    def wait_holder(self, device: str, timeout: float = WAIT) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if device in self.holder:
+                    return self.holder[device]
+            time.sleep(0.05)
+        pytest.fail(f"no worker reported {device}'s update within {timeout} s")
+
+
+def start_worker(procs: ProcessGroup, job: Job, worker: str, spool: Path, *, name: str | None = None) -> Any:
+    argv = fedmqtt_argv(
+        "-v", "aggregator", "--broker", job.broker_url, "--job", job.name, "--prefix", job.prefix,
+        "--id", worker, "--spool", str(spool),
+    )  # fmt: skip
+    return procs.start(name or worker, argv)
+
+
+def kill(procs: ProcessGroup, name: str) -> None:
+    """SIGKILL: no DISCONNECT, no clean-up; the broker publishes the worker's last will."""
+    process = procs.processes.pop(name)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def wait_online(job: Job, workers: int) -> None:
+    job.view.wait_status(f"{workers} aggregators online", lambda s: (s.aggregators_online or 0) >= workers)
+
+
+def wait_back(job: Job, worker: str) -> None:
+    """The coordinator saw ``worker`` come online a second time."""
+
+    def back() -> bool | None:
+        seen = [
+            e for e in job.view.events if e.type is EventType.AGGREGATOR_ONLINE and f"aggregator {worker} " in e.detail
+        ]
+        return True if len(seen) >= 2 else None
+
+    job.view.wait_until(f"{worker} online again", back)
+
+
+def job_flags(*extra: str) -> list[str]:
+    return ["--rounds", "2", "--min-updates", "6", "--round-timeout", "120", "--seed", "7", *extra]
+
+
+def finish(job: Job, procs: ProcessGroup, workers: list[str]) -> None:
+    """The job ends after its last round: the coordinator exits 0 and so does every worker (--exit-on-finish)."""
+    process = job.processes[-1]
+    job.view.coordinator = None  # its exit is expected now
+    assert process.wait(WAIT) == 0, process.log()
+    for w in workers:
+        assert procs.wait_exit(w) == 0, procs.log(w)
+
+
+# ------------------------------------------------------------------------------------------------ equivalence
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_n_workers_aggregate_exactly_what_one_coordinator_does(
+    workers: int,
+    mosquitto_broker: Any,
+    make_job: Callable[[str], Job],
+    mqtt_client: Callable[..., MqttConnection],
+    procs: ProcessGroup,
+    tmp_path: Path,
+) -> None:
+    devices = [f"d{i}" for i in range(len(SAMPLES))]
+    single = make_job(mosquitto_broker.url)
+    scaled = make_job(mosquitto_broker.url)
+    wire = Wire(scaled, mqtt_client)
+    single.start(*job_flags())
+    scaled.start(*job_flags("--aggregators", str(workers), "--partial-timeout", "30"), verbose=True)
+    for job in (single, scaled):
+        job.devices.online(*devices)
+
+    # No round opens before the workers are online, and the coordinator says so.
+    waiting = scaled.view.wait_event(EventType.AGGREGATORS_WAITING)
+    assert f"waiting for aggregators: 0 of {workers} online" in waiting.detail
+    single.view.wait_plan(1)
+    status = scaled.view.wait_status("aggregators needed", lambda s: s.aggregators_needed == workers)
+    assert status.phase is Phase.WAITING and status.aggregators_online == 0 and not scaled.view.plans
+
+    names = [f"w{k}" for k in range(1, workers + 1)]
+    for w in names:
+        start_worker(procs, scaled, w, tmp_path / f"spool-{w}")
+    wait_online(scaled, workers)
+    scaled.view.wait_plan(1)
+
+    for round_number, seed in ((1, 100), (2, 200)):
+        updates = {d: (arrays_for(seed + i), SAMPLES[i]) for i, d in enumerate(devices)}
+        for job in (single, scaled):
+            job.view.wait_plan(round_number)
+            for d, (arrays, n) in updates.items():
+                job.devices.send(d, job.frame(round_number, d, arrays=arrays, num_samples=n))
+        if round_number == 2:
+            single.view.coordinator = scaled.view.coordinator = None  # both exit after this round
+        one, many = single.view.wait_summary(round_number), scaled.view.wait_summary(round_number)
+        assert sorted(many.participants) == sorted(one.participants) == devices
+        assert many.num_samples == one.num_samples == sum(SAMPLES)
+        assert many.bytes_up == one.bytes_up > 0 and many.refused == one.refused == {}
+        assert many.closed_by == "quorum" and many.attempts == 1
+        model_one, _ = single.view.wait_model(round_number + 1)
+        model_many, _ = scaled.view.wait_model(round_number + 1)
+        for name in model_one:
+            np.testing.assert_allclose(model_many[name], model_one[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+    with wire.lock:
+        collects = list(wire.collects)
+    assert [(c.round, c.attempt) for c in collects] == [(1, 0), (2, 0)]
+    for c in collects:
+        listed = [d for held in c.holdings.values() for d in held]
+        assert sorted(listed) == devices  # each update summed by exactly one worker
+        assert len(c.holdings) >= 2, c.holdings  # the broker shared the updates out
+    finish(single, procs, [])
+    finish(scaled, procs, names)
+
+
+# ------------------------------------------------------------------------------------------------ a worker dies
+
+
+def start_job_with_two_workers(
+    job: Job, procs: ProcessGroup, tmp_path: Path, *flags: str
+) -> tuple[list[str], dict[str, Path]]:
+    devices = ["d1", "d2", "d3", "d4"]
+    spools = {w: tmp_path / f"spool-{w}" for w in ("w1", "w2")}
+    job.start(
+        "--rounds", "1", "--min-updates", "4", "--aggregators", "2", "--partial-timeout", "20", *flags, verbose=True
+    )
+    job.devices.online(*devices)
+    for w, spool in spools.items():
+        start_worker(procs, job, w, spool)
+    wait_online(job, 2)
+    job.view.wait_plan(1)
+    return devices, spools
+
+
+def test_a_worker_killed_after_acking_and_restarted_with_its_spool_loses_nothing(
+    mosquitto_broker: Any,
+    make_job: Callable[[str], Job],
+    mqtt_client: Callable[..., MqttConnection],
+    procs: ProcessGroup,
+    tmp_path: Path,
+) -> None:
+    job = make_job(mosquitto_broker.url)
+    wire = Wire(job, mqtt_client)
+    devices, spools = start_job_with_two_workers(job, procs, tmp_path)
+    updates = {d: (arrays_for(300 + i), SAMPLES[i]) for i, d in enumerate(devices)}
+    for d in devices[:2]:
+        job.devices.send(d, job.frame(1, d, arrays=updates[d][0], num_samples=updates[d][1]))
+    for d in devices[:2]:
+        job.view.wait_event(EventType.UPDATE_ACCEPTED, device=d)  # counted: its worker acked and reported it
+    victim = wire.wait_holder("d1")
+    kill(procs, victim)
+    offline = job.view.wait_event(EventType.AGGREGATOR_OFFLINE)
+    assert f"aggregator {victim} offline, holding" in offline.detail and "d1" in offline.detail
+    start_worker(procs, job, victim, spools[victim], name=f"{victim}-again")
+    wait_back(job, victim)
+    for d in devices[2:]:
+        job.devices.send(d, job.frame(1, d, arrays=updates[d][0], num_samples=updates[d][1]))
+
+    job.view.coordinator = None  # a 1-round job: it exits once the round is aggregated
+    summary = job.view.wait_summary(1)
+    assert sorted(summary.participants) == devices and summary.attempts == 1
+    assert summary.num_samples == sum(n for _, n in updates.values())
+    before, _ = job.view.wait_model(1)
+    after, _ = job.view.wait_model(2)
+    expected = fedavg(list(updates.values()))
+    for name in before:
+        np.testing.assert_allclose(after[name] - before[name], expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    with wire.lock:
+        (collect,) = wire.collects
+    assert victim in collect.holdings and "d1" in collect.holdings[victim]
+    finish(job, procs, [f"{victim}-again", "w2" if victim == "w1" else "w1"])
+
+
+def test_a_worker_dead_at_the_close_fails_the_attempt_which_is_retried_and_the_job_completes(
+    mosquitto_broker: Any,
+    make_job: Callable[[str], Job],
+    mqtt_client: Callable[..., MqttConnection],
+    procs: ProcessGroup,
+    tmp_path: Path,
+) -> None:
+    job = make_job(mosquitto_broker.url)
+    wire = Wire(job, mqtt_client)
+    devices, spools = start_job_with_two_workers(job, procs, tmp_path, "--round-timeout", "15")
+    updates = {d: (arrays_for(400 + i), SAMPLES[i]) for i, d in enumerate(devices)}
+
+    def send(d: str) -> None:
+        job.devices.send(d, job.frame(1, d, arrays=updates[d][0], num_samples=updates[d][1]))
+
+    for d in devices[:2]:
+        send(d)
+    for d in devices[:2]:
+        job.view.wait_event(EventType.UPDATE_ACCEPTED, device=d)
+    victim = wire.wait_holder("d1")
+    survivor = "w2" if victim == "w1" else "w1"
+    kill(procs, victim)
+    job.view.wait_event(EventType.AGGREGATOR_OFFLINE)
+    for d in devices[2:]:
+        send(d)  # the round closes (quorum, or its deadline if the broker queued one for the dead worker)
+
+    failed = job.view.wait_event(EventType.ROUND_FAILED, round=1, attempt=0)
+    assert f"aggregator {victim} went offline holding" in failed.detail and "acknowledged update(s)" in failed.detail
+    waiting = job.view.wait_event(EventType.AGGREGATORS_WAITING, timeout=WAIT)
+    assert "of 2 online" in waiting.detail
+    time.sleep(1.0)
+    assert not [p for p in job.view.plans if p.attempt == 1]  # the retry waits for the worker
+
+    start_worker(procs, job, victim, spools[victim], name=f"{victim}-again")
+    wait_back(job, victim)
+    job.view.wait_plan(1, attempt=1)
+    for d in devices:
+        send(d)  # the devices answer the new attempt (the same update: a re-delivery where a worker still had it)
+    job.view.coordinator = None
+    summary = job.view.wait_summary(1)
+    assert summary.attempts == 2 and sorted(summary.participants) == devices
+    assert summary.num_samples == sum(n for _, n in updates.values())  # nothing of attempt 0 counted again
+    before, _ = job.view.wait_model(1)
+    after, _ = job.view.wait_model(2)
+    expected = fedavg(list(updates.values()))
+    for name in before:
+        np.testing.assert_allclose(after[name] - before[name], expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    finish(job, procs, [f"{victim}-again", survivor])
+
+
+# ------------------------------------------------------------------------------------------------ refused
+
+
+def test_a_robust_strategy_with_aggregators_is_refused_with_the_reason() -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        fedmqtt_argv("coordinator", "--broker", closed_port_url(), "--job", "j", "--rounds", "1",
+                     "--min-updates", "5", "--strategy", "krum", "--aggregators", "2", "--quiet"),
+        capture_output=True, env=subprocess_env(), timeout=60,
+    )  # fmt: skip
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert "--aggregators: krum cannot combine partial aggregates: it must see every update" in stderr
+    assert "fedavg, fedavgm, fedadam, fedyogi" in stderr and "Traceback" not in stderr
+    assert time.monotonic() - started < 20  # refused before any connection attempt
