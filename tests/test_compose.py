@@ -656,3 +656,39 @@ def test_the_emqx_acl_grants_each_account_what_fedmqtt_topics_grants_it() -> Non
     assert not emqx_allows(acl, "watcher", "subscribe", t.everything_filter)
     assert emqx_allows(acl, "coordinator", "subscribe", t.everything_filter)
     assert not emqx_allows(acl, "stranger", "publish", t.plan)  # a username no rule names is a device: no model writes
+
+
+def test_the_emqx_profile_fedmqtt_commands_pass_fedmqtt_s_own_validation(tmp_path: Path) -> None:
+    """The profile's coordinator and workers, as compose would start them, through the parser and the settings
+    checks their commands run before any connection (`fedmqtt coordinator`: config_from_args; `fedmqtt
+    aggregator`: options_from_args). The accounts step runs first: the password files must exist."""
+    from fedmqtt.aggregator.cli import options_from_args
+    from fedmqtt.cli import build_parser
+    from fedmqtt.coordinator.config import config_from_args
+    from fedmqtt.data import write_idx_dataset
+
+    write_idx_dataset(tmp_path / "data" / "mnist", num_train=60, num_test=20, seed=7)  # the coordinator's --eval-data
+    config = compose_config({"FEDMQTT_DATA_DIR": str(tmp_path / "data"), "FEDMQTT_JOB": "emqx-job"})
+    roles = emqx_profile(config)
+    run = ComposeRun(tmp_path / "project", config, Image(DOCKERFILE))
+    (accounts,) = roles["accounts"]
+    assert run.start(accounts).wait(timeout=120) == 0, run.tail(accounts)
+    entrypoint = run.image.entrypoint
+    (coordinator,) = roles["coordinator"]
+    argv = run.argv(coordinator)
+    assert argv == [*entrypoint, "coordinator"]  # docker/entrypoint.sh: `fedmqtt coordinator`, settings from the env
+    env = run.environment(coordinator)
+    job = config_from_args(build_parser().parse_args(argv[1:]), env=env)
+    assert job.aggregators == len(roles["aggregators"]) and job.job == "emqx-job"
+    assert job.broker.host == "emqx-1" and job.username == "coordinator"
+    assert job.password_file is not None and Path(job.password_file).read_text().strip()  # the accounts step's
+    for service in roles["aggregators"]:
+        argv = run.argv(service)
+        assert argv[: len(entrypoint) + 1] == [*entrypoint, "aggregator"]  # the entrypoint: `fedmqtt aggregator ...`
+        options = options_from_args(build_parser().parse_args(argv[len(entrypoint) :]))
+        spec = config["services"][service]
+        assert options.broker.broker.to_url() == spec["environment"]["FEDMQTT_BROKER"]  # what its healthcheck asks
+        assert options.job == "emqx-job" and options.group is not None and options.site is None
+        assert options.broker.username == options.worker and options.broker.password_file is not None
+        assert Path(options.broker.password_file).read_text().strip()
+        assert options.spool.is_relative_to(run.root / "volumes" / volume_at(spec, "/var/lib/fedmqtt/state"))
