@@ -38,7 +38,7 @@ from pydantic import TypeAdapter, ValidationError
 from fedmqtt.aggregator.spool import MANIFEST_FILE, PLAN_FILE, BucketKey, WorkerSpool
 from fedmqtt.codecs import EncodeError, FrameError, decode_frame, encode_frame, peek_header
 from fedmqtt.coordinator import intake
-from fedmqtt.mqtt import MqttConnection, NotConnected, PublishTimeout, Will
+from fedmqtt.mqtt import MqttConnection, MqttError, NotConnected, PublishTimeout, Will
 from fedmqtt.mqtt.settings import BrokerSettings
 from fedmqtt.schema import (
     PROGRESS_ENTRIES_MAX,
@@ -701,13 +701,13 @@ class AggregatorWorker:
                 step.extend(self.core.flush())
                 self._carry_out(step)
                 if step.ended is not None and o.exit_on_finish:
-                    self._carry_out(self.core.flush(force=True))
-                    self.core.ended()
                     log.info("job %s is %s: aggregator %s exits", o.job, step.ended.value, o.worker)
                     break
             else:
                 log.info("%s: aggregator %s stops", signal.Signals(self.stop_signal).name, o.worker)
-                self._carry_out(self.core.flush(force=True))
+            self._leave_group()
+            if self.stop_signal is None:
+                self.core.ended()  # the job is over: so is its spool
             self._publish(Publish(t.aggregator_status(o.worker), self.core.presence("offline"), retain=True))
             return 0
         finally:
@@ -717,6 +717,27 @@ class AggregatorWorker:
             )  # fmt: skip
             conn.close()
             self._conn = None
+
+    def _leave_group(self) -> None:
+        """A clean stop: leave the share group first. Brokers (Mosquitto among them) keep handing a share of the
+        updates to a persistent session that is offline, where they wait for this worker to come back; without
+        the subscription they go to the workers still running. What had already reached this process is handled
+        (spooled, acknowledged, reported), so nothing stays behind unacknowledged."""
+        assert self._conn is not None
+        try:
+            self._conn.unsubscribe(self.core.updates_filter)
+        except MqttError as exc:
+            log.warning("could not leave the share group: %s", exc)
+        step = Step()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if self.topics.device_of_update(item.topic) is not None:
+                step.extend(self._handle(item))
+        step.extend(self.core.flush(force=True))
+        self._carry_out(step)
 
     def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
         self._inbox.put(_Inbound(topic, payload, qos, mid, retain))
