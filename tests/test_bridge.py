@@ -238,10 +238,10 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class EdgeJob(ProcessGroup):
-    """One job across a site broker (``fedmqtt broker --bridge-to``, a subprocess) and a cloud broker (TLS,
-    accounts): the coordinator and a watcher on the cloud, the devices on the site."""
+    """One job across a site broker (``fedmqtt broker --bridge-to``, a subprocess) and a cloud broker (with
+    ``passwords``: TLS and accounts): the coordinator and a watcher on the cloud, the devices on the site."""
 
-    def __init__(self, cloud: MosquittoBroker, passwords: dict[str, str], prefix: str, logs: Path) -> None:
+    def __init__(self, cloud: MosquittoBroker, passwords: dict[str, str] | None, prefix: str, logs: Path) -> None:
         super().__init__(logs)
         self.cloud = cloud
         self.prefix = prefix
@@ -249,15 +249,22 @@ class EdgeJob(ProcessGroup):
         self.topics = Topics(job=self.job, prefix=prefix)
         self.secrets = logs / "secrets"
         self.secrets.mkdir()
-        for user, password in passwords.items():
+        self.accounts = passwords is not None
+        for user, password in (passwords or {}).items():
             (self.secrets / user).write_text(password + "\n")
         self.holder = StateHolder(WatchState(topics=self.topics))
         self.site_url: str | None = None
 
     def cloud_flags(self, user: str) -> list[str]:
-        return ["--broker", self.cloud.url, "--tls-ca", str(self.cloud.ca_file), "--username", user,
-                "--password-file", str(self.secrets / user), "--job", self.job, "--prefix", self.prefix,
-                "--mqtt-version", "5"]  # fmt: skip
+        flags = ["--broker", self.cloud.url, "--job", self.job, "--prefix", self.prefix, "--mqtt-version", "5"]
+        if self.accounts:
+            flags += ["--tls-ca", str(self.cloud.ca_file), "--username", user, "--password-file",
+                      str(self.secrets / user)]  # fmt: skip
+        return flags
+
+    def site_flags(self) -> list[str]:
+        assert self.site_url is not None
+        return ["--broker", self.site_url, "--job", self.job, "--prefix", self.prefix, "--mqtt-version", "5"]
 
     def site(self, name: str, config_dir: Path, *flags: str) -> str:
         """Start the site broker with its bridge; its URL once it serves."""
@@ -265,8 +272,7 @@ class EdgeJob(ProcessGroup):
             f"site-{name}",
             fedmqtt_argv("broker", "--mosquitto", "--config-dir", str(config_dir), "--port", str(find_free_port()),
                          "--prefix", self.prefix, "--bridge-to", self.cloud.url, "--site", name, "--job", self.job,
-                         "--bridge-username", name, "--bridge-password-file", str(self.secrets / name),
-                         "--bridge-cafile", str(self.cloud.ca_file), *flags),
+                         *flags),
         )  # fmt: skip
         deadline = time.monotonic() + 30
         while "listening on" not in self.log(f"site-{name}"):
@@ -283,9 +289,8 @@ class EdgeJob(ProcessGroup):
 
     def devices(self, name: str, data: Path, *flags: str) -> None:
         assert self.site_url is not None
-        self.start(name, fedmqtt_argv(
-            "device", "--broker", self.site_url, "--job", self.job, "--prefix", self.prefix, "--mqtt-version", "5",
-            "--data-dir", str(data), "--threads", "1", "--exit-on-finish", *flags))  # fmt: skip
+        self.start(name, fedmqtt_argv("device", *self.site_flags(), "--data-dir", str(data), "--threads", "1",
+                                      "--exit-on-finish", *flags))  # fmt: skip
 
     def wait_for(self, what: str, predicate: Callable[[WatchState], bool], timeout: float = 120.0) -> WatchState:
         deadline = time.monotonic() + timeout
@@ -315,7 +320,8 @@ def test_a_job_runs_across_the_bridge_devices_on_the_site_coordinator_in_the_clo
             job.holder,
         )
         site_dir = tmp_path / "site"
-        job.site("plant-1", site_dir)
+        job.site("plant-1", site_dir, "--bridge-username", "plant-1", "--bridge-password-file",
+                 str(job.secrets / "plant-1"), "--bridge-cafile", str(cloud.ca_file))  # fmt: skip
         conf = site_dir / "mosquitto.conf"
         assert stat.S_IMODE(conf.stat().st_mode) == 0o600
         assert f"remote_password {passwords['plant-1']}" in conf.read_text()
@@ -462,3 +468,47 @@ def test_while_the_wan_is_down_qos1_messages_wait_on_both_sides_and_arrive_when_
         wait_until(lambda: late_cloud == [b"online"] and late_site == [b"plan of round 2"], "retained messages")
     finally:
         wan.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.mosquitto
+def test_with_a_site_aggregator_one_partial_per_round_crosses_the_wan_and_no_update(
+    mosquitto_factory: Callable[..., MosquittoBroker], mqtt_client: MqttClientFactory, tmp_path: Path,
+    topic_prefix: str, small_data: Path,
+) -> None:  # fmt: skip
+    cloud = mosquitto_factory(prefix=topic_prefix)
+    job = EdgeJob(cloud, None, topic_prefix, tmp_path)
+    t = job.topics
+    crossed: list[str] = []
+    mqtt_client(cloud.url, subscriptions=[(p, 1) for d, p in bridge_topics(topic_prefix, job.job, site_aggregator=False)
+                                          if d == BRIDGE_UP],
+                on_message=lambda tp, p, q, r, m: crossed.append(tp))  # fmt: skip
+    try:
+        job.watcher = open_watch(ClientSettings.from_url(cloud.url, "watch-edge-agg"), job.holder)
+        job.site("plant-1", tmp_path / "site", "--site-aggregator")
+        job.start("aggregator", fedmqtt_argv("aggregator", *job.site_flags(), "--site", "plant-1", "--id",
+                                             "agg-plant-1", "--spool", str(tmp_path / "spool")))  # fmt: skip
+        job.coordinator(small_data, "--rounds", "2", "--min-updates", "3", "--round-timeout", "60",
+                        "--aggregators", "1")  # fmt: skip
+        job.devices("devices", small_data, "--id-prefix", "d", "--partition", "iid", "--num-parts", "3",
+                    "--parts", "0:3")  # fmt: skip
+        state = job.wait_for("the job to finish", lambda s: s.finished and s.rounds_done == 2, timeout=180)
+        assert job.wait_exit("coordinator") == 0
+        for summary in state.ordered_rounds():
+            assert set(summary.participants) == {"d0000", "d0001", "d0002"}
+            assert summary.closed_by == "quorum"
+        assert state.ordered_rounds()[-1].accuracy is not None
+        assert job.wait_exit("devices") == 0 and job.wait_exit("aggregator") == 0
+        # Across the WAN: one partial per round from the site's aggregator, its presence and progress, the
+        # devices' presence -- and not one update.
+        assert not [topic for topic in crossed if t.device_of_update(topic) is not None]
+        assert [t.aggregator_of_partial(topic) for topic in crossed if t.aggregator_of_partial(topic)] == [
+            "agg-plant-1",
+            "agg-plant-1",
+        ]
+        assert any(t.aggregator_of_progress(topic) == "agg-plant-1" for topic in crossed)
+        assert any(t.device_of_status(topic) == "d0000" for topic in crossed)
+    finally:
+        if getattr(job, "watcher", None) is not None:
+            job.watcher.close()
+        job.close()
