@@ -322,3 +322,73 @@ def test_a_robust_strategy_with_aggregators_is_refused_with_the_reason() -> None
     assert "--aggregators: krum cannot combine partial aggregates: it must see every update" in stderr
     assert "fedavg, fedavgm, fedadam, fedyogi" in stderr and "Traceback" not in stderr
     assert time.monotonic() - started < 20  # refused before any connection attempt
+
+
+# ------------------------------------------------------------------------------------------------ simulate
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fedmqtt.data import write_idx_dataset
+
+    return write_idx_dataset(tmp_path_factory.mktemp("idx"), num_train=400, num_test=200, seed=3)
+
+
+def _simulate_plan(*argv: str) -> Any:
+    from fedmqtt.cli import build_parser
+    from fedmqtt.simulate import plan_simulation
+
+    args = build_parser().parse_args(["simulate", *argv])
+    return plan_simulation(args, env={}, max_clients_per_process=100, cpu_count=2, now=0.0)
+
+
+def test_simulate_starts_aggregator_workers_with_the_jobs_limits_and_refuses_them_without_mqtt_5(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from fedmqtt.aggregator.cli import options_from_args
+    from fedmqtt.cli import build_parser
+    from fedmqtt.errors import ConfigError
+    from fedmqtt.simulate import aggregator_command, aggregator_ids
+
+    plan = _simulate_plan("--devices", "4", "--rounds", "1", "--data-dir", str(tiny_data), "--aggregators", "2",
+                          "--max-update-mb", "3", "--max-update-norm", "50")  # fmt: skip
+    assert plan.aggregators == 2 and aggregator_ids(plan) == ["agg-1", "agg-2"]
+    assert plan.report_config()["coordinator"]["aggregators"] == 2
+    argv = aggregator_command(plan, "mqtt://127.0.0.1:1883", "agg-1", tmp_path / "spool")
+    options = options_from_args(build_parser().parse_args(argv[3:]))  # the real worker's parser and checks
+    assert (options.job, options.worker, options.spool, options.group) == (
+        plan.job,
+        "agg-1",
+        tmp_path / "spool",
+        "fedmqtt",
+    )
+    assert (options.max_update_bytes, options.max_update_norm, options.exit_on_finish) == (3_000_000, 50.0, True)
+    for flags in (["--embedded"], ["--broker", "mqtt://127.0.0.1:1883", "--mqtt-version", "3.1.1"]):
+        with pytest.raises(ConfigError, match="--aggregators: aggregator workers share the updates through MQTT 5"):
+            _simulate_plan(
+                "--devices", "4", "--rounds", "1", "--data-dir", str(tiny_data), "--aggregators", "2", *flags
+            )
+
+
+@pytest.mark.e2e
+def test_simulate_with_two_aggregator_workers_trains_the_job(tmp_path: Path, tiny_data: Path) -> None:
+    import json
+
+    from fedmqtt.report import REPORT_JSON
+
+    out = tmp_path / "run"
+    process = subprocess.run(
+        fedmqtt_argv("simulate", "--devices", "4", "--rounds", "3", "--model", "mlp", "--data-dir", str(tiny_data),
+                     "--out", str(out), "--lr", "0.1", "--batch-size", "20", "--round-timeout", "60",
+                     "--aggregators", "2", "--partial-timeout", "30", "--timeout", "240"),
+        capture_output=True, text=True, env=subprocess_env(), timeout=300,
+    )  # fmt: skip
+    assert process.returncode == 0, f"{process.stdout}\n{process.stderr}"
+    assert "2 aggregator workers" in process.stdout
+    report = json.loads((out / REPORT_JSON).read_text())
+    assert report["config"]["aggregators"] == 2
+    assert [r["participants"] for r in report["rounds"]] == [4, 4, 4]
+    assert report["totals"]["phase"] == "finished" and report["totals"]["final_accuracy"] > 0.3
+    for worker in ("agg-1", "agg-2"):
+        log = (out / f"{worker}.log").read_text()
+        assert "partial of" in log, log  # each worker summed a share of some round

@@ -1,7 +1,8 @@
 """``fedmqtt simulate``: a whole federated run on one machine, with real processes and a real broker.
 
-It starts a broker (unless ``--broker`` is given), one coordinator process and the device processes
-(``--devices-per-process`` devices packed per process, each its own MQTT client), shows the rounds live
+It starts a broker (unless ``--broker`` is given), one coordinator process, ``--aggregators N`` aggregator worker
+processes (scale-out aggregation; none by default) and the device processes (``--devices-per-process`` devices
+packed per process, each its own MQTT client), shows the rounds live
 (the ``fedmqtt watch`` state and renderer), and writes ``report.json`` + ``report.png`` into ``--out``.
 
 Every child runs in its own process group, with its output in a log file of the out directory. On any way
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from fedmqtt.mqtt.settings import BrokerSettings
 
 DEVICE_ID_PREFIX = "dev-"
+AGGREGATOR_ID_PREFIX = "agg-"  # simulate's aggregator workers: agg-1 ... agg-N
 # Without --devices-per-process, devices are spread over at most this many processes.
 DEFAULT_MAX_DEVICE_PROCESSES = 16
 STOP_GRACE_S = 10.0
@@ -136,6 +138,7 @@ class SimulationPlan:
     username: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     tls_ca: str | None = None
+    aggregators: int = 0  # --aggregators: worker processes simulate starts (fedmqtt aggregator)
 
     def report_config(self) -> dict[str, Any]:
         config = asdict(dataclasses.replace(self, coordinator=None))
@@ -224,6 +227,13 @@ def plan_simulation(
     else:
         broker = "mosquitto"
         mqtt_version = "5" if mqtt_version == "auto" else mqtt_version
+    if coordinator.aggregators and mqtt_version == "3.1.1":
+        why = "the embedded broker speaks MQTT 3.1.1 only" if broker == "embedded" else "--mqtt-version is 3.1.1"
+        raise ConfigError(
+            "--aggregators",
+            f"aggregator workers share the updates through MQTT 5 shared subscriptions, and {why}: run with "
+            "Mosquitto (installed: drop --embedded) or an MQTT 5 --broker",
+        )
     c = coordinator
     return SimulationPlan(
         job=job,
@@ -254,6 +264,7 @@ def plan_simulation(
         username=connection.url.username,
         password=connection.url.password,
         tls_ca=None if connection.tls_ca is None else str(connection.tls_ca),
+        aggregators=c.aggregators,
     )
 
 
@@ -368,6 +379,33 @@ def device_command(plan: SimulationPlan, url: str, first: int, end: int, python:
         "--threads", str(plan.threads_per_process),
         "--exit-on-finish",
     ]  # fmt: skip
+    return argv
+
+
+def aggregator_ids(plan: SimulationPlan) -> list[str]:
+    return [f"{AGGREGATOR_ID_PREFIX}{k}" for k in range(1, plan.aggregators + 1)]
+
+
+def aggregator_command(
+    plan: SimulationPlan, url: str, worker: str, spool: Path, python: str = sys.executable
+) -> list[str]:
+    """One aggregator worker (``fedmqtt aggregator``) of the run's job, with the coordinator's update limits and its
+    spool in the out directory; it exits when the job ends."""
+    assert plan.coordinator is not None
+    c = plan.coordinator
+    argv = [
+        *fedmqtt_command(python),
+        "-v",  # its log (OUT/agg-K.log) says what it summed each round
+        "aggregator",
+        *_connection_flags(plan, url),
+        "--id",
+        worker,
+        "--spool",
+        str(spool),
+    ]
+    argv += ["--max-update-mb", repr(c.max_update_mb)]
+    if c.max_update_norm is not None:
+        argv += ["--max-update-norm", repr(c.max_update_norm)]
     return argv
 
 
@@ -634,18 +672,28 @@ def _run(
                 out_dir / "coordinator.log",
                 coordinator_environment(env),
             )
+            workers = [
+                supervisor.start(
+                    worker,
+                    aggregator_command(plan, url, worker, out_dir / "aggregators" / worker),
+                    out_dir / f"{worker}.log",
+                    env,
+                )
+                for worker in aggregator_ids(plan)
+            ]
             devices = [
                 supervisor.start(f"devices-{k}", device_command(plan, url, a, b), out_dir / f"devices-{k}.log", env)
                 for k, (a, b) in enumerate(device_ranges(plan.devices, plan.devices_per_process))
             ]
             watch_line = mosquitto_sub_line(connection, topics)
             with _Display(out) as display:
+                scale_out = f", {len(workers)} aggregator workers" if workers else ""
                 display.line(
-                    f"job {plan.job}: {plan.devices} devices in {len(devices)} processes, {plan.rounds} rounds, "
-                    f"broker {plan.broker} ({url}), logs in {out_dir}"
+                    f"job {plan.job}: {plan.devices} devices in {len(devices)} processes{scale_out}, {plan.rounds} "
+                    f"rounds, broker {plan.broker} ({url}), logs in {out_dir}"
                 )
                 display.line(f"watch the topics in another terminal: {watch_line}")
-                code = _supervise(plan, supervisor, coordinator, devices, holder, display, started, err)
+                code = _supervise(plan, supervisor, coordinator, devices, holder, display, started, err, workers)
             if code != 0:
                 return code
             # The retained messages are the record of the run: read them once more, so that no summary
@@ -653,7 +701,7 @@ def _run(
             # (A client id of its own: the broker would otherwise disconnect the live watcher.)
             snapshot_settings = dataclasses.replace(settings, client_id=random_client_id("sim"))
             final = collect_snapshot(snapshot_settings, topics, wait_s=10.0, quiet_s=0.5)
-            _wait_for_devices(devices, timeout_s=15.0)
+            _wait_for_devices(devices + workers, timeout_s=15.0)
         finally:
             watcher.close()
             with _signals_ignored():
@@ -681,8 +729,10 @@ def _supervise(
     display: _Display,
     started: float,
     err: IO[str],
+    workers: Sequence[Child] = (),
 ) -> int:
-    """Show progress until the coordinator exits; report failing children with their log tails."""
+    """Show progress until the coordinator exits; report failing children (devices, aggregator workers) with
+    their log tails."""
     while True:
         display.update(holder.state, _footer(supervisor))
         code = coordinator.returncode
@@ -697,7 +747,7 @@ def _supervise(
                 flush=True,
             )
             return 1
-        for child in devices:
+        for child in [*devices, *workers]:
             if child.returncode is not None and not child.reported:
                 child.reported = True
                 display.line(
