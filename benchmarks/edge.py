@@ -14,6 +14,9 @@ models, status, events...). MQTT, TCP and TLS framing are not counted (a few doz
     .venv/bin/python benchmarks/edge.py [--devices 10] [--rounds 3] [--json benchmarks/results/edge.json]
     .venv/bin/python benchmarks/edge.py --quick                  # 4 devices, 2 rounds
     .venv/bin/python benchmarks/edge.py --modes updates          # without a site aggregator only
+
+Latest figures: benchmarks/results/edge.json (10 devices, float32), edge-int8.json, edge-int8-30.json; summed up in
+docs/edge-sites.md.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ SITE = "site1"
 class Meter:
     """Messages and bytes (topic + payload) received on some topic filters, by kind."""
 
-    def __init__(self, topics: Topics) -> None:
+    def __init__(self, topics: Topics, *, reads_summaries: bool = False) -> None:
         self.topics = topics
+        self.reads_summaries = reads_summaries  # the cloud's round summaries: read, not counted (not WAN traffic)
         self.bytes: Counter[str] = Counter()
         self.messages: Counter[str] = Counter()
         self.summaries: dict[int, RoundSummary] = {}
@@ -65,18 +69,21 @@ class Meter:
             return "device presence"
         if topic in (t.model, t.delta):
             return "model"
-        return "other"
+        if topic == t.release:
+            return "release"
+        return "plan, status, events"
 
     def on_message(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
+        round_number = self.topics.round_of_summary(topic)
+        if round_number is not None and self.reads_summaries:
+            summary = from_json(RoundSummary, payload)
+            with self._lock:
+                self.summaries[round_number] = summary
+            return
         kind = self.kind(topic)
         with self._lock:
             self.bytes[kind] += len(topic.encode()) + len(payload)
             self.messages[kind] += 1
-        round_number = self.topics.round_of_summary(topic)
-        if round_number is not None and not retain:
-            summary = from_json(RoundSummary, payload)
-            with self._lock:
-                self.summaries[round_number] = summary
 
 
 def _argv(*args: str) -> list[str]:
@@ -97,7 +104,7 @@ def run(mode: str, *, devices: int, rounds: int, uplink: str, data: Path, work: 
         with open(logs / f"{name}.log", "ab") as log:
             processes[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
-    up, down = Meter(topics), Meter(topics)
+    up, down = Meter(topics, reads_summaries=True), Meter(topics)
     pairs = bridge_topics(PREFIX, job, site_aggregator=site_aggregator)
     with MosquittoBroker(work / mode / "cloud", prefix=PREFIX) as cloud:
         bridge = BridgeConfig.create(cloud.url, site=SITE, job=job, prefix=PREFIX, site_aggregator=site_aggregator)
@@ -119,7 +126,7 @@ def run(mode: str, *, devices: int, rounds: int, uplink: str, data: Path, work: 
                 coordinator = ["coordinator", "--broker", cloud.url, *common, "--model", "mlp", "--rounds",
                                str(rounds), "--min-updates", str(devices), "--round-timeout", "120",
                                "--local-epochs", "1", "--batch-size", "20", "--lr", "0.1", "--uplink", uplink,
-                               "--quiet"]  # fmt: skip
+                               "--eval-data", str(data), "--quiet"]  # fmt: skip
                 if site_aggregator:
                     coordinator += ["--aggregators", "1"]
                     start("aggregator", _argv("aggregator", "--broker", site.url, *common, "--site", SITE,
