@@ -512,3 +512,33 @@ def test_with_a_site_aggregator_one_partial_per_round_crosses_the_wan_and_no_upd
         if getattr(job, "watcher", None) is not None:
             job.watcher.close()
         job.close()
+
+
+@pytest.mark.mosquitto
+def test_a_bridge_logs_in_with_a_client_certificate_whose_name_is_a_site_account(
+    mosquitto_factory: Callable[..., MosquittoBroker], mqtt_client: MqttClientFactory, tmp_path: Path,
+    topic_prefix: str,
+) -> None:  # fmt: skip
+    from fedmqtt.broker.certs import generate_test_certificates, issue_client_certificate
+    from fedmqtt.broker.mosquitto import register_site_account
+
+    t = Topics(job="j", prefix=topic_prefix)
+    cloud_dir = tmp_path / "mosquitto-0"  # where mosquitto_factory puts its first broker
+    generate_test_certificates(cloud_dir / "tls")
+    register_site_account(cloud_dir, "s1")
+    cloud = mosquitto_factory(prefix=topic_prefix, tls=True, client_certs=True)
+    site_cert = issue_client_certificate(cloud_dir / "tls", "s1")
+    other_cert = issue_client_certificate(cloud_dir / "tls", "s2")  # a valid certificate, not a site account
+    coordinator = cloud.issue_client_certificate("coordinator")
+    got: list[str] = []
+    mqtt_client(cloud.url, tls_ca=cloud.ca_file, tls_cert=coordinator.cert, tls_key=coordinator.key,
+                subscriptions=[(t.updates_filter, 1)], on_message=lambda tp, p, q, r, m: got.append(tp))  # fmt: skip
+    for name, cert in (("s1", site_cert), ("s2", other_cert)):
+        bridge = BridgeConfig.create(cloud.url, site=name, job="j", prefix=topic_prefix, cafile=cloud.ca_file,
+                                     certfile=cert.cert, keyfile=cert.key)  # fmt: skip
+        site = mosquitto_factory(prefix=topic_prefix, bridge=bridge)
+        wait_until(lambda s=name: f"as {s} (p5" in cloud.log_text(), f"the bridge of {name} to connect")
+        mqtt_client(site.url).publish(t.update(f"from-{name}"), b"u", qos=1)
+    wait_until(lambda: t.update("from-s1") in got, "the update of the site account's bridge")
+    time.sleep(1.0)
+    assert got == [t.update("from-s1")]  # s2's certificate is valid but grants no site's rights
