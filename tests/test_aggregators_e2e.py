@@ -25,8 +25,25 @@ import pytest
 
 from conftest import ProcessGroup, fedmqtt_argv, subprocess_env
 from fedmqtt.arrays import ModelArrays
+from fedmqtt.codecs import encode_frame, peek_header
 from fedmqtt.mqtt import MqttConnection
-from fedmqtt.schema import AggregatorProgress, CollectRequest, EventType, Phase, from_json
+from fedmqtt.schema import (
+    AggregatorPresence,
+    AggregatorProgress,
+    CodecSpec,
+    CollectRequest,
+    EventType,
+    FrameKind,
+    PartialEntry,
+    PartialInfo,
+    Phase,
+    Plan,
+    ProgressEntry,
+    RefusalReason,
+    from_json,
+    new_token,
+    to_json,
+)
 from harness import MANIFEST, WAIT, Job, closed_port_url
 
 SAMPLES = [12, 30, 7, 21, 16, 9]
@@ -81,6 +98,13 @@ class Wire:
                 for entry in progress.entries:
                     if entry.accepted:
                         self.holder.setdefault(entry.device, progress.worker)
+
+    def wait_collect(self, job: Job, attempt: int) -> CollectRequest:
+        def found() -> CollectRequest | None:
+            with self.lock:
+                return next((c for c in self.collects if c.attempt == attempt), None)
+
+        return job.view.wait_until(f"the collect request of attempt {attempt}", found)
 
     def wait_holder(self, device: str, timeout: float = WAIT) -> str:
         deadline = time.monotonic() + timeout
@@ -305,6 +329,144 @@ def test_a_worker_dead_at_the_close_fails_the_attempt_which_is_retried_and_the_j
     for name in before:
         np.testing.assert_allclose(after[name] - before[name], expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
     finish(job, procs, [f"{victim}-again", survivor])
+
+
+# ------------------------------------------------------------------------------------------------ a hand-played worker
+
+
+class FakeWorker:
+    """A worker played by the test, to send the coordinator exactly the progress and partials a test needs."""
+
+    def __init__(self, job: Job, connection: MqttConnection, name: str = "fake") -> None:
+        self.job, self.connection, self.name = job, connection, name
+        presence = AggregatorPresence(
+            job=job.name, worker=name, instance=new_token(), state="online", since=time.time()
+        )
+        connection.publish(job.topics.aggregator_status(name), to_json(presence), qos=1, retain=True)
+
+    def report(self, plan: Plan, frames: dict[str, bytes], refused: dict[str, RefusalReason] | None = None) -> None:
+        # The refusals first: once both updates are in, the quorum closes the attempt.
+        entries = [ProgressEntry(device=d, accepted=False, reason=r, detail="bad") for d, r in (refused or {}).items()]
+        entries += [
+            ProgressEntry(device=d, accepted=True, header=peek_header(f), bytes=len(f)) for d, f in frames.items()
+        ]
+        progress = AggregatorProgress(
+            job=self.job.name, worker=self.name, run_id=plan.run_id, round=plan.round, attempt=plan.attempt,
+            entries=tuple(entries),
+        )  # fmt: skip
+        self.connection.publish(self.job.topics.aggregator_progress(self.name), to_json(progress), qos=1)
+
+    def partial(self, plan: Plan, updates: dict[str, tuple[ModelArrays, int]]) -> None:
+        total = {e.name: np.zeros(e.shape, np.float64) for e in MANIFEST}
+        for arrays, n in updates.values():
+            for k in total:
+                total[k] += arrays[k].astype(np.float64) * n
+        info = PartialInfo(
+            attempt=plan.attempt,
+            run_id=plan.run_id,
+            devices=tuple(PartialEntry(device=d, num_samples=n, weight=float(n)) for d, (_, n) in updates.items()),
+        )
+        frame = encode_frame(
+            {k: v.astype(np.float32) for k, v in total.items()},
+            kind=FrameKind.PARTIAL_AGGREGATE, job=self.job.name, round=plan.round, sender=self.name, codec=CodecSpec(),
+            num_samples=sum(n for _, n in updates.values()), num_updates=len(updates),
+            weight=float(sum(n for _, n in updates.values())), run_id=plan.run_id, partial=info,
+        )  # fmt: skip
+        self.connection.publish(self.job.topics.partial(self.name), frame, qos=1)
+
+
+def test_the_coordinator_checks_each_partial_and_fails_the_attempt_of_a_silent_or_wrong_worker(
+    mosquitto_broker: Any, make_job: Callable[[str], Job], mqtt_client: Callable[..., MqttConnection]
+) -> None:
+    job = make_job(mosquitto_broker.url)
+    wire = Wire(job, mqtt_client)
+    job.start("--rounds", "1", "--min-updates", "2", "--aggregators", "1", "--partial-timeout", "3", verbose=True)
+    fake = FakeWorker(job, mqtt_client(mosquitto_broker.url))
+    job.devices.online("d1", "d2")
+    updates = {d: (arrays_for(500 + i), SAMPLES[i]) for i, d in enumerate(("d1", "d2"))}
+
+    def frames() -> dict[str, bytes]:
+        return {d: job.frame(1, d, arrays=a, num_samples=n) for d, (a, n) in updates.items()}
+
+    def wait_collect(attempt: int) -> CollectRequest:
+        return wire.wait_collect(job, attempt)
+
+    # A progress message on another worker's topic is refused; the worker's own refusals are counted once, here.
+    plan = job.view.wait_plan(1)
+    bad = AggregatorProgress(job=job.name, worker="fake", round=1, attempt=0,
+                             entries=(ProgressEntry(device="d1", accepted=False, reason=RefusalReason.MALFORMED),))  # fmt: skip
+    fake.connection.publish(job.topics.aggregator_progress("other"), to_json(bad), qos=1)
+    refused = job.view.wait_event(EventType.AGGREGATOR_REFUSED)
+    assert "a progress message of aggregator other: it names worker 'fake'" in refused.detail
+
+    # Attempt 0: the worker reports both updates (and refuses a third) but never sends its partial.
+    fake.report(plan, frames(), refused={"d3": RefusalReason.NON_FINITE})
+    refusal = job.view.wait_refusal("d3", RefusalReason.NON_FINITE)
+    assert "(screened by aggregator fake)" in refusal.detail
+    assert wait_collect(0).holdings == {"fake": ("d1", "d2")}
+    failed = job.view.wait_event(EventType.ROUND_FAILED, attempt=0)
+    assert (
+        "aggregator fake sent no partial within --partial-timeout 3 s; it held 2 acknowledged update(s) (d1, d2)"
+        in (failed.detail)
+    )
+
+    # Attempt 1: a partial that sums only d1 is refused, and fails the attempt.
+    plan = job.view.wait_plan(1, attempt=1)
+    fake.report(plan, frames())
+    wait_collect(1)
+    fake.partial(plan, {"d1": updates["d1"]})
+    refused = job.view.wait_event(EventType.AGGREGATOR_REFUSED, round=1, timeout=WAIT)
+    failed = job.view.wait_event(EventType.ROUND_FAILED, attempt=1)
+    assert "aggregator fake's partial was refused (devices_mismatch" in failed.detail and "lacking d2" in failed.detail
+
+    # Attempt 2: the right partial; the model moves by exactly the FedAvg of the two updates.
+    plan = job.view.wait_plan(1, attempt=2)
+    fake.report(plan, frames())
+    wait_collect(2)
+    fake.partial(plan, updates)
+    job.view.coordinator = None
+    summary = job.view.wait_summary(1)
+    assert summary.attempts == 3 and summary.participants == ("d1", "d2")
+    assert summary.num_samples == sum(n for _, n in updates.values())
+    assert summary.bytes_up == sum(len(f) for f in frames().values())
+    assert summary.refused == {RefusalReason.NON_FINITE: 1}  # the worker's refusal, counted once, by the coordinator
+    before, _ = job.view.wait_model(1)
+    after, _ = job.view.wait_model(2)
+    expected = fedavg(list(updates.values()))
+    for name in before:
+        np.testing.assert_allclose(after[name] - before[name], expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    assert job.processes[-1].wait(WAIT) == 0
+
+
+def test_a_coordinator_resumed_in_the_middle_of_an_attempt_abandons_it_and_counts_nothing_twice(
+    mosquitto_broker: Any, make_job: Callable[[str], Job], mqtt_client: Callable[..., MqttConnection], tmp_path: Path
+) -> None:
+    job = make_job(mosquitto_broker.url)
+    wire = Wire(job, mqtt_client)
+    flags = ["--rounds", "1", "--min-updates", "2", "--aggregators", "1", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    first = job.start(*flags, verbose=True)
+    fake = FakeWorker(job, mqtt_client(mosquitto_broker.url))
+    job.devices.online("d1", "d2")
+    updates = {d: (arrays_for(600 + i), SAMPLES[i]) for i, d in enumerate(("d1", "d2"))}
+    plan = job.view.wait_plan(1)
+    fake.report(plan, {"d1": job.frame(1, "d1", arrays=updates["d1"][0], num_samples=updates["d1"][1])})
+    job.view.wait_event(EventType.UPDATE_ACCEPTED, device="d1")
+    job.view.coordinator = None
+    first.kill()  # SIGKILL: the holdings of attempt 0 (d1, held by the worker) are in no checkpoint
+
+    job.start(*flags, "--resume", verbose=True)
+    failed = job.view.wait_event(EventType.ROUND_FAILED, attempt=0)
+    assert "resumed in the middle of round 1 attempt 0" in failed.detail
+    plan = job.view.wait_plan(1, attempt=1)
+    frames = {d: job.frame(1, d, arrays=a, num_samples=n) for d, (a, n) in updates.items()}
+    fake.report(plan, frames)
+    assert wire.wait_collect(job, 1).holdings == {"fake": ("d1", "d2")}
+    fake.partial(plan, updates)
+    job.view.coordinator = None
+    summary = job.view.wait_summary(1)
+    assert summary.attempts == 2 and summary.participants == ("d1", "d2")
+    assert summary.num_samples == sum(n for _, n in updates.values())  # d1 once
+    assert job.processes[-1].wait(WAIT) == 0
 
 
 # ------------------------------------------------------------------------------------------------ refused
