@@ -22,6 +22,13 @@ rounds with ``--fraction`` of the devices per round (quorum: all of them), int8 
     .venv/bin/python benchmarks/scale.py                  # also 10,000
     .venv/bin/python benchmarks/scale.py --scales 10 1000 --devices-per-process 1000 --json /tmp/scale.json
 
+Scale-out aggregation (#14): the largest scale (1,000 devices with ``--quick``, 10,000 in the full run; or
+``--scale-out-devices``) runs again with ``--aggregators`` 2 and 4 workers (``fedmqtt aggregator`` processes started by
+simulate): round latency, coordinator CPU seconds per round and the workers' CPU seconds per round, beside the same
+figures with no worker (the coordinator takes every update itself).
+
+    .venv/bin/python benchmarks/scale.py --quick --scales 1000 --json benchmarks/results/scale-aggregators-quick.json
+
 The machine's load average before and after each scale is recorded beside its figures: on a shared machine they
 are only comparable within one run.
 """
@@ -132,6 +139,7 @@ class Sampler:
     coordinator: int | None = None
     devices: dict[int, int] = field(default_factory=dict)  # pid -> peak RSS
     coordinator_cpu: float = 0.0
+    workers: dict[int, float] = field(default_factory=dict)  # aggregator worker pid -> CPU seconds (latest)
     coordinator_rss: int = 0
     coordinator_peak_rss: int = 0
     broker_cpu: float = 0.0
@@ -153,6 +161,10 @@ class Sampler:
         for pid, cmd in _children(self.root).items():
             if " coordinator " in f" {cmd} ":
                 self.coordinator = pid
+            elif " aggregator " in f" {cmd} ":
+                stat = _proc_stat(pid)
+                if stat is not None:
+                    self.workers[pid] = stat[0]
             elif " device " in f" {cmd} ":
                 stat = _proc_stat(pid)
                 if stat is not None:
@@ -171,6 +183,10 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.wait(self.period):
             self.sample()
+
+    @property
+    def workers_cpu(self) -> float:
+        return sum(self.workers.values())
 
 
 # --- the observer ------------------------------------------------------------------------------------------------
@@ -244,14 +260,22 @@ def _wait(condition: Any, timeout: float, process: subprocess.Popen[bytes]) -> b
     return bool(condition())
 
 
-def run_scale(devices: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run_scale(devices: int, args: argparse.Namespace, workdir: Path, aggregators: int = 0) -> dict[str, Any]:
     per_round = max(1, round(devices * args.fraction))
-    job = f"scale-{devices}-{int(time.time())}"
+    job = f"scale-{devices}-{aggregators}-{int(time.time())}"
+    if aggregators:
+        workdir = workdir / f"aggregators-{aggregators}"
+        workdir.mkdir(parents=True, exist_ok=True)
     data = write_idx_dataset(workdir / f"data-{devices}", num_train=devices * args.samples, num_test=200, seed=1)
     load_before = os.getloadavg()[0]
     broker = MosquittoBroker(workdir / f"mosquitto-{devices}")
     broker.start()
-    row: dict[str, Any] = {"devices": devices, "devices_per_round": per_round, "load_before": round(load_before, 2)}
+    row: dict[str, Any] = {
+        "devices": devices,
+        "aggregators": aggregators,
+        "devices_per_round": per_round,
+        "load_before": round(load_before, 2),
+    }
     observer = Observer(broker.url, job)
     observer.connection.connect()
     out = workdir / f"run-{devices}"
@@ -265,16 +289,20 @@ def run_scale(devices: int, args: argparse.Namespace, workdir: Path) -> dict[str
     ]  # fmt: skip
     if args.devices_per_process:
         argv += ["--devices-per-process", str(min(args.devices_per_process, devices))]
+    if aggregators:
+        argv += ["--aggregators", str(aggregators), "--partial-timeout", "60"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     started = time.monotonic()
     log = (workdir / f"simulate-{devices}.log").open("wb")
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     sampler = Sampler(process.pid, broker.pid).start()
     cpu_at_summary: dict[int, tuple[float, int]] = {}
+    workers_at_summary: dict[int, float] = {}
 
     def on_summary(round_number: int) -> None:
         sampler.sample()
         cpu_at_summary.setdefault(round_number, (sampler.coordinator_cpu, sampler.coordinator_rss))
+        workers_at_summary.setdefault(round_number, sampler.workers_cpu)
 
     observer.on_summary = on_summary
     broke: str | None = None
@@ -293,6 +321,7 @@ def run_scale(devices: int, args: argparse.Namespace, workdir: Path) -> dict[str
     finally:
         sampler.sample()
         coordinator_cpu_total = sampler.coordinator_cpu
+        workers_cpu_total = sampler.workers_cpu
         if process.poll() is None:
             process.send_signal(2)
             try:
@@ -305,6 +334,13 @@ def run_scale(devices: int, args: argparse.Namespace, workdir: Path) -> dict[str
         observer.connection.close()
         broker.stop()
     row.update(_figures(devices, started, observer, sampler, cpu_at_summary, coordinator_cpu_total, args))
+    workers_cpu = [workers_at_summary[r] for r in sorted(workers_at_summary)]
+    row["workers_cpu_s_total"] = _r(workers_cpu_total) if aggregators else None
+    row["workers_cpu_s_per_round"] = (
+        _r(statistics.median(b - a for a, b in itertools.pairwise(workers_cpu)))
+        if aggregators and len(workers_cpu) > 1
+        else None
+    )
     row["processes"] = len(sampler.devices)
     row["load_after"] = round(os.getloadavg()[0], 2)
     row["broke"] = broke
@@ -395,19 +431,43 @@ COLUMNS = [
 ]
 
 
-def print_table(rows: list[dict[str, Any]], config: dict[str, Any]) -> None:
-    print(f"configuration: {json.dumps(config)}")
-    cells = [[title for _, title, _ in COLUMNS]]
+SCALE_OUT_COLUMNS = [
+    ("aggregators", "workers", "{}"),
+    ("devices", "devices", "{}"),
+    ("devices_per_round", "per round", "{}"),
+    ("round_latency_median_s", "round s", "{}"),
+    ("round_latency_max_s", "round max s", "{}"),
+    ("coordinator_cpu_s_per_round", "coord CPU s/rnd", "{}"),
+    ("workers_cpu_s_per_round", "workers CPU s/rnd", "{}"),
+    ("coordinator_rss_mb", "coord RSS MB", "{}"),
+    ("broker_cpu_s", "broker CPU s", "{}"),
+    ("load_before", "load", "{}"),
+]
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    cells = [[title for _, title, _ in columns]]
     for row in rows:
-        cells.append(["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in COLUMNS])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+        cells.append(["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     for index, cells_row in enumerate(cells):
         print("  ".join(c.rjust(w) for c, w in zip(cells_row, widths, strict=True)))
         if index == 0:
             print("  ".join("-" * w for w in widths))
     for row in rows:
         if row["broke"]:
-            print(f"{row['devices']} devices broke at {row['broke']}")
+            workers = f" with {row['aggregators']} aggregator workers" if row.get("aggregators") else ""
+            print(f"{row['devices']} devices{workers} broke at {row['broke']}")
+
+
+def print_table(
+    rows: list[dict[str, Any]], config: dict[str, Any], scale_out: list[dict[str, Any]] | None = None
+) -> None:
+    print(f"configuration: {json.dumps(config)}")
+    _print_rows(rows, COLUMNS)
+    if scale_out:
+        print(f"scale-out aggregation at {scale_out[0]['devices']} devices (--aggregators N):")
+        _print_rows(scale_out, SCALE_OUT_COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,6 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices-per-process", type=int, help="default: simulate's (two processes per core)")
     parser.add_argument("--round-timeout", type=float, default=120.0)
     parser.add_argument("--stage-timeout", type=float, default=300.0, help="give up a stage after this long")
+    parser.add_argument(
+        "--aggregators", type=int, nargs="*", default=[0, 2, 4],
+        help="aggregator worker counts the largest scale runs with (default: 0 2 4; none: skip the comparison)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scale-out-devices", type=int, help="devices of the scale-out runs (default: the largest scale)"
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     scales = args.scales or (QUICK_SCALES if args.quick else FULL_SCALES)
@@ -429,18 +496,28 @@ def main(argv: list[str] | None = None) -> int:
         "samples_per_device": args.samples, "local_epochs": 1, "batch_size": 10, "uplink": "simulate's default",
         "devices_per_process": args.devices_per_process or "simulate's default", "broker": "mosquitto",
         "open_file_limit": soft, "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+        "scale_out_aggregators": args.aggregators,
     }  # fmt: skip
     rows = []
+    scale_out: list[dict[str, Any]] = []
+    out_devices = args.scale_out_devices or max(scales)
     with tempfile.TemporaryDirectory(prefix="fedmqtt-scale-") as tmp:
         for devices in scales:
             print(f"--- {devices} devices ...", flush=True)
             row = run_scale(devices, args, Path(tmp))
             print(json.dumps(row), flush=True)
             rows.append(row)
+        for workers in args.aggregators:
+            same = next((r for r in rows if r["devices"] == out_devices), None) if workers == 0 else None
+            if same is None:
+                print(f"--- {out_devices} devices, {workers} aggregator workers ...", flush=True)
+                same = run_scale(out_devices, args, Path(tmp), aggregators=workers)
+                print(json.dumps(same), flush=True)
+            scale_out.append(same)
     add_ratios(rows)
-    print_table(rows, config)
+    print_table(rows, config, scale_out)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=2) + "\n")
+    args.json.write_text(json.dumps({"config": config, "rows": rows, "scale_out": scale_out}, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0
 
