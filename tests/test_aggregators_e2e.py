@@ -32,6 +32,7 @@ from fedmqtt.schema import (
     AggregatorProgress,
     CodecSpec,
     CollectRequest,
+    DPAnnouncement,
     EventType,
     FrameKind,
     PartialEntry,
@@ -221,6 +222,54 @@ def test_n_workers_aggregate_exactly_what_one_coordinator_does(
         assert len(c.holdings) >= 2, c.holdings  # the broker shared the updates out
     finish(single, procs, [])
     finish(scaled, procs, names)
+
+
+def test_central_dp_with_workers_noises_once_and_accounts_as_one_coordinator_does(
+    mosquitto_broker: Any,
+    make_job: Callable[[str], Job],
+    mqtt_client: Callable[..., MqttConnection],
+    procs: ProcessGroup,
+    tmp_path: Path,
+) -> None:
+    """Central DP with adaptive clipping: uniform weights, the clip bits of the workers' updates, the server's noise and
+    the accountant. The noise differs run to run, so the models are compared to the noise's scale, the privacy spent
+    exactly."""
+    devices = ["d1", "d2", "d3", "d4"]
+    flags = ["--rounds", "1", "--min-updates", "4", "--round-timeout", "120", "--dp-mode", "central", "--dp-clip", "1",
+             "--dp-noise-multiplier", "0.3", "--dp-sample-rate", "1.0", "--dp-adaptive-clip", "0.5"]  # fmt: skip
+    single, scaled = make_job(mosquitto_broker.url), make_job(mosquitto_broker.url)
+    wire = Wire(scaled, mqtt_client)
+    single.start(*flags)
+    scaled.start(*flags, "--aggregators", "2", verbose=True)
+    for w in ("w1", "w2"):
+        start_worker(procs, scaled, w, tmp_path / f"spool-{w}")
+    per_entry = 1.0 / np.sqrt(float(sum(e.numel for e in MANIFEST)))
+    for job in (single, scaled):
+        job.devices.online(*devices)
+        plan = job.view.wait_plan(1)
+        assert plan.dp is not None
+        for i, d in enumerate(devices):
+            dp = DPAnnouncement(mode="central", clip=plan.dp.clip, noise_std=0.0, unclipped=i < 3)
+            job.devices.send(d, job.frame(1, d, 0.5 * per_entry, num_samples=SAMPLES[i], dp=dp))
+        job.view.coordinator = None
+    one, many = single.view.wait_summary(1), scaled.view.wait_summary(1)
+    assert sorted(many.participants) == sorted(one.participants) == devices
+    assert many.epsilon is not None and many.epsilon == one.epsilon
+    with wire.lock:
+        (collect,) = wire.collects
+    assert sorted(d for held in collect.holdings.values() for d in held) == devices
+    # Uniform weights (not the sample counts) and the fixed denominator: the mean moved every entry by 0.5/sqrt(n),
+    # plus the server's Gaussian noise, of the same scale in both jobs (added once, for 4 updates).
+    spread = []
+    for job in (single, scaled):
+        before, _ = job.view.wait_model(1)
+        after, _ = job.view.wait_model(2)
+        moved = np.concatenate([(after[k] - before[k]).ravel() for k in before])
+        spread.append(float(moved.std()))
+        assert abs(float(moved.mean()) - 0.5 * per_entry) < 6 * spread[-1] / np.sqrt(moved.size)
+    assert spread[0] > 0.05 and abs(spread[1] / spread[0] - 1) < 0.05, spread
+    finish(single, procs, [])
+    finish(scaled, procs, ["w1", "w2"])
 
 
 # ------------------------------------------------------------------------------------------------ a worker dies
