@@ -204,14 +204,19 @@ def test_the_run_survives_a_mosquitto_restart_between_rounds(
 
 @pytest.mark.slow
 def test_mnist_ten_devices_five_rounds_reach_95_percent(tmp_path: Path) -> None:
+    """10 devices reach >= 95 % on the MNIST test set within 5 federated rounds. The job ends at the first round
+    that does (--target-accuracy), so the rounds after it are not trained: the claim is "within 5 rounds"."""
     out = tmp_path / "run"
     result = subprocess.run(
         fedmqtt_argv("simulate", "--devices", "10", "--rounds", "5", "--data-dir", str(MNIST), "--out", str(out),
                 "--partition", "iid", "--model", "cnn", "--local-epochs", "1", "--batch-size", "50", "--lr", "0.05",
-                "--timeout", "1500"),
+                "--target-accuracy", "0.95", "--timeout", "1500"),
         capture_output=True, text=True, timeout=1600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["totals"]["rounds_completed"] == 5
-    assert report["totals"]["final_accuracy"] >= 0.95, report["rounds"]
+    rounds = report["rounds"]
+    reached = [r["round"] for r in rounds if r["accuracy"] is not None and r["accuracy"] >= 0.95]
+    assert reached and reached[0] <= 5, rounds
+    assert report["totals"]["final_accuracy"] >= 0.95, rounds  # the job ended on the target (exit 0, above)
+    assert all(r["participants"] == 10 for r in rounds if r["round"] <= reached[0]), rounds  # all 10 devices
