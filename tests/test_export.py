@@ -169,12 +169,21 @@ def test_the_command_prints_the_table(mlp_file: Path, tmp_path: Path) -> None:
 
 
 def _refused(*args: str) -> str:
-    done = subprocess.run(fedmqtt_argv("export", *args), capture_output=True, text=True, env=subprocess_env(),
-                          timeout=120)  # fmt: skip
-    assert done.returncode != 0 and done.stdout == ""
-    lines = done.stderr.strip().splitlines()
-    assert "Traceback" not in done.stderr
-    return lines[-1]
+    return _refused_each([list(args)])[0]
+
+
+def _refused_each(commands: list[list[str]]) -> list[str]:
+    """Run ``fedmqtt export ARGS`` for each command at once; each must fail with no output and no traceback.
+    Returns the last line of each one's stderr (its one-line refusal)."""
+    pipes: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    processes = [subprocess.Popen(fedmqtt_argv("export", *args), env=subprocess_env(), **pipes) for args in commands]
+    messages = []
+    for args, process in zip(commands, processes, strict=True):
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode != 0 and stdout == "", (args, stdout, stderr)
+        assert "Traceback" not in stderr, (args, stderr)
+        messages.append(stderr.strip().splitlines()[-1])
+    return messages
 
 
 def test_a_source_for_another_model_is_refused(mlp_file: Path, tmp_path: Path) -> None:
@@ -187,23 +196,25 @@ def test_a_source_for_another_model_is_refused(mlp_file: Path, tmp_path: Path) -
 
 def test_missing_empty_and_corrupt_checkpoints_are_refused(mlp_file: Path, tmp_path: Path) -> None:
     out = ["--out", str(tmp_path / "x.pt"), "--no-eval"]
-    assert "--checkpoint-dir: " in _refused("--checkpoint-dir", str(tmp_path / "nowhere"), *out)
-    assert "does not exist" in _refused("--checkpoint-dir", str(tmp_path / "nowhere"), *out)
-    empty_dir = tmp_path / "empty"
-    empty_dir.mkdir()
-    assert "holds no coordinator checkpoint (coordinator.npz)" in _refused("--checkpoint-dir", str(empty_dir), *out)
-    (empty_dir / "coordinator.npz").write_bytes(b"")
-    assert "is not a readable coordinator checkpoint" in _refused("--checkpoint-dir", str(empty_dir), *out)
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
+    empty_dir, zero, corrupt = tmp_path / "empty", tmp_path / "zero", tmp_path / "corrupt"
+    for directory in (empty_dir, zero, corrupt):
+        directory.mkdir()
+    (zero / "coordinator.npz").write_bytes(b"")
     (corrupt / "coordinator.npz").write_bytes(mlp_file.read_bytes()[:5000])
-    assert "is not a readable coordinator checkpoint" in _refused("--checkpoint-dir", str(corrupt), *out)
     damaged = tmp_path / "damaged.npz"
     data = bytearray(mlp_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    assert "model file" in _refused("--model-file", str(damaged), *out)
-    assert "does not exist" in _refused("--model-file", str(tmp_path / "none.npz"), *out)
+    cases = [  # (the bad source, what its one-line refusal says): the commands run side by side
+        (["--checkpoint-dir", str(tmp_path / "nowhere")], ["--checkpoint-dir: ", "does not exist"]),
+        (["--checkpoint-dir", str(empty_dir)], ["holds no coordinator checkpoint (coordinator.npz)"]),
+        (["--checkpoint-dir", str(zero)], ["is not a readable coordinator checkpoint"]),
+        (["--checkpoint-dir", str(corrupt)], ["is not a readable coordinator checkpoint"]),
+        (["--model-file", str(damaged)], ["model file"]),
+        (["--model-file", str(tmp_path / "none.npz")], ["does not exist"]),
+    ]
+    for (source, says), message in zip(cases, _refused_each([[*source, *out] for source, _ in cases]), strict=True):
+        assert all(text in message for text in says), (source, message)
     assert not (tmp_path / "x.pt").exists()
 
 

@@ -387,7 +387,8 @@ def test_sigterm_while_the_children_start_stops_simulate_too(tmp_path: Path, tin
 def test_a_failing_coordinator_is_reported_with_the_tail_of_its_log(tmp_path: Path, tiny_data: Path) -> None:
     # Every attempt of round 1 misses its 10 ms deadline: the coordinator stops the job (a bad --strategy, which
     # this test used, is now refused before anything starts: test_a_bad_strategy_fails_before_anything_starts).
-    process = _simulate(tmp_path / "run", tiny_data, "--round-timeout", "0.01", "--max-attempts", "1")
+    # One device is enough to open round 1 (three would only start two more processes).
+    process = _simulate(tmp_path / "run", tiny_data, "--devices", "1", "--round-timeout", "0.01", "--max-attempts", "1")
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 1, stdout
     assert "the coordinator exited with status" in stderr
