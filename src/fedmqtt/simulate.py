@@ -750,6 +750,8 @@ def _supervise(
         for child in [*devices, *workers]:
             if child.returncode is not None and not child.reported:
                 child.reported = True
+                if child.returncode == 0 and holder.state.finished:
+                    continue  # it left because the job ended (aggregator workers exit with the job)
                 display.line(
                     f"{child.name} exited with status {child.returncode} before the job finished; "
                     f"the end of {child.log_path}:\n{log_tail(child.log_path)}"
