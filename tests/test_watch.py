@@ -286,7 +286,10 @@ def test_messages_on_other_topics_are_counted_as_ignored() -> None:
     assert state.ignored == 3 and state.malformed == 0 and state.messages == 3
 
 
-_SUBSCRIBED = [T.status, T.events, T.privacy, T.round_summary(1), T.device_status("d1"), "fl/job1/junk"]
+_SUBSCRIBED = [
+    T.status, T.events, T.privacy, T.round_summary(1), T.device_status("d1"), T.aggregator_status("a1"), T.release,
+    "fl/job1/junk",
+]  # fmt: skip
 
 
 @settings(max_examples=200, deadline=None)
@@ -501,8 +504,92 @@ def test_the_narrator_summarises_device_counts_at_most_every_interval() -> None:
 
 def test_watch_subscribes_to_exactly_the_read_only_topics() -> None:
     filters = [f for f, _ in watch_subscriptions(T)]
-    assert filters == [T.status, T.events, T.rounds_filter, T.device_status_filter, T.privacy]
-    assert T.model not in filters and T.updates_filter not in filters
+    assert filters == [
+        T.status, T.events, T.rounds_filter, T.device_status_filter, T.privacy, T.aggregator_statuses_filter,
+        T.release,
+    ]  # fmt: skip
+    assert T.model not in filters and T.updates_filter not in filters and T.partials_filter not in filters
+    # Not the workers' progress messages (one per batch of updates): only their retained presence.
+    assert T.aggregators_filter not in filters
+
+
+# --- aggregator workers and the released model ---------------------------------------------------------
+
+
+def _presence(worker: str, state: str, job: str = JOB) -> bytes:
+    from fedmqtt.schema import AggregatorPresence, new_token, to_json
+
+    return to_json(
+        AggregatorPresence(job=job, worker=worker, instance=new_token(), state=state, group="fedmqtt", since=NOW)
+    )
+
+
+def _release_frame(job: str = JOB, accuracy: float | None = 0.9312, round_number: int = 3) -> bytes:
+    import numpy as np
+
+    from fedmqtt.release import encode_release
+
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(2, dtype=np.float32)}
+    return encode_release(
+        arrays, model="mlp", job=job, round=round_number, sender="coordinator", released_at=NOW,
+        run_id=None, accuracy=accuracy, loss=0.2 if accuracy is not None else None, evaluated_model=None,
+    )  # fmt: skip
+
+
+def test_aggregator_workers_are_shown_online_and_offline_and_a_cleared_presence_forgets_one() -> None:
+    before = empty()
+    state = apply_all(before, [(T.aggregator_status("agg-1"), _presence("agg-1", "online")),
+                               (T.aggregator_status("agg-2"), _presence("agg-2", "online"))])  # fmt: skip
+    assert state.aggregators_in("online") == ["agg-1", "agg-2"]
+    assert describe_changes(before, state) == ["aggregators online: agg-1 agg-2"]
+    later = state.apply(T.aggregator_status("agg-2"), _presence("agg-2", "offline"))
+    assert describe_changes(state, later) == ["aggregators online: agg-1; offline: agg-2"]
+    assert "aggregators (1 online)" in text_of(later)
+    gone = later.apply(T.aggregator_status("agg-2"), b"")
+    assert list(gone.aggregators) == ["agg-1"]
+    # A presence naming another worker than its topic, or another job, is refused and counted.
+    forged = apply_all(empty(), [(T.aggregator_status("agg-1"), _presence("agg-9", "online")),
+                                 (T.aggregator_status("agg-1"), _presence("agg-1", "online", job="other"))])  # fmt: skip
+    assert forged.malformed == 2 and not forged.aggregators
+
+
+def test_the_released_model_is_shown_with_its_round_accuracy_and_digest() -> None:
+    before = empty()
+    frame = _release_frame()
+    state = before.apply(T.release, frame)
+    assert state.release is not None and state.release.round == 3 and state.release_bytes == len(frame)
+    (line,) = describe_changes(before, state)
+    assert line.startswith("released the model of round 3, accuracy 0.9312, digest ")
+    assert f"on {T.release}" in line
+    assert "released" in text_of(state)
+    assert describe_changes(state, state.apply(T.release, frame)) == []  # the same release again: no news
+    assert before.apply(T.release, _release_frame(accuracy=None)).release is not None
+    assert "not evaluated" in describe_changes(before, before.apply(T.release, _release_frame(accuracy=None)))[0]
+    assert state.apply(T.release, b"").release is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"not a frame", b"\x00" * 40, "text"],
+    ids=["junk", "zeros", "str"],
+)
+def test_a_bad_release_payload_is_counted_as_malformed(payload: bytes | str) -> None:
+    state = empty().apply(T.release, payload)
+    assert state.malformed == 1 and state.release is None and "release frame" in (state.last_malformed or "")
+
+
+def test_a_release_of_another_job_or_another_frame_kind_is_refused() -> None:
+    other = empty().apply(T.release, _release_frame(job="other"))
+    assert other.malformed == 1 and other.release is None
+    import numpy as np
+
+    from fedmqtt.codecs.frame import encode_frame
+    from fedmqtt.schema import CodecSpec, FrameKind
+
+    model = encode_frame({"w": np.zeros(3, dtype=np.float32)}, kind=FrameKind.GLOBAL_MODEL, job=JOB, round=1,
+                         sender="coordinator", codec=CodecSpec.parse("float32"))  # fmt: skip
+    wrong = empty().apply(T.release, model)
+    assert wrong.malformed == 1 and "global_model frame on the release topic" in (wrong.last_malformed or "")
 
 
 # --- a real broker ------------------------------------------------------------------------------

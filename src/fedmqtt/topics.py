@@ -161,6 +161,11 @@ class Topics:
         return f"{self.base}/{_AGGREGATORS}/+/+"
 
     @property
+    def aggregator_statuses_filter(self) -> str:
+        """Every worker's status topic (what ``fedmqtt watch`` shows), without their progress messages."""
+        return f"{self.base}/{_AGGREGATORS}/+/{_STATUS}"
+
+    @property
     def collect(self) -> str:
         return f"{self.base}/{_COLLECT}"
 

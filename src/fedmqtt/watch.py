@@ -35,9 +35,12 @@ from typing import TYPE_CHECKING, Any
 from fedmqtt.errors import FedmqttError
 from fedmqtt.extras import require
 from fedmqtt.schema import (
+    AggregatorPresence,
     DeviceStatus,
     Event,
     EventType,
+    FrameHeader,
+    FrameKind,
     MessageError,
     PrivacyLedger,
     RefusalReason,
@@ -88,6 +91,11 @@ class WatchState:
     run_id: str | None = None
     # Messages of another run than the one shown; counted, not used.
     other_run: int = 0
+    # Aggregator workers (--aggregators N) by id, from their retained presence.
+    aggregators: Mapping[str, AggregatorPresence] = field(default_factory=lambda: _EMPTY)
+    # The header of the retained release frame (the model the job ended with) and the frame's size in bytes.
+    release: FrameHeader | None = None
+    release_bytes: int = 0
 
     @classmethod
     def empty(cls, job: str, prefix: str = DEFAULT_PREFIX) -> WatchState:
@@ -132,6 +140,17 @@ class WatchState:
             if self._other_run(summary.run_id):
                 return replace(self, other_run=self.other_run + 1)
             return replace(self, rounds=_with(self.rounds, round_number, summary))
+        if topic == t.release:
+            return replace(self, release=None, release_bytes=0) if cleared else self._with_release(payload)
+        worker = t.aggregator_of_status(topic)
+        if worker is not None:
+            if cleared:
+                return replace(self, aggregators=_without(self.aggregators, worker))
+            presence = from_json(AggregatorPresence, payload)
+            self._check_job("AggregatorPresence", presence.job)
+            if presence.worker != worker:
+                raise MessageError("AggregatorPresence", f"worker {presence.worker!r} published on {topic}")
+            return replace(self, aggregators=_with(self.aggregators, worker, presence))
         device = t.device_of_status(topic)
         if device is not None:
             if cleared:
@@ -141,6 +160,21 @@ class WatchState:
                 raise MessageError("DeviceStatus", f"device {device_status.device!r} published on {topic}")
             return replace(self, devices=_with(self.devices, device, device_status))
         return replace(self, ignored=self.ignored + 1)
+
+    def _with_release(self, payload: bytes | str) -> WatchState:
+        # Only the header is read (what was released, its accuracy and digest); devices check the tensors.
+        from fedmqtt.codecs.errors import FrameError
+        from fedmqtt.codecs.frame import peek_header
+
+        frame = payload.encode() if isinstance(payload, str) else payload
+        try:
+            header = peek_header(frame)
+        except FrameError as exc:
+            raise MessageError("release frame", str(exc)) from None
+        if header.kind is not FrameKind.RELEASE or header.release is None:
+            raise MessageError("release frame", f"a {header.kind.value} frame on the release topic")
+        self._check_job("release frame", header.job)
+        return replace(self, release=header, release_bytes=len(frame))
 
     def _check_job(self, model: str, job: str) -> None:
         if job != self.topics.job:
@@ -208,6 +242,9 @@ class WatchState:
 
     def device_counts(self) -> Counter[str]:
         return Counter(d.state for d in self.devices.values())
+
+    def aggregators_in(self, state: str) -> list[str]:
+        return sorted(w for w, p in self.aggregators.items() if p.state == state)
 
     def devices_in(self, state: str) -> list[str]:
         return sorted(name for name, d in self.devices.items() if d.state == state)
@@ -347,6 +384,11 @@ def render(state: WatchState, now: float | None = None, max_rounds: int = 12) ->
     for device_state in ("training", "online", "offline"):
         names = state.devices_in(device_state)
         summary.add_row(f"{device_state} ({counts.get(device_state, 0)})", _names(names))
+    if state.aggregators:
+        online = state.aggregators_in("online")
+        summary.add_row(f"aggregators ({len(online)} online)", describe_aggregators(state))
+    if state.release is not None:
+        summary.add_row("released", describe_release(state))
     refusals = state.refusals_by_reason()
     if refusals:
         summary.add_row("refused", ", ".join(f"{reason} {n}" for reason, n in sorted(refusals.items())))
@@ -420,6 +462,23 @@ def describe_event(event: Event) -> str:
     return " ".join(bits)
 
 
+def describe_aggregators(state: WatchState) -> str:
+    online, offline = state.aggregators_in("online"), state.aggregators_in("offline")
+    text = f"aggregators online: {_names(online)}" if online else "no aggregator online"
+    return text + (f"; offline: {_names(offline)}" if offline else "")
+
+
+def describe_release(state: WatchState) -> str:
+    header = state.release
+    assert header is not None and header.release is not None
+    info = header.release
+    accuracy = f"accuracy {info.accuracy:.4f}" if info.accuracy is not None else "not evaluated"
+    return (
+        f"the model of round {header.round}, {accuracy}, digest {info.digest[:12]}, "
+        f"{_mb(state.release_bytes)} MB on {state.topics.release}"
+    )
+
+
 def describe_round(summary: RoundSummary) -> str:
     refused = sum(summary.refused.values())
     text = (
@@ -453,6 +512,10 @@ def describe_changes(old: WatchState, new: WatchState, *, devices: bool = True) 
             lines.append(f"round {n.round}{attempt} open: {len(n.selected)} selected, needs {n.needed}")
         else:
             lines.append(f"phase {n.phase.value} (round {n.round}, {n.devices_online} devices online)")
+    if [old.aggregators_in(s) for s in ("online", "offline")] != [new.aggregators_in(s) for s in ("online", "offline")]:
+        lines.append(describe_aggregators(new))
+    if new.release is not None and new.release != old.release:
+        lines.append(f"released {describe_release(new)}")
     # Devices going on and off line are news; online <-> training flips happen every round and are not.
     if devices and connected_and_offline(old) != connected_and_offline(new):
         lines.append(describe_devices(new))
@@ -508,6 +571,8 @@ def watch_subscriptions(topics: Topics) -> list[tuple[str, int]]:
         (topics.rounds_filter, 1),
         (topics.device_status_filter, 1),
         (topics.privacy, 1),
+        (topics.aggregator_statuses_filter, 1),
+        (topics.release, 1),
     ]
 
 
