@@ -93,7 +93,9 @@ def render_acl(
             lines.append(_acl_line("topic", AclRule("deny", rule.pattern.replace("%u", watcher_user))))
     for site in sites:
         lines += ["", f"# The bridge of the edge site {site} (docs/edge-sites.md).", f"user {site}"]
-        lines += [_acl_line("topic", AclRule(rule.access, rule.pattern.replace("%u", site))) for rule in site_acl(prefix)]
+        lines += [
+            _acl_line("topic", AclRule(rule.access, rule.pattern.replace("%u", site))) for rule in site_acl(prefix)
+        ]
     for worker in aggregators:
         lines += ["", f"# The aggregator worker {worker} (fedmqtt aggregator --id {worker}).", f"user {worker}"]
         lines += [
