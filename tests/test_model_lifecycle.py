@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,25 @@ from fedmqtt.model_file import load_model_file
 MNIST = SHARED_DATA / "mnist"
 IMAGES = 150
 INT8_AGREEMENT = 0.98
+PARALLEL = 2  # fedmqtt commands run at once (export, predict)
 
 
 def _fedmqtt(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(fedmqtt_argv(*args), capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
-    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    return _fedmqtt_each([list(args)], timeout=timeout)[0]
+
+
+def _fedmqtt_each(commands: list[list[str]], timeout: float = 600) -> list[subprocess.CompletedProcess[str]]:
+    """Run the ``fedmqtt`` commands, two at a time (each has one thread; the machine two cores; they read and
+    write different files); each must succeed. Results in the order of ``commands``."""
+
+    def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(fedmqtt_argv(*args), capture_output=True, text=True, env=subprocess_env(),
+                              timeout=timeout)  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+        done = list(pool.map(run, commands))
+    for args, result in zip(commands, done, strict=True):
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (args, result.stderr)
     return done
 
 
@@ -64,20 +79,22 @@ def test_pretrain_then_head_only_job_then_export_each_format_then_predict(
     images, _ = mnist_test_pixels(IMAGES)
     pngs = [str(p) for p in write_pngs(tmp_path / "png", images)]
     state = tmp_path / "job.fedmodel"
-    _fedmqtt("export", "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(state), "--format", "state",
-             "--no-eval")  # fmt: skip
-    expected = float_classes(state, IMAGES)
-    for fmt, int8, out in (
+    formats = (
         ("state", False, state),
         ("torchscript", False, tmp_path / "job.pt"),
         ("onnx", False, tmp_path / "job.onnx"),
         ("torchscript", True, tmp_path / "job-int8.pt"),
         ("onnx", True, tmp_path / "job-int8.onnx"),
-    ):
-        if out != state:
-            _fedmqtt("export", "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(out), "--format", fmt,
-                     *(["--int8"] if int8 else []), "--eval-data", str(MNIST), "--eval-samples", "500")  # fmt: skip
-        done = _fedmqtt("predict", "--model", str(out), "--json", *pngs)
+    )
+    checkpoint = ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    _fedmqtt_each([  # the five exports, then the five predictions, two at a time
+        ["export", *checkpoint, "--out", str(out), "--format", fmt, *(["--int8"] if int8 else []),
+         *(["--no-eval"] if out == state else ["--eval-data", str(MNIST), "--eval-samples", "500"])]
+        for fmt, int8, out in formats
+    ])  # fmt: skip
+    expected = float_classes(state, IMAGES)
+    predictions = _fedmqtt_each([["predict", "--model", str(out), "--json", *pngs] for _, _, out in formats])
+    for (fmt, int8, _), done in zip(formats, predictions, strict=True):
         classes = np.array([p["class"] for p in json.loads(done.stdout)["predictions"]])
         agreement = float((classes == expected).mean())
         if int8:
