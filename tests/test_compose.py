@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -57,13 +58,19 @@ def docker_compose() -> str:
 
 def compose_config(env: dict[str, str] | None = None) -> dict[str, Any]:
     """The configuration compose would run: ``docker-compose config`` (interpolated, anchors merged). Debian's
-    docker-compose 1.29 lists every service, whatever its profiles: :func:`active` picks those a profile runs."""
+    docker-compose 1.29 lists every service, whatever its profiles: :func:`active` picks those a profile runs.
+    A fresh copy each time; the command runs once per set of variables (about a second each)."""
+    return yaml.safe_load(_resolved_config(tuple(sorted((env or {}).items()))))
+
+
+@functools.lru_cache(maxsize=8)
+def _resolved_config(variables: tuple[tuple[str, str], ...]) -> str:
     result = subprocess.run(
         [docker_compose(), "-f", str(COMPOSE_FILE), "config"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, cwd=REPO, check=False,
+        capture_output=True, text=True, timeout=60, env={**os.environ, **dict(variables)}, cwd=REPO, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    return yaml.safe_load(result.stdout)
+    return result.stdout
 
 
 def active(config: dict[str, Any], *profiles: str) -> list[str]:
