@@ -132,3 +132,53 @@ def test_a_later_plan_clears_the_spool_of_the_rounds_before(tmp_path: Path) -> N
     c.on_plan(to_json(PLAN.model_copy(update={"round": 2, "issued_at": time.time()})))
     assert not (tmp_path / RUN / "1-0").exists()
     assert (tmp_path / "plan.json").is_file()
+
+
+def _wide_job(tensors: int, name_length: int) -> tuple[bytes, Plan, tuple[ManifestEntry, ...]]:
+    """A model of many small tensors with long names: its update headers are large."""
+    manifest = tuple(ManifestEntry(name=f"{i:05d}".ljust(name_length, "n"), shape=(2,)) for i in range(tensors))
+    model = encode_frame(
+        {e.name: np.zeros(e.shape, np.float32) for e in manifest},
+        kind=FrameKind.GLOBAL_MODEL, job=JOB, round=1, sender="coordinator", codec=CodecSpec(), run_id=RUN,
+    )  # fmt: skip
+    devices = tuple(f"d{i}" for i in range(40))
+    return model, PLAN.model_copy(update={"model_hash": model_hash(model), "selected": devices}), manifest
+
+
+def _wide_update(device: str, plan: Plan, manifest: tuple[ManifestEntry, ...]) -> bytes:
+    return encode_frame(
+        {e.name: np.full(e.shape, 0.5, np.float32) for e in manifest},
+        kind=FrameKind.UPDATE, job=JOB, round=1, sender=device, codec=CodecSpec(), num_samples=4,
+        base_model_hash=plan.model_hash,
+    )  # fmt: skip
+
+
+def test_progress_messages_stay_under_the_json_limit_whatever_the_header_size(tmp_path: Path) -> None:
+    from fedmqtt.schema import MAX_JSON_BYTES
+
+    # 400 tensors with 100-character names: each accepted entry carries a header of about 90 kB, so 40 of them
+    # would make one message of 3.6 MB that the coordinator refuses (before: batches were bounded by count only).
+    model, plan, manifest = _wide_job(400, 100)
+    c = core(tmp_path, Clock())
+    c.on_model(model)
+    c.on_plan(to_json(plan))
+    for device in plan.selected:
+        c.on_update(device, _wide_update(device, plan, manifest), device)
+    step = c.flush(force=True)
+    assert len(step.publishes) > 1
+    assert all(len(p.payload) <= MAX_JSON_BYTES for p in step.publishes)
+    assert sorted(entries(step)) == sorted((d, True, None) for d in plan.selected)  # every message readable
+
+
+def test_an_update_whose_header_no_progress_message_can_carry_is_refused_and_reported(tmp_path: Path) -> None:
+    # 4,000 tensors with 250-character names: one header alone is above the limit.
+    model, plan, manifest = _wide_job(4000, 250)
+    c = core(tmp_path, Clock())
+    c.on_model(model)
+    c.on_plan(to_json(plan))
+    c.on_update("d0", _wide_update("d0", plan, manifest), "t0")
+    step = c.flush(force=True)
+    [(device, accepted, reason)] = entries(step)
+    assert (device, accepted, reason) == ("d0", False, RefusalReason.MALFORMED)
+    detail = from_json(AggregatorProgress, step.publishes[0].payload).entries[0].detail
+    assert "above the" in detail and "progress message" in detail

@@ -41,6 +41,7 @@ from fedmqtt.coordinator import intake
 from fedmqtt.mqtt import MqttConnection, MqttError, NotConnected, PublishTimeout, Will
 from fedmqtt.mqtt.settings import BrokerSettings
 from fedmqtt.schema import (
+    MAX_JSON_BYTES,
     PROGRESS_ENTRIES_MAX,
     AggregatorPresence,
     AggregatorProgress,
@@ -68,6 +69,10 @@ log = logging.getLogger("fedmqtt.aggregator")
 __all__ = ["DEFER_SECONDS", "FLUSH_SECONDS", "AggregatorWorker", "Publish", "Step", "WorkerCore", "WorkerOptions"]
 
 FLUSH_SECONDS = 0.05  # progress entries wait at most this long for company
+# A progress message stays under the JSON limit every reader applies (schema.MAX_JSON_BYTES), whatever its entry
+# count: an accepted entry carries its update's header, which grows with the model's tensors (about 38 kB for
+# mobilenet-v3-small, so 256 of them would make 9.9 MB). The margin covers the message's own fields.
+PROGRESS_BYTES_MAX = MAX_JSON_BYTES - 16 * 1024
 DEFER_SECONDS = 10.0  # an update ahead of the worker's plan (or before any plan) waits this long for it
 DEFER_MAX = 1000  # updates held back (unacknowledged) at most; beyond, refused at once
 SETTLE_SECONDS = (
@@ -206,6 +211,7 @@ class WorkerCore:
         self.collect: CollectRequest | None = None
         self._deferred: list[_Deferred] = []
         self._entries: list[ProgressEntry] = []
+        self._entries_bytes = 0
         self._entries_key: BucketKey | None = None
         self._first_entry_at: float | None = None
         self._pending_publishes: list[Publish] = []  # full progress messages not yet handed out
@@ -476,12 +482,23 @@ class WorkerCore:
     # ------------------------------------------------------------------------------------ progress
 
     def _report(self, key: BucketKey, entry: ProgressEntry) -> None:
-        if self._entries_key is not None and self._entries_key != key:
+        size = len(entry.model_dump_json()) + 1  # + the separating comma
+        if size > PROGRESS_BYTES_MAX:  # a header no progress message can carry: the update cannot be counted
+            self.refused += 1
+            detail = (
+                f"its header takes {size} bytes in a progress message, above the {PROGRESS_BYTES_MAX}-byte limit "
+                "(too many or too long tensor names for scale-out aggregation)"
+            )
+            log.warning("refused update from %s: %s", entry.device, detail)
+            entry = ProgressEntry(device=entry.device, accepted=False, reason=RefusalReason.MALFORMED, detail=detail)
+            size = len(entry.model_dump_json()) + 1
+        if self._entries and (self._entries_key != key or self._entries_bytes + size > PROGRESS_BYTES_MAX):
             self._pending_publishes.append(self._progress_message())
         if not self._entries:
             self._first_entry_at = self.clock()
         self._entries_key = key
         self._entries.append(entry)
+        self._entries_bytes += size
         if len(self._entries) >= PROGRESS_ENTRIES_MAX:
             self._pending_publishes.append(self._progress_message())
 
@@ -497,6 +514,7 @@ class WorkerCore:
             entries=tuple(self._entries),
         )
         self._entries = []
+        self._entries_bytes = 0
         self._entries_key = None
         self._first_entry_at = None
         return Publish(self.topics.aggregator_progress(self.options.worker), to_json(message))
