@@ -67,9 +67,12 @@ class ValueEncoding(StrEnum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     INT8 = "int8"
+    # One bit per kept value (its sign) and one float32 scale per tensor, the mean magnitude of the kept values
+    # (scaled sign, as EF-signSGD); sparse indices are Rice-coded (fedmqtt.codecs.encodings).
+    SIGN = "sign"
 
 
-_CODEC_TOKEN = re.compile(r"^(float32|float16|int8|int8c|int8s|int8cs|topk:[0-9.eE-]+|zstd:-?[0-9]+|ef)$")
+_CODEC_TOKEN = re.compile(r"^(float32|float16|int8|int8c|int8s|int8cs|sign|g?topk:[0-9.eE-]+|zstd:-?[0-9]+|ef)$")
 
 
 class CodecSpec(_Strict):
@@ -77,13 +80,17 @@ class CodecSpec(_Strict):
 
     String form (CLI flags, logs, frame headers): tokens joined by ``+``, e.g. ``int8``,
     ``topk:0.01+int8c+ef``, ``float16+zstd:3``. ``int8c`` = per-output-channel scales, ``int8s`` =
-    stochastic rounding, ``int8cs`` = both; ``ef`` = error feedback on the sender.
+    stochastic rounding, ``int8cs`` = both; ``sign`` = 1-bit signs with one scale per tensor (use it with
+    ``ef``); ``ef`` = error feedback on the sender. ``topk:F`` keeps the fraction F of each tensor's entries,
+    ``gtopk:F`` the fraction F of all the model's entries, the largest magnitudes wherever they are.
     """
 
     values: ValueEncoding = ValueEncoding.FLOAT32
     per_channel: bool = False
     stochastic: bool = False
     topk: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    # gtopk: the top-k fraction is of the whole model (one magnitude threshold), not of each tensor.
+    topk_global: bool = False
     error_feedback: bool = False
     zstd_level: Annotated[int, Field(ge=-7, le=22)] = 1
 
@@ -91,6 +98,8 @@ class CodecSpec(_Strict):
     def _int8_options(self) -> CodecSpec:
         if (self.per_channel or self.stochastic) and self.values is not ValueEncoding.INT8:
             raise ValueError("per_channel and stochastic apply to int8 values only")
+        if self.topk_global and self.topk is None:
+            raise ValueError("topk_global needs a topk fraction")
         return self
 
     @classmethod
@@ -101,11 +110,12 @@ class CodecSpec(_Strict):
             if not _CODEC_TOKEN.match(token):
                 raise MessageError(
                     "codec",
-                    f"unknown token {token!r} in {text!r}; use float32|float16|int8|int8c|int8s|int8cs, "
-                    "topk:FRACTION, zstd:LEVEL, ef",
+                    f"unknown token {token!r} in {text!r}; use float32|float16|int8|int8c|int8s|int8cs|sign, "
+                    "topk:FRACTION, gtopk:FRACTION, zstd:LEVEL, ef",
                 )
-            if token.startswith("topk:"):
-                fields["topk"] = float(token[5:])
+            if token.startswith(("topk:", "gtopk:")):
+                fields["topk"] = float(token.split(":", 1)[1])
+                fields["topk_global"] = token.startswith("g")
             elif token.startswith("zstd:"):
                 fields["zstd_level"] = int(token[5:])
             elif token == "ef":
@@ -124,7 +134,7 @@ class CodecSpec(_Strict):
     def __str__(self) -> str:
         parts: list[str] = []
         if self.topk is not None:
-            parts.append(f"topk:{self.topk:g}")
+            parts.append(f"{'gtopk' if self.topk_global else 'topk'}:{self.topk:g}")
         if self.values is ValueEncoding.INT8:
             suffix = ("c" if self.per_channel else "") + ("s" if self.stochastic else "")
             parts.append("int8" + suffix)
