@@ -489,3 +489,84 @@ def test_peek_header_does_not_read_the_body() -> None:
     assert peek_header(garbage).tensors[0].name == "conv.weight"
     with pytest.raises(CorruptBody):
         decode_frame(garbage)
+
+
+# --- sign values with Rice-coded indices ------------------------------------------------------------------
+
+EIGHT = {"w": np.array([1, -2, 3, -4, 5, -6, 7, -8], np.float32)}
+
+
+def sign_region(b: int, scale: float, signs: int, *streams: str) -> bytes:
+    """A sparse sign tensor's bytes: Rice parameter, scale, one sign byte, then bit strings packed MSB first."""
+    out = bytes([b]) + struct.pack("<f", scale) + bytes([signs])
+    for bits in streams:
+        out += np.packbits(np.array([int(c) for c in bits], np.uint8)).tobytes() if bits else b""
+    return out
+
+
+def hand_sign(region: bytes, nnz: int = 2) -> bytes:
+    """The 8-entry tensor of EIGHT as topk:0.25+sign (nnz 2) with ``region`` as its bytes."""
+    header, _ = split(valid("topk:0.25+sign", EIGHT))
+    header["tensors"][0]["nbytes"] = len(region)
+    header["tensors"][0]["encoding"]["nnz"] = nnz
+    return build(header, region)
+
+
+def test_a_hand_made_sign_tensor_decodes() -> None:
+    # gaps 1 and 5 (indices 1 and 6) with b = 1: remainders 1, 1; quotients 0, 2 -> "1" "001"
+    out = decode_frame(hand_sign(sign_region(1, 2.0, 0b01, "11", "1001")))
+    np.testing.assert_array_equal(out.arrays["w"], [0, -2, 0, 0, 0, 0, 2, 0])
+    # and the encoder's own frame of the same tensor (kept: -8 and 7)
+    np.testing.assert_array_equal(decode_frame(valid("topk:0.25+sign", EIGHT)).arrays["w"], [0] * 6 + [7.5, -7.5])
+
+
+@pytest.mark.parametrize(
+    "region, error, match",
+    [
+        (sign_region(41, 1.0, 0, "1"), BodyLayoutError, "Rice parameter 41 is above 40"),
+        (sign_region(0, -1.0, 0, "11"), BodyLayoutError, "sign scale is negative"),
+        (sign_region(0, float("nan"), 0, "11"), NonFiniteValues, "sign scale is NaN"),
+        (sign_region(0, float("inf"), 0, "11"), NonFiniteValues, "sign scale is NaN or infinite"),
+        (sign_region(0, 1.0, 0b100, "11"), BodyLayoutError, "padding bits after its signs are not zero"),
+        (sign_region(1, 1.0, 0, "0001", "11"), BodyLayoutError, "padding bits after its Rice remainders"),
+        (sign_region(0, 1.0, 0, "111"), BodyLayoutError, "holds 3 terminators, but its nnz declares 2"),
+        (sign_region(0, 1.0, 0, "1"), BodyLayoutError, "holds 1 terminators, but its nnz declares 2"),
+        (sign_region(0, 1.0, 0, "11", "00000000"), BodyLayoutError, r"1 byte\(s\) of zeros follow"),
+        (sign_region(0, 1.0, 0, "1" + "0" * 9 + "1"), IndexOutOfRange, "Rice gap #1 is at least 9, outside"),
+        (sign_region(0, 1.0, 0, "11"), IndicesNotIncreasing, "#1 repeats the one before it"),
+        (sign_region(2, 1.0, 0, "1111", "011"), IndexOutOfRange, "sparse index #1 is 10, outside a tensor of 8"),
+        (sign_region(0, 1.0, 0, "00000100000001"), IndexOutOfRange, "sparse index #1 is 12, outside a tensor of 8"),
+        (sign_region(40, 1.0, 0, "11"), BodyLayoutError, "1 bytes remain for the Rice-coded indices"),
+    ],
+)
+def test_hostile_sign_tensors_are_refused(region: bytes, error: type[FrameError], match: str) -> None:
+    refuses(hand_sign(region), error, match)
+
+
+def test_sign_tensor_outside_its_size_bounds_is_refused_before_decompressing() -> None:
+    refuses(
+        hand_sign(sign_region(0, 1.0, 0, "11", "0" * 24)),
+        BodyLayoutError,
+        r"as sign with one scale, 2 kept takes 7\.\.9",
+    )
+    refuses(hand_sign(b"\x00" * 6), BodyLayoutError, r"declares 6 bytes but .* takes 7\.\.9")
+
+
+def test_sign_tensor_keeping_nothing_has_no_index_bytes_and_parameter_zero() -> None:
+    ok = sign_region(0, 0.0, 0)[:5]
+    np.testing.assert_array_equal(decode_frame(hand_sign(ok, nnz=0)).arrays["w"], np.zeros(8))
+    refuses(hand_sign(sign_region(3, 0.0, 0)[:5], nnz=0), BodyLayoutError, "keeps no entries but has")
+
+
+def test_dense_sign_tensor_must_be_exactly_scale_and_signs() -> None:
+    header, body = split(valid("sign", EIGHT))
+    assert len(body) == 5 and decode_frame(build(header, body)).arrays["w"].tolist() == [4.5, -4.5] * 4
+    header["tensors"][0]["nbytes"] = 6
+    refuses(build(header, body + b"\x00"), BodyLayoutError, "declares 6 bytes but .* takes 5")
+
+
+def test_sign_tensor_with_per_channel_scales_or_stochastic_rounding_is_refused() -> None:
+    for field, value in (("scale_axis", 0), ("stochastic", True)):
+        header, body = split(valid("topk:0.25+sign", EIGHT))
+        header["tensors"][0]["encoding"][field] = value
+        refuses(build(header, body), InvalidHeader, "apply to int8 tensors only")

@@ -31,7 +31,10 @@ _ARRAYS = {
     "fc.weight": _rng.standard_normal((3, 300)).astype(np.float32),  # > 128 entries: 2-byte varints
     "scale": np.array(0.5, np.float32),
 }
-CODECS = ["float32", "float16", "int8", "int8cs", "topk:0.3+float32", "topk:0.1+float16", "topk:0.05+int8c"]
+CODECS = [
+    "float32", "float16", "int8", "int8cs", "topk:0.3+float32", "topk:0.1+float16", "topk:0.05+int8c", "sign",
+    "topk:0.1+sign", "topk:0.01+sign",
+]  # fmt: skip
 FRAMES = [
     encode_frame(
         _ARRAYS,
@@ -154,7 +157,7 @@ def structured_mutation(draw: st.DrawFn) -> tuple[bytes, int]:
         elif field == "scale_axis":
             enc["scale_axis"] = draw(st.sampled_from([None, 0, 1]))
         elif field == "values":
-            enc["values"] = draw(st.sampled_from(["float32", "float16", "int8", "int4"]))
+            enc["values"] = draw(st.sampled_from(["float32", "float16", "int8", "int4", "sign"]))
         elif field == "swap" and len(tensors) > 1:
             tensors.reverse()
         elif field == "drop" and len(tensors) > 1:
@@ -199,7 +202,10 @@ def body_mutation(draw: st.DrawFn) -> tuple[bytes, int]:
         spec = header["tensors"][draw(st.integers(0, len(header["tensors"]) - 1))]
         if spec["nbytes"] == 0:
             continue
-        at = spec["offset"] + draw(st.integers(0, min(spec["nbytes"] - 1, 40)))
+        # anywhere in the first 40 bytes (parameters, scales, first indices and values) or in the last 8
+        # (a sign tensor's Rice quotients end there)
+        near = draw(st.integers(0, min(spec["nbytes"] - 1, 40)))
+        at = spec["offset"] + draw(st.sampled_from([near, max(0, spec["nbytes"] - 1 - near % 8)]))
         blob = draw(st.one_of(st.sampled_from(SPECIAL_BYTES), st.binary(min_size=1, max_size=4)))
         mutable[at : at + len(blob)] = blob[: spec["offset"] + spec["nbytes"] - at]
     return join(header, bytes(mutable)), i

@@ -27,7 +27,8 @@ from fedmqtt.codecs import (
     model_hash,
     peek_header,
 )
-from fedmqtt.codecs.encodings import kept_count
+from fedmqtt.codecs.encodings import best_rice_parameter, kept_count, rice_bits
+from fedmqtt.errors import FedmqttError
 from fedmqtt.schema import CodecSpec, DPAnnouncement, FrameKind, ValueEncoding
 
 HASH = "ab" * 32
@@ -65,7 +66,7 @@ def model_arrays(draw: st.DrawFn) -> dict[str, np.ndarray]:
     return {n: draw(hnp.arrays(np.float32, draw(SHAPES), elements=ELEMENTS)) for n in names}
 
 
-VALUE_CODECS = ["float32", "float16", "int8", "int8c", "int8s", "int8cs"]
+VALUE_CODECS = ["float32", "float16", "int8", "int8c", "int8s", "int8cs", "sign"]
 ALL_CODECS = VALUE_CODECS + [f"topk:{k}+{v}" for k in ("0.5", "0.1", "0.01") for v in VALUE_CODECS]
 
 
@@ -103,6 +104,19 @@ def check_tensor(x: np.ndarray, got: np.ndarray, spec: CodecSpec) -> None:
         assert np.array_equal(got[check], x[check])
     elif spec.values is ValueEncoding.FLOAT16:
         assert np.array_equal(got[check], x[check].astype(np.float16).astype(np.float32))
+    elif spec.values is ValueEncoding.SIGN:
+        # Every transmitted value is +-scale, scale = the mean magnitude of the kept values, sign = their sign.
+        sent = got != 0
+        if not sent.any():  # scale 0: the kept values are all 0 (or their mean underflows float32)
+            assert np.all(np.abs(x) <= np.finfo(np.float32).smallest_subnormal * max(1, x.size))
+            return
+        if spec.topk is None:
+            assert sent.all()
+        if spec.topk is not None:
+            assert np.count_nonzero(sent) == kept_count(x.size, spec.topk)
+        scale = np.float32(np.abs(x[sent], dtype=np.float64).mean())
+        assert np.all(np.abs(got[sent]) == scale)
+        assert np.all(np.signbit(got[sent]) == (x[sent] < 0))
     else:
         scale = int8_scales(x, kept, spec.per_channel)
         err = np.abs(got.astype(np.float64) - x.astype(np.float64))
@@ -369,7 +383,10 @@ def test_encode_requires_feedback_exactly_with_ef() -> None:
 # --- error feedback ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("codec", ["topk:0.05+int8+ef", "topk:0.2+float16+ef", "int8s+ef", "topk:0.01+int8c+ef"])
+@pytest.mark.parametrize(
+    "codec",
+    ["topk:0.05+int8+ef", "topk:0.2+float16+ef", "int8s+ef", "topk:0.01+int8c+ef", "topk:0.05+sign+ef", "sign+ef"],
+)
 def test_error_feedback_conserves_the_sum_of_updates(codec: str) -> None:
     rng = np.random.default_rng(11)
     ef = ErrorFeedback()
@@ -472,3 +489,83 @@ def test_failed_encode_leaves_the_residual_untouched() -> None:
     after = ef.state_dict()
     assert isinstance(before["residual"], dict) and isinstance(after["residual"], dict)
     assert np.array_equal(before["residual"]["w"], after["residual"]["w"])
+
+
+# --- sign values and Rice-coded indices -------------------------------------------------------------------
+
+
+def test_sign_codec_parses_and_prints() -> None:
+    spec = CodecSpec.parse("topk:0.01+sign+ef")
+    assert spec.values is ValueEncoding.SIGN and spec.topk == 0.01 and spec.error_feedback
+    assert CodecSpec.parse(str(spec)) == spec
+    for bad in ("signc", "sign8", "topk:0.01+signs"):
+        with pytest.raises(FedmqttError, match="unknown token"):
+            CodecSpec.parse(bad)
+
+
+def test_sparse_sign_tensor_is_the_scaled_sign_of_the_top_k() -> None:
+    x = np.array([0.0, -4.0, 1.0, 0.5, 3.0, -0.25, 2.0, 0.0], np.float32)
+    got = roundtrip({"w": x}, "topk:0.5+sign").arrays["w"]
+    # kept: -4, 3, 2, 1 -> mean magnitude 2.5
+    np.testing.assert_array_equal(got, np.array([0, -2.5, 2.5, 0, 2.5, 0, 2.5, 0], np.float32))
+
+
+@pytest.mark.parametrize("numel,fraction", [(200 * 784, 0.01), (200 * 784, 0.003), (40_000, 0.01), (2_000, 0.05)])
+def test_sign_with_rice_indices_costs_near_the_entropy_of_the_positions(numel: int, fraction: float) -> None:
+    """Bytes per kept entry of topk+sign (before zstd, which cannot shrink Rice codes): within 0.3 bit of
+    1 (sign) + the entropy of a geometric gap, log2(e / p) bits; topk+int8's varint body for comparison."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(numel).astype(np.float32)
+    header = decode_frame(encode({"w": x}, f"topk:{fraction}+sign")).header
+    k = kept_count(numel, fraction)
+    bits = 8 * (header.tensors[0].nbytes - 5) / k
+    bound = 1 + np.log2(np.e * numel / k)
+    assert bits <= bound + 0.3, (bits, bound)
+    int8_body = decode_frame(encode({"w": x}, f"topk:{fraction}+int8")).header.tensors[0].nbytes
+    assert header.tensors[0].nbytes < 0.75 * int8_body
+
+
+def test_rice_parameter_is_the_one_with_the_fewest_bits() -> None:
+    rng = np.random.default_rng(5)
+    for mean in (1, 3, 40, 1000, 100_000):
+        gaps = rng.geometric(1 / mean, 500).astype(np.uint64)
+        b = best_rice_parameter(gaps)
+        assert all(rice_bits(gaps, b) <= rice_bits(gaps, other) for other in range(41))
+    assert best_rice_parameter(np.zeros(0, np.uint64)) == 0
+
+
+def test_header_leaves_out_fields_at_their_defaults_and_decodes_to_the_same_header() -> None:
+    frame = encode({"w": np.ones(4, np.float32)}, "topk:0.5+sign", num_samples=7)
+    raw = frame[PREFIX.size : PREFIX.size + PREFIX.unpack_from(frame)[2]]
+    assert b"null" not in raw and b'"dtype"' not in raw and b"stochastic" not in raw
+    header = decode_frame(frame).header
+    assert header.schema_version == 1 and header.num_updates == 1 and header.dp is None
+    assert header.tensors[0].dtype == "float32" and header.tensors[0].encoding.scale_axis is None
+
+
+@pytest.mark.parametrize("values", ["sign", "int8", "float32"])
+def test_global_top_k_keeps_the_largest_magnitudes_of_the_whole_model(values: str) -> None:
+    rng = np.random.default_rng(9)
+    arrays = {
+        "big": (rng.standard_normal((20, 30)) * 10).astype(np.float32),
+        "small": rng.standard_normal(400).astype(np.float32),
+        "bias": np.array([100.0, -0.001], np.float32),
+    }
+    out = roundtrip(arrays, f"gtopk:0.05+{values}")
+    assert str(CodecSpec.parse(out.header.codec)) == f"gtopk:0.05+{values}+zstd:1"
+    everything = np.concatenate([np.abs(a).ravel() for a in arrays.values()])
+    k = kept_count(everything.size, 0.05)
+    threshold = np.sort(everything)[everything.size - k]
+    sent = {n: out.arrays[n] != 0 for n in arrays}
+    assert sum(int(s.sum()) for s in sent.values()) == k
+    for name, x in arrays.items():
+        assert np.all(np.abs(x)[sent[name]] >= threshold)
+        assert np.all(np.abs(x)[~sent[name]] <= threshold)
+    assert sent["bias"].tolist() == [True, False]
+    assert int(sent["big"].sum()) > int(sent["small"].sum())
+
+
+def test_global_top_k_splits_ties_at_the_threshold_exactly() -> None:
+    arrays = {"a": np.ones(10, np.float32), "b": np.ones(10, np.float32)}
+    out = roundtrip(arrays, "gtopk:0.25+float32")
+    assert int((out.arrays["a"] != 0).sum()) + int((out.arrays["b"] != 0).sum()) == 5

@@ -12,6 +12,20 @@ increasing, stored as gaps (first index, then differences) in unsigned LEB128 va
 one byte, and zstd compresses the varint stream better than uint32 gaps, byte-shuffled uint32 gaps or a
 bitmap on a real MNIST-CNN update (see docs/codecs.md).
 
+Sign values (``ValueEncoding.SIGN``, 1 bit each, one scale) use a tighter layout:
+
+- dense:  ``[scale float32][signs: ceil(N/8) bytes]``
+- top-k:  ``[rice parameter b uint8][scale float32][signs: ceil(nnz/8) bytes]``
+  ``[remainders: ceil(nnz*b/8) bytes][quotients: the rest]``
+
+``signs`` are packed bits, least significant bit first, 1 = negative; a decoded value is ``+scale`` or
+``-scale``; the scale is the mean magnitude of the kept values (so the decoded tensor's L2 norm never exceeds
+theirs). The same gaps as above are Rice-coded with parameter ``b``: gap = ``q * 2**b + r``; ``r`` is ``b``
+bits (most significant first) in the remainder stream, ``q`` is unary in the quotient stream (``q`` zero bits,
+then a one). Splitting the two streams keeps decoding vectorised: the quotient stream's ones are exactly the
+terminators. ``b`` is chosen per tensor to minimise the bits; about ``log2(e * numel / nnz)`` bits per kept
+entry, near the entropy of the gaps, where varints spend 8 or 16 bits. Every padding bit is zero.
+
 Encoder and decoder share :func:`dequantize`, so what the sender believes it sent (used for error
 feedback) is bit-for-bit what the receiver decodes.
 """
@@ -75,6 +89,8 @@ def uses_channel_scales(shape: Sequence[int], per_channel: bool) -> bool:
 
 
 def scale_count(shape: Sequence[int], encoding: TensorEncoding) -> int:
+    if encoding.values is ValueEncoding.SIGN:
+        return 1
     if encoding.values is not ValueEncoding.INT8:
         return 0
     return int(shape[0]) if encoding.scale_axis == 0 else 1
@@ -83,6 +99,96 @@ def scale_count(shape: Sequence[int], encoding: TensorEncoding) -> int:
 def max_varint_len(numel: int) -> int:
     """The longest varint a gap inside a tensor of ``numel`` entries needs (gaps are < numel)."""
     return max(1, math.ceil((numel - 1).bit_length() / 7)) if numel > 1 else 1
+
+
+# Rice parameters above this are never useful: a gap inside a tensor of fewer than 2**40 entries fits in b bits.
+MAX_RICE_PARAMETER = 40
+_SIGN_HEADER = 1 + 4  # sparse sign tensors: rice parameter + scale
+
+
+def sign_layout_bounds(numel: int, nnz: int | None) -> tuple[int, int]:
+    """The least and most bytes a sign tensor of ``numel`` entries (``nnz`` kept, None = dense) can take."""
+    if nnz is None:
+        return 4 + (numel + 7) // 8, 4 + (numel + 7) // 8
+    signs = (nnz + 7) // 8
+    if nnz == 0:
+        return _SIGN_HEADER, _SIGN_HEADER
+    # At least one terminator bit per gap; at most every remainder bit plus quotients summing to < numel.
+    low = _SIGN_HEADER + signs + (nnz + 7) // 8
+    b = min(MAX_RICE_PARAMETER, max(1, (numel - 1).bit_length()))
+    high = _SIGN_HEADER + signs + (nnz * b + 7) // 8 + (nnz + numel + 7) // 8
+    return low, high
+
+
+def rice_bits(gaps: npt.NDArray[np.uint64], b: int) -> int:
+    """Bits Rice coding ``gaps`` with parameter ``b`` takes (quotients + terminators + remainders)."""
+    return int((gaps >> np.uint64(b)).sum()) + gaps.size * (1 + b)
+
+
+def best_rice_parameter(gaps: npt.NDArray[np.uint64]) -> int:
+    if gaps.size == 0:
+        return 0
+    top = min(MAX_RICE_PARAMETER, int(gaps.max()).bit_length())
+    return min(range(top + 1), key=lambda b: rice_bits(gaps, b))
+
+
+def rice_encode(gaps: npt.NDArray[np.uint64], b: int) -> tuple[bytes, bytes]:
+    """(remainder stream, quotient stream), each packed and zero-padded to whole bytes."""
+    n = gaps.size
+    if b:
+        shifts = np.arange(b - 1, -1, -1, dtype=np.uint64)
+        rem_bits = ((gaps[:, None] >> shifts[None, :]) & np.uint64(1)).astype(np.uint8).reshape(-1)
+        remainders = np.packbits(rem_bits).tobytes()
+    else:
+        remainders = b""
+    q = (gaps >> np.uint64(b)).astype(np.int64)
+    ends = np.cumsum(q + 1) - 1  # the terminator of gap i sits after its q zeros
+    unary = np.zeros(int(ends[-1]) + 1 if n else 0, dtype=np.uint8)
+    unary[ends] = 1
+    return remainders, np.packbits(unary).tobytes()
+
+
+def _check_padding(stream: npt.NDArray[np.uint8], bits: int, name: str, what: str, *, little: bool = False) -> None:
+    """The bits of a packed ``stream`` beyond its first ``bits`` must be zero (one encoding per tensor)."""
+    spare = stream.size * 8 - bits
+    mask = (1 << spare) - 1
+    if little:  # filled from the least significant bit: the padding is the top bits
+        mask <<= 8 - spare
+    if spare and int(stream[-1]) & mask:
+        raise BodyLayoutError(f"tensor {name!r}: the padding bits after its {what} are not zero")
+
+
+def _rice_decode(block: npt.NDArray[np.uint8], b: int, nnz: int, numel: int, name: str) -> npt.NDArray[np.int64]:
+    """The strictly increasing indices of ``nnz`` Rice-coded gaps; ``block`` is the remainder stream and then
+    the quotient stream, to its end. Anything but exactly the canonical streams is refused."""
+    rem_bytes = (nnz * b + 7) // 8
+    if block.size < rem_bytes + 1:
+        raise BodyLayoutError(
+            f"tensor {name!r}: {block.size} bytes remain for the Rice-coded indices but {nnz} gaps with "
+            f"parameter {b} need {rem_bytes} bytes of remainders and at least one of quotients"
+        )
+    remainders = np.zeros(nnz, dtype=np.int64)
+    if b:
+        stream = block[:rem_bytes]
+        _check_padding(stream, nnz * b, name, "Rice remainders")
+        bits = np.unpackbits(stream)[: nnz * b].reshape(nnz, b).astype(np.int64)
+        remainders = bits @ (np.int64(1) << np.arange(b - 1, -1, -1, dtype=np.int64))
+    quotients = block[rem_bytes:]
+    ends = np.flatnonzero(np.unpackbits(quotients))
+    if ends.size != nnz:
+        raise BodyLayoutError(
+            f"tensor {name!r}: the Rice quotient stream holds {ends.size} terminators, but its nnz declares {nnz} gaps"
+        )
+    if int(ends[-1]) // 8 != quotients.size - 1:
+        raise BodyLayoutError(f"tensor {name!r}: {quotients.size - 1 - int(ends[-1]) // 8} byte(s) of zeros "
+                              "follow the Rice quotient stream")  # fmt: skip
+    q = np.diff(ends, prepend=-1) - 1
+    if int(q.max()) > (numel - 1) >> b:
+        at = int(np.argmax(q))
+        raise IndexOutOfRange(
+            f"tensor {name!r}: Rice gap #{at} is at least {int(q[at]) << b}, outside a tensor of {numel} entries"
+        )
+    return _indices_from_gaps((q << b) | remainders, numel, name)
 
 
 def dequantize(
@@ -132,11 +238,33 @@ def _varint_encode(gaps: npt.NDArray[np.uint64]) -> bytes:
 
 def _top_k(flat: FloatArray, k: int) -> npt.NDArray[np.intp]:
     """Sorted flat positions of the ``k`` largest magnitudes."""
+    if k <= 0:
+        return np.zeros(0, dtype=np.intp)
     if k >= flat.size:
         return np.arange(flat.size, dtype=np.intp)
     part = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]
     part.sort()
     return part
+
+
+def global_kept_counts(arrays: Sequence[FloatArray], fraction: float) -> list[int]:
+    """How many entries of each tensor the model-wide top-k keeps: ``kept_count`` of all entries together,
+    the largest magnitudes wherever they are (ties at the threshold go to the earlier tensors)."""
+    sizes = [a.size for a in arrays]
+    total = sum(sizes)
+    k = kept_count(total, fraction)
+    if k >= total:
+        return sizes
+    magnitude = np.concatenate([np.abs(a.reshape(-1)) for a in arrays])
+    threshold = np.partition(magnitude, total - k)[total - k]
+    above = [int(np.count_nonzero(np.abs(a) > threshold)) for a in arrays]
+    ties = k - sum(above)
+    counts = []
+    for a, n in zip(arrays, above, strict=True):
+        take = min(ties, int(np.count_nonzero(np.abs(a) == threshold)))
+        ties -= take
+        counts.append(n + take)
+    return counts
 
 
 def _channel_amax(magnitude: FloatArray, channel: npt.NDArray[np.intp], rows: int) -> FloatArray:
@@ -190,19 +318,24 @@ def encode_tensor(
     rng: np.random.Generator,
     *,
     want_decoded: bool,
+    keep: int | None = None,
 ) -> EncodedTensor:
-    """Encode one finite float32 tensor according to ``codec``."""
+    """Encode one finite float32 tensor according to ``codec``; ``keep`` overrides the top-k count (gtopk)."""
     shape = array.shape
     flat = array.reshape(-1)
     numel = flat.size
     rows = int(shape[0]) if shape else 1
     per_channel = codec.values is ValueEncoding.INT8 and uses_channel_scales(shape, codec.per_channel)
 
+    if codec.topk is not None and keep is None:
+        keep = kept_count(numel, codec.topk)
+    if codec.values is ValueEncoding.SIGN:
+        return _encode_sign(array, keep, want_decoded=want_decoded)
     parts: list[bytes | memoryview] = []
     index: npt.NDArray[np.intp] | None = None
     nnz: int | None = None
     if codec.topk is not None:
-        index = _top_k(flat, kept_count(numel, codec.topk))
+        index = _top_k(flat, keep or 0)
         nnz = int(index.size)
         gaps = np.diff(index, prepend=0).astype(np.uint64)
         parts.append(_varint_encode(gaps))
@@ -261,6 +394,42 @@ def encode_tensor(
     return EncodedTensor(encoding=encoding, parts=tuple(parts), nbytes=nbytes, decoded=decoded)
 
 
+def _encode_sign(array: FloatArray, k: int | None, *, want_decoded: bool) -> EncodedTensor:
+    """Scaled sign: one bit per kept value, one scale (their mean magnitude); Rice-coded indices when sparse."""
+    shape = array.shape
+    flat = array.reshape(-1)
+    parts: list[bytes | memoryview] = []
+    index: npt.NDArray[np.intp] | None = None
+    nnz: int | None = None
+    values = flat
+    if k is not None:
+        index = _top_k(flat, k)
+        nnz = int(index.size)
+        values = flat[index]
+        gaps = np.diff(index, prepend=0).astype(np.uint64)
+        b = best_rice_parameter(gaps)
+        parts.append(bytes([b]))
+    # float64 mean: the scale is the same on every machine whatever numpy's float32 summation order.
+    scale = np.float32(np.abs(values, dtype=np.float64).mean()) if values.size else np.float32(0)
+    negative = np.signbit(values) & (values != 0)
+    parts.append(np.array([scale], dtype=F32).tobytes())
+    parts.append(np.packbits(negative, bitorder="little").tobytes())
+    if index is not None:
+        parts.extend(rice_encode(gaps, b))
+    decoded: FloatArray | None = None
+    if want_decoded:
+        kept = np.where(negative, -scale, scale).astype(np.float32)
+        if index is None:
+            decoded = kept.reshape(shape)
+        else:
+            dense = np.zeros(flat.size, dtype=np.float32)
+            dense[index] = kept
+            decoded = dense.reshape(shape)
+    encoding = TensorEncoding(values=ValueEncoding.SIGN, nnz=nnz)
+    nbytes = sum(len(p) for p in parts)
+    return EncodedTensor(encoding=encoding, parts=tuple(parts), nbytes=nbytes, decoded=decoded)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Decoding (the header's specs have already passed :func:`fedmqtt.codecs.frame` layout checks)
 # ---------------------------------------------------------------------------------------------------
@@ -269,6 +438,8 @@ def encode_tensor(
 def value_bytes(spec: TensorSpec, numel: int) -> int:
     """Bytes of the scales and values of a tensor (everything but sparse indices)."""
     count = numel if spec.encoding.nnz is None else spec.encoding.nnz
+    if spec.encoding.values is ValueEncoding.SIGN:
+        return 4 + (count + 7) // 8
     return 4 * scale_count(spec.shape, spec.encoding) + count * _ITEMSIZE[spec.encoding.values]
 
 
@@ -293,6 +464,12 @@ def _varint_decode(block: npt.NDArray[np.uint8], nnz: int, numel: int, name: str
     for b in range(int(lengths.max())):
         has = lengths > b
         gaps[has] |= (block[starts[has] + b].astype(np.int64) & 0x7F) << (7 * b)
+    return int(ends[-1]) + 1, _indices_from_gaps(gaps, numel, name)
+
+
+def _indices_from_gaps(gaps: npt.NDArray[np.int64], numel: int, name: str) -> npt.NDArray[np.int64]:
+    """Gaps (first index, then differences) to indices; refuse repeats and indices outside the tensor."""
+    nnz = gaps.size
     if nnz > 1 and int(gaps[1:].min()) < 1:
         at = int(np.flatnonzero(gaps[1:] < 1)[0]) + 1
         raise IndicesNotIncreasing(
@@ -305,12 +482,14 @@ def _varint_decode(block: npt.NDArray[np.uint8], nnz: int, numel: int, name: str
         raise IndexOutOfRange(
             f"tensor {name!r}: sparse index #{at} is {int(indices[at])}, outside a tensor of {numel} entries"
         )
-    return int(ends[-1]) + 1, indices
+    return indices
 
 
 def decode_tensor(spec: TensorSpec, region: npt.NDArray[np.uint8], numel: int) -> FloatArray:
     """Decode the ``spec.nbytes`` bytes of one tensor into a dense float32 array of ``spec.shape``."""
     enc = spec.encoding
+    if enc.values is ValueEncoding.SIGN:
+        return _decode_sign(spec, region, numel)
     rows = int(spec.shape[0]) if spec.shape else 1
     pos = 0
     index: npt.NDArray[np.int64] | None = None
@@ -352,6 +531,41 @@ def decode_tensor(spec: TensorSpec, region: npt.NDArray[np.uint8], numel: int) -
         )
     if index is None:
         return kept.reshape(spec.shape)
+    dense = np.zeros(numel, dtype=np.float32)
+    dense[index] = kept
+    return dense.reshape(spec.shape)
+
+
+def _decode_sign(spec: TensorSpec, region: npt.NDArray[np.uint8], numel: int) -> FloatArray:
+    nnz = spec.encoding.nnz
+    count = numel if nnz is None else nnz
+    pos = 0
+    b = 0
+    if nnz is not None:
+        b = int(region[0])
+        if b > MAX_RICE_PARAMETER:
+            raise BodyLayoutError(f"tensor {spec.name!r}: Rice parameter {b} is above {MAX_RICE_PARAMETER}")
+        pos = 1
+    scale = region[pos : pos + 4].view(F32)[0]
+    pos += 4
+    if not np.isfinite(scale):
+        raise NonFiniteValues(f"tensor {spec.name!r}: the sign scale is NaN or infinite")
+    if scale < 0:
+        raise BodyLayoutError(f"tensor {spec.name!r}: the sign scale is negative")
+    signs = region[pos : pos + (count + 7) // 8]
+    pos += signs.size
+    _check_padding(signs, count, spec.name, "signs", little=True)
+    negative = np.unpackbits(signs, count=count, bitorder="little").astype(bool)
+    kept = np.where(negative, -scale, scale).astype(np.float32)
+    if nnz is None:
+        if pos != region.size:
+            raise BodyLayoutError(f"tensor {spec.name!r}: {region.size - pos} bytes follow its signs")
+        return kept.reshape(spec.shape)
+    if nnz == 0:
+        if pos != region.size or b:
+            raise BodyLayoutError(f"tensor {spec.name!r} keeps no entries but has index bytes or a Rice parameter")
+        return np.zeros(spec.shape, dtype=np.float32)
+    index = _rice_decode(region[pos:], b, nnz, numel, spec.name)
     dense = np.zeros(numel, dtype=np.float32)
     dense[index] = kept
     return dense.reshape(spec.shape)
