@@ -570,3 +570,29 @@ def test_sign_tensor_with_per_channel_scales_or_stochastic_rounding_is_refused()
         header, body = split(valid("topk:0.25+sign", EIGHT))
         header["tensors"][0]["encoding"][field] = value
         refuses(build(header, body), InvalidHeader, "apply to int8 tensors only")
+
+
+def test_decoding_rice_remainders_takes_memory_of_the_order_of_the_output() -> None:
+    """1,000,000 kept entries of a 4,000,000-entry tensor with the largest Rice parameter its size allows (22):
+    the remainders are read one bit column at a time (a (nnz, b) int64 matrix would be 176 MB)."""
+    import tracemalloc
+
+    numel, nnz, b = 4_000_000, 1_000_000, 22
+    gaps = np.full(nnz, 3, np.uint64)
+    rem_bits = ((gaps[:, None] >> np.arange(b - 1, -1, -1, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    region = (
+        bytes([b]) + struct.pack("<f", 1.0) + bytes(nnz // 8)
+        + np.packbits(rem_bits.reshape(-1)).tobytes() + b"\xff" * (nnz // 8)
+    )  # fmt: skip
+    header, _ = split(valid("topk:0.25+sign", {"w": np.ones(numel, np.float32)}))
+    header["tensors"][0].update(nbytes=len(region))
+    header["tensors"][0]["encoding"]["nnz"] = nnz
+    frame = build(header, region)
+    tracemalloc.start()
+    try:
+        out = decode_frame(frame)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert int(np.count_nonzero(out.arrays["w"])) == nnz and out.arrays["w"][3] == 1.0
+    assert peak < 100 * 2**20, peak / 2**20

@@ -171,14 +171,18 @@ def _rice_decode(block: npt.NDArray[np.uint8], b: int, nnz: int, numel: int, nam
     if b:
         stream = block[:rem_bytes]
         _check_padding(stream, nnz * b, name, "Rice remainders")
-        bits = np.unpackbits(stream)[: nnz * b].reshape(nnz, b).astype(np.int64)
-        remainders = bits @ (np.int64(1) << np.arange(b - 1, -1, -1, dtype=np.int64))
+        # One bit column at a time: memory stays at one bit per byte plus one int64 per gap, whatever b is.
+        bits = np.unpackbits(stream)[: nnz * b].reshape(nnz, b)
+        for j in range(b):
+            remainders <<= 1
+            remainders |= bits[:, j]
     quotients = block[rem_bytes:]
-    ends = np.flatnonzero(np.unpackbits(quotients))
-    if ends.size != nnz:
+    terminators = int(np.bitwise_count(quotients).sum(dtype=np.int64))
+    if terminators != nnz:  # counted before any per-terminator array is made
         raise BodyLayoutError(
-            f"tensor {name!r}: the Rice quotient stream holds {ends.size} terminators, but its nnz declares {nnz} gaps"
+            f"tensor {name!r}: the Rice quotient stream holds {terminators} terminators, but its nnz declares {nnz} gaps"
         )
+    ends = np.flatnonzero(np.unpackbits(quotients))
     if int(ends[-1]) // 8 != quotients.size - 1:
         raise BodyLayoutError(f"tensor {name!r}: {quotients.size - 1 - int(ends[-1]) // 8} byte(s) of zeros "
                               "follow the Rice quotient stream")  # fmt: skip
