@@ -12,8 +12,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmqtt.coordinator.aggregation import build_strategy
-from fedmqtt.coordinator.partials import HoldingsBook, PartialRefusal
-from fedmqtt.schema import FrameHeader, FrameKind, PartialEntry, PartialInfo
+from fedmqtt.coordinator.partials import (
+    HoldingsBook,
+    PartialRefusal,
+    WorkerRoster,
+    entry_attempt_problem,
+    gate_reason,
+    partial_refusal_of,
+    presence_problem,
+    progress_problem,
+    worker_offline_detail,
+    worker_online_detail,
+)
+from fedmqtt.schema import (
+    AggregatorPresence,
+    AggregatorProgress,
+    FrameHeader,
+    FrameKind,
+    PartialEntry,
+    PartialInfo,
+    ProgressEntry,
+    RefusalReason,
+)
 
 JOB = "job-1"
 RUN = "ab" * 8
@@ -313,6 +333,87 @@ def test_folding_float32_partials_equals_folding_the_updates(
     for name in base:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(np.abs(got["a"]).sum()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the workers
+# ---------------------------------------------------------------------------------------------------
+
+
+def presence(worker: str = "w1", state: str = "online", **fields: Any) -> AggregatorPresence:
+    return AggregatorPresence(job=JOB, worker=worker, instance="cd" * 8, state=state, since=1.0, **fields)  # type: ignore[arg-type]
+
+
+def test_a_worker_is_online_from_its_online_status_until_its_offline_one() -> None:
+    roster = WorkerRoster()
+    assert roster.online(0.0) == set()
+    assert roster.observe("w1", "online", now=1.0, grace_until=None) is True
+    assert roster.observe("w1", "online", now=2.0, grace_until=None) is False  # no change: not announced again
+    assert roster.observe("w2", "offline", now=2.0, grace_until=None) is True  # first seen offline
+    assert roster.online(3.0) == {"w1"}
+    assert roster.observe("w1", "offline", now=4.0, grace_until=None) is True
+    assert roster.online(4.0) == set()
+
+
+def test_a_last_will_received_while_the_link_was_in_doubt_takes_effect_after_its_grace() -> None:
+    roster = WorkerRoster()
+    roster.observe("w1", "online", now=0.0, grace_until=None)
+    assert roster.observe("w1", "offline", now=10.0, grace_until=12.0) is True
+    assert roster.online(11.9) == {"w1"} and roster.online(12.0) == set()
+    roster.observe("w1", "online", now=11.0, grace_until=None)  # it came back within the grace
+    assert roster.online(100.0) == {"w1"}
+    roster.observe("w1", "offline", now=20.0, grace_until=15.0)  # a grace already over: offline at once
+    assert roster.online(20.0) == set()
+
+
+@settings(max_examples=100, deadline=None)
+@given(online=st.sets(st.sampled_from([f"w{i}" for i in range(15)])), needed=st.integers(min_value=1, max_value=15))
+def test_the_gate_is_open_exactly_while_enough_workers_are_online(online: set[str], needed: int) -> None:
+    reason = gate_reason(online, needed)
+    assert (reason is None) == (len(online) >= needed)
+    if reason is not None:
+        assert reason.startswith(f"waiting for aggregators: {len(online)} of {needed} online")
+        assert all(w in reason for w in sorted(online)[:10])
+
+
+def test_a_status_or_progress_of_another_worker_job_or_run_is_refused_with_what_it_names() -> None:
+    assert presence_problem("w1", JOB, presence()) is None
+    assert presence_problem("w1", JOB, presence("w2")) == "it names worker 'w2' of job 'job-1'"
+    assert presence_problem("w1", "other", presence()) == "it names worker 'w1' of job 'job-1'"
+    entry = ProgressEntry(device="d1", accepted=False, reason=RefusalReason.MALFORMED)
+    progress = AggregatorProgress(job=JOB, worker="w1", run_id=RUN, round=3, attempt=1, entries=(entry, entry))
+    assert progress_problem("w1", JOB, RUN, progress) is None
+    assert progress_problem("w1", JOB, None, progress) is None  # no run yet: nothing to compare
+    assert progress_problem("w2", JOB, RUN, progress) == "it names worker 'w1' of job 'job-1'"
+    other = "ef" * 8
+    assert progress_problem("w1", JOB, other, progress) == f"2 update(s) of run {RUN}; this is run {other}"
+
+
+def test_an_update_held_under_another_attempt_cannot_count_for_the_open_one() -> None:
+    book = book_with({"d1": ("w1", 5)}, round=3, attempt=1)
+    assert entry_attempt_problem(book, "w1", 3, 1, 1) is None
+    stale = "aggregator w1 holds it for round 3 attempt 0; attempt 1 is open"
+    assert entry_attempt_problem(book, "w1", 3, 0, 1) == stale
+    assert entry_attempt_problem(None, "w1", 3, 0, 1) == stale  # no attempt open
+
+
+def test_a_partial_that_fails_to_decode_is_refused_for_the_reason_an_update_would_be() -> None:
+    assert partial_refusal_of(RefusalReason.MANIFEST_MISMATCH) is PartialRefusal.MANIFEST_MISMATCH
+    assert partial_refusal_of(RefusalReason.NON_FINITE) is PartialRefusal.NON_FINITE
+    assert partial_refusal_of(RefusalReason.MALFORMED) is PartialRefusal.MALFORMED
+    assert partial_refusal_of(RefusalReason.NORM_TOO_LARGE) is PartialRefusal.MALFORMED
+
+
+def test_a_worker_going_offline_is_reported_with_what_it_held_and_its_partial_weighs_its_devices() -> None:
+    assert worker_online_detail("w1", presence(group="g")) == "aggregator w1 online (group g)"
+    assert worker_online_detail("w1", presence(site="s")) == "aggregator w1 online (site s)"
+    assert worker_online_detail("w1", presence()) == "aggregator w1 online"
+    book = book_with({"d1": ("w1", 5), "d2": ("w2", 7), "d3": ("w1", 2)})
+    assert worker_offline_detail("w1", book) == (
+        "aggregator w1 offline, holding 2 acknowledged update(s) (d1, d3) of round 3 attempt 1"
+    )
+    assert worker_offline_detail("w9", book) == worker_offline_detail("w9", None) == "aggregator w9 offline"
+    assert (book.weight_of("w1"), book.weight_of("w2"), book.weight_of("w9")) == (7.0, 7.0, 0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ is still missing, and why the attempt must fail (:meth:`HoldingsBook.failure`: a
 ``--partial-timeout``, or whose partial was refused) — an acknowledged update is never counted twice nor dropped
 without the attempt failing.
 
-No network, no clock (time is an argument), no tensors: the adapter (``coordinator/service.py``) decodes the frame
+The :class:`WorkerRoster` keeps the workers' presence (who counts as online, for the round gate and the collection)
+and the functions below say what the adapter refuses or reports about a worker's messages.
+
+No network, no clock (time is an argument), no tensors: the adapter (``coordinator/scaleout.py``) decodes the frame
 and folds it (``Strategy.add_partial``). The book is checkpointable (:meth:`HoldingsBook.state_dict`).
 """
 
@@ -24,11 +27,14 @@ from enum import StrEnum
 from typing import Any
 
 from fedmqtt.schema import (
+    AggregatorPresence,
+    AggregatorProgress,
     CodecSpec,
     CollectRequest,
     FrameHeader,
     FrameKind,
     MessageError,
+    RefusalReason,
     ValueEncoding,
 )
 
@@ -37,7 +43,15 @@ __all__ = [
     "HoldingsBook",
     "PartialRefusal",
     "PartialVerdict",
+    "WorkerRoster",
+    "entry_attempt_problem",
+    "gate_reason",
     "holdings_summary",
+    "partial_refusal_of",
+    "presence_problem",
+    "progress_problem",
+    "worker_offline_detail",
+    "worker_online_detail",
 ]
 
 _SHOWN = 5  # device ids a message names before "..."
@@ -175,6 +189,10 @@ class HoldingsBook:
 
     def devices_of(self, worker: str) -> tuple[str, ...]:
         return tuple(d for d, h in self._holdings.items() if h.worker == worker)
+
+    def weight_of(self, worker: str) -> float:
+        """The sum of the weights the coordinator accepted for ``worker``'s devices (what its partial is folded with)."""
+        return sum((h.weight for h in self._holdings.values() if h.worker == worker), 0.0)
 
     def by_worker(self) -> dict[str, tuple[str, ...]]:
         return {w: self.devices_of(w) for w in self.workers}
@@ -402,3 +420,96 @@ class HoldingsBook:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"holdings book state: {type(exc).__name__}: {exc}") from None
         return book
+
+
+# ---------------------------------------------------------------------------------------- the workers
+
+
+class WorkerRoster:
+    """The workers' latest presence state, and when the last will of one received while the coordinator's own
+    broker link was in doubt takes effect (a broker restart publishes the wills of live clients)."""
+
+    def __init__(self) -> None:
+        self._state: dict[str, str] = {}
+        self._will_at: dict[str, float] = {}
+
+    def observe(self, worker: str, state: str, *, now: float, grace_until: float | None) -> bool:
+        """Record ``worker``'s presence ``state``; an ``offline`` one counts only from ``grace_until`` on (None or
+        past: at once). True if the state changed (or is the worker's first)."""
+        before = self._state.get(worker)
+        self._state[worker] = state
+        self._will_at.pop(worker, None)
+        if state == "offline" and grace_until is not None and now < grace_until:
+            self._will_at[worker] = grace_until
+        return before != state
+
+    def online(self, now: float) -> set[str]:
+        """The workers online at ``now``: said so last, or went offline while the link was in doubt and may come
+        back (their will takes effect at its grace's end)."""
+        return {
+            w
+            for w, state in self._state.items()
+            if state == "online" or (w in self._will_at and now < self._will_at[w])
+        }
+
+
+def gate_reason(online: Collection[str], needed: int) -> str | None:
+    """Why rounds may not open (fewer than ``needed`` workers online), or None: they may."""
+    if len(online) >= needed:
+        return None
+    listed = sorted(online)
+    return f"waiting for aggregators: {len(listed)} of {needed} online" + (
+        f" ({', '.join(listed[:10])})" if listed else ""
+    )
+
+
+def _claims(worker: str, job: str, claimed_worker: str, claimed_job: str) -> str | None:
+    if claimed_worker != worker or claimed_job != job:
+        return f"it names worker {claimed_worker!r} of job {claimed_job!r}"
+    return None
+
+
+def presence_problem(worker: str, job: str, presence: AggregatorPresence) -> str | None:
+    """Why a status on ``worker``'s topic cannot be used (another worker's or job's), or None."""
+    return _claims(worker, job, presence.worker, presence.job)
+
+
+def progress_problem(worker: str, job: str, run_id: str | None, progress: AggregatorProgress) -> str | None:
+    """Why a progress message on ``worker``'s topic cannot be used (another worker, job or run), or None."""
+    problem = _claims(worker, job, progress.worker, progress.job)
+    if problem is None and progress.run_id is not None and run_id is not None and progress.run_id != run_id:
+        problem = f"{len(progress.entries)} update(s) of run {progress.run_id}; this is run {run_id}"
+    return problem
+
+
+def entry_attempt_problem(
+    book: HoldingsBook | None, worker: str, round: int, attempt: int, open_attempt: int
+) -> str | None:
+    """Why an update ``worker`` reports under ``round``/``attempt`` cannot count for the open attempt (the worker
+    keeps it under another one, so it could not sum it for this one), or None."""
+    if book is not None and (round, attempt) == (book.round, book.attempt):
+        return None
+    return f"aggregator {worker} holds it for round {round} attempt {attempt}; attempt {open_attempt} is open"
+
+
+def partial_refusal_of(reason: RefusalReason) -> PartialRefusal:
+    """The refusal of a partial whose body failed to decode, from the reason the same failure gives an update."""
+    if reason is RefusalReason.MANIFEST_MISMATCH:
+        return PartialRefusal.MANIFEST_MISMATCH
+    if reason is RefusalReason.NON_FINITE:
+        return PartialRefusal.NON_FINITE
+    return PartialRefusal.MALFORMED
+
+
+def worker_online_detail(worker: str, presence: AggregatorPresence) -> str:
+    where = f"group {presence.group}" if presence.group else f"site {presence.site}" if presence.site else ""
+    return f"aggregator {worker} online" + (f" ({where})" if where else "")
+
+
+def worker_offline_detail(worker: str, book: HoldingsBook | None) -> str:
+    """``aggregator W offline``, with what it held of the open attempt."""
+    held = book.devices_of(worker) if book is not None else ()
+    detail = f"aggregator {worker} offline"
+    if held and book is not None:
+        detail += f", holding {holdings_summary(list(held))} of round {book.round} attempt {book.attempt}"
+    return detail

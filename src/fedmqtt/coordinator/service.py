@@ -7,14 +7,9 @@ either in the spool (replayed on ``--resume``) or still queued for our persisten
 
 With ``--aggregators N`` (scale-out aggregation, fedmqtt.aggregator) the coordinator sees no update: it subscribes
 to the workers' presence and progress (``aggregators/+/+``) and to their partial aggregates (``partials/+``) instead
-of ``updates/+``. Rounds open only while N workers are online (the machine's open gate). A progress entry goes
-through the round machine as the update would have (screen, accept or refuse), and the attempt's
-:class:`~fedmqtt.coordinator.partials.HoldingsBook` records which worker holds it. At close the coordinator
-publishes the retained collect request, waits for the partials (at most ``--partial-timeout``; the driver keeps
-handling other messages meanwhile), checks and folds each one (``Strategy.add_partial``) and aggregates as usual; a
-worker offline, silent or refused fails the attempt, which the machine retries. The holdings are not checkpointed:
-a coordinator that resumes in the middle of an attempt abandons it (a new attempt opens), so no update is counted
-twice.
+of ``updates/+``, and :class:`~fedmqtt.coordinator.scaleout.ScaleOut` handles them (the round gate, the holdings,
+the collection of the partials). The holdings are not checkpointed: a coordinator that resumes in the middle of an
+attempt abandons it (a new attempt opens), so no update is counted twice.
 """
 
 from __future__ import annotations
@@ -33,8 +28,7 @@ from typing import Any
 import numpy as np
 
 from fedmqtt import arrays as A
-from fedmqtt.codecs import decode_frame, encode_frame, model_hash, peek_header
-from fedmqtt.codecs import errors as codec_errors
+from fedmqtt.codecs import decode_frame, encode_frame, model_hash
 from fedmqtt.codecs.downlink import (
     DownlinkTracker,
     arrays_digest,
@@ -49,8 +43,8 @@ from fedmqtt.coordinator.config import CoordinatorConfig
 from fedmqtt.coordinator.durability import CHECKPOINT_FILE, QUARANTINE_DIR, REPLAY_MARKER, SPOOL_DIR, Durability
 from fedmqtt.coordinator.errors import AggregationError, CoordinatorConflict
 from fedmqtt.coordinator.evaluation import Evaluation, Evaluator, model_evaluation, unevaluated
-from fedmqtt.coordinator.partials import HoldingsBook, PartialRefusal, PartialVerdict, holdings_summary
 from fedmqtt.coordinator.presence import InstanceTracker, PresenceBatch, live_rival
+from fedmqtt.coordinator.scaleout import Host, ScaleOut
 from fedmqtt.errors import ConfigError, FedmqttError
 from fedmqtt.mqtt import (
     ClientSettings,
@@ -62,8 +56,6 @@ from fedmqtt.mqtt import (
 from fedmqtt.privacy.policy import RoundPrivacy
 from fedmqtt.schema import (
     END_PHASES,
-    AggregatorPresence,
-    AggregatorProgress,
     CodecSpec,
     CoordinatorPresence,
     DeviceStatus,
@@ -76,7 +68,6 @@ from fedmqtt.schema import (
     Metrics,
     Phase,
     Plan,
-    ProgressEntry,
     RefusalReason,
     RoundSummary,
     Status,
@@ -262,13 +253,8 @@ class CoordinatorService:
         self._retained_status: Status | None = None
         self._retained_presence: CoordinatorPresence | None = None
         self._retained_rounds: set[int] = set()
-        # Scale-out aggregation (--aggregators N): the workers' latest presence, when a last will received while our
-        # link was in doubt takes effect, the open attempt's holdings, and the close being collected.
-        self._workers: dict[str, AggregatorPresence] = {}
-        self._worker_will_at: dict[str, float] = {}
-        self._holdings: HoldingsBook | None = None
-        self._collecting: M.CloseRound | None = None
-        self.aggregator_refusals = 0  # workers' messages refused (progress, partials, statuses)
+        # Scale-out aggregation (--aggregators N): the workers, the open attempt's holdings, the collection.
+        self.scaleout: ScaleOut | None = self._scale_out() if config.aggregators else None
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -296,6 +282,39 @@ class CoordinatorService:
 
     def _weight(self, header: FrameHeader) -> float:
         return intake.update_weight(header, dp=self.privacy is not None)
+
+    def _scale_out(self) -> ScaleOut:
+        host = Host(
+            clock=self.clock,
+            machine=lambda: self.machine,
+            run_id=lambda: self.run_id,
+            model_hash=lambda: self.plan.model_hash if self.plan is not None else None,
+            ended=lambda: self.exit_code is not None,
+            publish=self._publish,
+            event=self._event,
+            execute=self._execute,
+            refuse=self._refuse,
+            weight=self._weight,
+            count_accepted=self._count_accepted,
+            grace_until=self._grace_until,
+            link_in_doubt=self._holding_deadline,
+            status_changed=lambda: self._maybe_publish_status(force=True),
+            aggregate=self._aggregate_round,
+        )
+        return ScaleOut(
+            self.config,
+            self.topics,
+            host,
+            strategy=self.strategy,
+            update_manifest=self.update_manifest,
+            max_body_bytes=self._max_body_bytes(),
+        )
+
+    def _update_gate(self) -> None:
+        """With --aggregators, rounds open only while the workers are online (a last will takes effect once its
+        grace is over)."""
+        if self.scaleout is not None:
+            self.scaleout.update_gate()
 
     def _load_eval_set(self) -> Any:
         if self.config.eval_data is None:
@@ -396,9 +415,10 @@ class CoordinatorService:
                     self._stop_on_request()
                 if self.exit_code is None:
                     hold = self._holding_deadline() or self._backlog_before_deadline()
-                    self._update_gate()  # a worker's last will takes effect once its grace is over
+                    self._update_gate()
                     self._execute(self.machine.tick(self.clock(), hold_deadline=hold))
-                    self._check_collection()
+                    if self.scaleout is not None:
+                        self.scaleout.check_collection()
                     self._flush_presence()
                     self._maybe_publish_status(force=False)
             return self.exit_code
@@ -606,8 +626,8 @@ class CoordinatorService:
                 return
             if self.plan is not None:
                 self._publish(self.topics.plan, to_json(self.plan), retain=True)
-            if self.config.aggregators and self.machine.stage in (M.Stage.TRAINING, M.Stage.AGGREGATING):
-                self._abandon_resumed_attempt()
+            if self.scaleout is not None and self.machine.stage in (M.Stage.TRAINING, M.Stage.AGGREGATING):
+                self.scaleout.abandon_resumed_attempt()
             elif self.machine.accepted:
                 # A checkpoint written in the middle of a round (a pause by signal) counts accepted updates the
                 # fresh accumulator lacks: fold them from the spool (replaying them is then a redelivery).
@@ -652,7 +672,7 @@ class CoordinatorService:
             if device is not None:
                 self._handle_device_status(device, item)
                 return
-            if self.config.aggregators and self._handle_aggregator_message(item):
+            if self.scaleout is not None and self.scaleout.handle(item.topic, item.payload, item.received_at):
                 return
             device = self.topics.device_of_update(item.topic)
             if device is not None:
@@ -826,11 +846,7 @@ class CoordinatorService:
             self.files.spool(header.round, self.machine.attempt, device, payload)
         progress.folded = True
         self.strategy.add(frame.arrays, self._weight(header))
-        if frame.header.dp is not None and frame.header.dp.unclipped:
-            self._unclipped += 1
-        if self.book is not None:
-            self.book.bytes_up += len(payload)
-            self._count_down(frame.header.downlink)
+        self._count_accepted(len(payload), frame.header)
         progress.accepted = True
         self._execute(self.machine.accept_update(device, header, received_at if received_at is not None else now))
 
@@ -914,8 +930,8 @@ class CoordinatorService:
         self._unclipped = 0
         self._tainted = None
         self.book = _RoundBook(a.round, a.attempt, a.opened_at)
-        self._holdings = HoldingsBook(self.config.job, a.round, a.attempt, self.run_id)
-        self._collecting = None
+        if self.scaleout is not None:
+            self.scaleout.open_attempt(a)
         if self.model_round != a.round:
             self.model_round = a.round
             self._publish_global_model()
@@ -957,7 +973,8 @@ class CoordinatorService:
 
     def _round_failed(self, a: M.RoundFailed) -> None:
         self._event(EventType.ROUND_FAILED, round=a.round, attempt=a.attempt, detail=a.reason)
-        self._end_collection()
+        if self.scaleout is not None:
+            self.scaleout.end_collection()
         self.strategy.begin_round(self._trained_part(self.global_arrays))
         self._unclipped = 0
         self._tainted = None
@@ -1007,8 +1024,8 @@ class CoordinatorService:
 
     def _close_round(self, a: M.CloseRound) -> None:
         self._maybe_publish_status(force=True, phase=Phase.AGGREGATING)
-        if self.config.aggregators:
-            self._collect(a)  # _check_collection aggregates once every partial is in (_aggregate_round)
+        if self.scaleout is not None:
+            self.scaleout.collect(a)  # it has _aggregate_round aggregate once every partial is in
             return
         self._aggregate_round(a)
 
@@ -1131,274 +1148,6 @@ class CoordinatorService:
             return None
         return RefusalReason.NORM_TOO_LARGE, f"applied alone, this update makes the model non-finite ({problem})"
 
-    # ------------------------------------------------------------------------------------ aggregator workers
-
-    def _workers_online(self) -> set[str]:
-        """The workers online now: said so last, or went offline while our link was in doubt and may come back
-        (their will takes effect at ``_worker_will_at``)."""
-        now = self.clock()
-        return {
-            w
-            for w, p in self._workers.items()
-            if p.state == "online" or (w in self._worker_will_at and now < self._worker_will_at[w])
-        }
-
-    def _update_gate(self) -> None:
-        """Rounds open only while ``--aggregators`` workers are online: set the machine's gate, say so."""
-        needed = self.config.aggregators
-        if not needed:
-            return
-        online = sorted(self._workers_online())
-        reason = None
-        if len(online) < needed:
-            reason = f"waiting for aggregators: {len(online)} of {needed} online" + (
-                f" ({', '.join(online[:10])})" if online else ""
-            )
-        before = self.machine.gate
-        self.machine.set_open_gate(reason)
-        if reason is not None and reason != before:
-            log.info("%s", reason)
-            self._event(EventType.AGGREGATORS_WAITING, round=self.machine.round, detail=reason)
-        if reason != before:
-            self._maybe_publish_status(force=True)
-
-    def _handle_aggregator_message(self, item: _Inbound) -> bool:
-        """A worker's presence, progress or partial aggregate. True if the topic was one of them."""
-        worker = self.topics.aggregator_of_status(item.topic)
-        if worker is not None:
-            self._handle_aggregator_status(worker, item)
-            return True
-        worker = self.topics.aggregator_of_progress(item.topic)
-        if worker is not None:
-            self._handle_progress(worker, item)
-            return True
-        worker = self.topics.aggregator_of_partial(item.topic)
-        if worker is not None:
-            self._handle_partial(worker, item)
-            return True
-        return False
-
-    def _aggregator_refused(self, worker: str, what: str, detail: str) -> None:
-        """A worker's message that cannot be used: counted, logged and reported (updates it names are counted as
-        refused updates by the machine, never here)."""
-        self.aggregator_refusals += 1
-        log.warning("refused %s of aggregator %s: %s", what, worker, detail)
-        self._event(
-            EventType.AGGREGATOR_REFUSED, round=self.machine.round, detail=f"{what} of aggregator {worker}: {detail}"
-        )
-
-    def _handle_aggregator_status(self, worker: str, item: _Inbound) -> None:
-        if item.payload:
-            try:
-                presence = from_json(AggregatorPresence, item.payload)
-            except MessageError as exc:
-                self._aggregator_refused(worker, "a status", str(exc))
-                return
-            if presence.worker != worker or presence.job != self.config.job:
-                detail = f"it names worker {presence.worker!r} of job {presence.job!r}"
-                self._aggregator_refused(worker, "a status", detail)
-                return
-        else:  # a cleared retained status: the worker is gone
-            presence = AggregatorPresence(
-                job=self.config.job, worker=worker, instance=new_token(), state="offline", since=self.clock()
-            )
-        before = self._workers.get(worker)
-        self._workers[worker] = presence
-        self._worker_will_at.pop(worker, None)
-        if presence.state == "offline":
-            grace = self._grace_until(item.received_at)
-            if grace is not None and self.clock() < grace:
-                self._worker_will_at[worker] = grace  # a broker restart publishes the wills of live clients
-        if before is None or before.state != presence.state:
-            self._announce_worker(worker, presence)
-        self._update_gate()
-        self._check_collection()
-
-    def _announce_worker(self, worker: str, presence: AggregatorPresence) -> None:
-        if presence.state == "online":
-            where = f"group {presence.group}" if presence.group else f"site {presence.site}" if presence.site else ""
-            self._event(
-                EventType.AGGREGATOR_ONLINE, detail=f"aggregator {worker} online" + (f" ({where})" if where else "")
-            )
-            return
-        held = self._holdings.devices_of(worker) if self._holdings is not None else ()
-        detail = f"aggregator {worker} offline"
-        if held and self._holdings is not None:
-            book = self._holdings
-            detail += f", holding {holdings_summary(list(held))} of round {book.round} attempt {book.attempt}"
-        log.warning("%s", detail)
-        self._event(EventType.AGGREGATOR_OFFLINE, detail=detail)
-
-    def _handle_progress(self, worker: str, item: _Inbound) -> None:
-        try:
-            progress = from_json(AggregatorProgress, item.payload)
-        except MessageError as exc:
-            self._aggregator_refused(worker, "a progress message", str(exc))
-            return
-        if progress.worker != worker or progress.job != self.config.job:
-            detail = f"it names worker {progress.worker!r} of job {progress.job!r}"
-            self._aggregator_refused(worker, "a progress message", detail)
-            return
-        if progress.run_id is not None and self.run_id is not None and progress.run_id != self.run_id:
-            detail = f"{len(progress.entries)} update(s) of run {progress.run_id}; this is run {self.run_id}"
-            self._aggregator_refused(worker, "a progress message", detail)
-            return
-        for entry in progress.entries:
-            try:
-                self._handle_entry(worker, progress, entry, item.received_at)
-            except Exception as exc:  # one entry never ends the coordinator, nor the others of its message
-                summary = f"{type(exc).__name__}: {exc}"
-                log.error(
-                    "internal error on %s's entry from aggregator %s: %s", entry.device, worker, summary, exc_info=exc
-                )
-                if self.machine.accepted.get(entry.device) is None:
-                    self._refuse(entry.device, progress.round, RefusalReason.INTERNAL_ERROR, summary)
-
-    def _handle_entry(
-        self, worker: str, progress: AggregatorProgress, entry: ProgressEntry, received_at: float
-    ) -> None:
-        """One update a worker screened, as if it had arrived here: the machine screens the accepted ones
-        (round, selection, duplicates across workers, base model, sample count) and the holdings record who has it."""
-        device = entry.device
-        where = f" (screened by aggregator {worker})"
-        if not entry.accepted or entry.header is None:
-            assert entry.reason is not None  # ProgressEntry's rule
-            self._refuse(device, progress.round, entry.reason, entry.detail + where)
-            return
-        header = entry.header
-        screening = self.machine.screen_update(
-            device, header, model_hash=self.plan.model_hash if self.plan is not None else None
-        )
-        if screening.redelivery:
-            log.debug("ignored a second report of %s's update (aggregator %s)", device, worker)
-            return
-        if screening.refused:
-            assert screening.reason is not None
-            self._refuse(device, header.round, screening.reason, screening.detail + where)
-            return
-        book = self._holdings
-        if book is None or (progress.round, progress.attempt) != (book.round, book.attempt):
-            # The worker keeps it under another attempt than the open one: it could not sum it for this one.
-            self._refuse(
-                device,
-                header.round,
-                RefusalReason.STALE_ROUND,
-                f"aggregator {worker} holds it for round {progress.round} attempt {progress.attempt}; "
-                f"attempt {self.machine.attempt} is open",
-            )
-            return
-        unclipped = header.dp is not None and bool(header.dp.unclipped)
-        actions = self.machine.accept_update(device, header, received_at)  # counted: now the holdings record it
-        book.hold(device, worker, num_samples=header.num_samples, weight=self._weight(header), bytes=entry.bytes,
-                  unclipped=unclipped)  # fmt: skip
-        if unclipped:
-            self._unclipped += 1
-        if self.book is not None:
-            self.book.bytes_up += entry.bytes
-            self._count_down(header.downlink)
-        self._execute(actions)
-
-    # -- the close: collect the partials
-
-    def _collect(self, a: M.CloseRound) -> None:
-        """Ask the workers for the partials of exactly the devices this attempt accepted from each one."""
-        book = self._holdings
-        assert book is not None and (book.round, book.attempt) == (a.round, a.attempt)
-        request = book.collect(self.clock(), self.config.partial_timeout)
-        self._collecting = a
-        self._publish(self.topics.collect, to_json(request), retain=True)
-        shown = ", ".join(f"{w}: {len(d)}" for w, d in request.holdings.items())
-        log.info("round %d attempt %d closed: collecting partials (%s)", a.round, a.attempt, shown)
-        self._check_collection()
-
-    def _end_collection(self) -> None:
-        """The collection is over (aggregated or failed): clear the retained collect request."""
-        if self._collecting is not None:
-            self._collecting = None
-            self._publish(self.topics.collect, b"", retain=True)
-
-    def _check_collection(self) -> None:
-        """Aggregate once every partial is in; fail the attempt once one cannot come."""
-        a, book = self._collecting, self._holdings
-        if a is None or book is None or self.exit_code is not None:
-            return
-        if book.complete:
-            self._end_collection()
-            self._aggregate_round(a)
-            return
-        now = self.clock()
-        if self._holding_deadline():  # our own link is (or was just) down: partials may still be on their way
-            book.extend(now + 1.0)
-        problem = book.failure(now, online=self._workers_online())
-        if problem is None:
-            return
-        log.error("round %d attempt %d: %s", a.round, a.attempt, problem)
-        self._end_collection()
-        self._update_gate()  # the retry waits for the workers
-        self._execute(self.machine.aggregation_failed(a.round, problem, now))
-
-    def _handle_partial(self, worker: str, item: _Inbound) -> None:
-        book = self._holdings
-        if book is None or self._collecting is None:
-            # A late partial of an attempt already aggregated or failed (or a stray one): never folded.
-            log.info("ignored a partial aggregate of aggregator %s: no collect request is open", worker)
-            return
-        try:
-            header = peek_header(item.payload)
-        except codec_errors.FrameError as exc:
-            self._partial_refused(book.blocking(worker, PartialRefusal.MALFORMED, str(exc)))
-            return
-        verdict = book.check(worker, header)
-        if verdict.redelivery:
-            return
-        if not verdict.accepted:
-            self._partial_refused(verdict)
-            return
-        try:
-            frame = decode_frame(
-                item.payload, max_body_bytes=self._max_body_bytes(), expected_manifest=self.update_manifest
-            )
-        except codec_errors.FrameError as exc:
-            refusal = {
-                RefusalReason.MANIFEST_MISMATCH: PartialRefusal.MANIFEST_MISMATCH,
-                RefusalReason.NON_FINITE: PartialRefusal.NON_FINITE,
-            }.get(intake.frame_refusal_reason(exc), PartialRefusal.MALFORMED)
-            self._partial_refused(book.blocking(worker, refusal, str(exc)))
-            return
-        devices = book.devices_of(worker)
-        weight = sum(book.holdings[d].weight for d in devices)  # the coordinator's own weights (checked equal)
-        try:
-            self.strategy.add_partial(frame.arrays, weight, len(devices))
-        except AggregationError as exc:
-            self._partial_refused(book.blocking(worker, PartialRefusal.MALFORMED, str(exc)))
-            return
-        book.accept(worker, header)
-        log.info("partial of aggregator %s: %d update(s), weight %g", worker, len(devices), weight)
-        self._check_collection()
-
-    def _partial_refused(self, verdict: PartialVerdict) -> None:
-        assert verdict.refusal is not None
-        book = self._holdings
-        if book is not None:
-            book.refuse(verdict)
-        what = "the awaited partial aggregate" if verdict.blocking else "a partial aggregate"
-        self._aggregator_refused(verdict.worker, what, f"{verdict.refusal.value}: {verdict.detail}")
-        self._check_collection()
-
-    def _abandon_resumed_attempt(self) -> None:
-        """A coordinator resumed in the middle of an attempt: the workers' holdings of it are not checkpointed
-        (nor is what they reported since the checkpoint), so the attempt is abandoned and a new one opens: no
-        update is counted twice, and the devices train again for the new attempt."""
-        m = self.machine
-        held = len(m.accepted)
-        reason = (
-            f"the coordinator resumed in the middle of round {m.round} attempt {m.attempt} ({held} update(s) "
-            "counted); with --aggregators the workers' holdings are not checkpointed, so the attempt is abandoned "
-            "and opened again"
-        )
-        log.warning("%s", reason)
-        self._execute(m.abandon_attempt(reason, self.clock()))
-
     # ------------------------------------------------------------------------------------ privacy
 
     def _publish_privacy(self) -> None:
@@ -1480,6 +1229,14 @@ class CoordinatorService:
         if self.delta_frame:
             self._publish(self.topics.delta, self.delta_frame, retain=True)
 
+    def _count_accepted(self, size: int, header: FrameHeader) -> None:
+        """An accepted update (here, or held by an aggregator): its DP clip bit, its bytes up and down."""
+        if header.dp is not None and header.dp.unclipped:
+            self._unclipped += 1
+        if self.book is not None:
+            self.book.bytes_up += size
+            self._count_down(header.downlink)
+
     def _count_down(self, path: DownlinkPath | None) -> None:
         """Bytes down of one accepted update, by the path its device says it took (none said: the full model)."""
         if self.book is None or path is DownlinkPath.HELD:
@@ -1500,9 +1257,8 @@ class CoordinatorService:
             "run_id": self.run_id,
             "instance": self.instance,
         }
-        if self.config.aggregators:
-            update["aggregators_online"] = len(self._workers_online())
-            update["aggregators_needed"] = self.config.aggregators
+        if self.scaleout is not None:
+            update.update(self.scaleout.status_fields())
         if phase is not None:
             update["phase"] = phase
         return snap.model_copy(update=update)
