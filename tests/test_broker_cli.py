@@ -115,6 +115,8 @@ def test_gen_certs_writes_private_keys_and_refuses_to_overwrite(
         (["--embedded", "--auth"], "--auth: the embedded broker has no accounts"),
         (["--embedded", "--tls"], "--tls: the embedded broker"),
         (["--embedded", "--max-packet-mb", "0"], "--max-packet-mb"),
+        (["--embedded", "--max-queued-messages", "5000"], "--max-queued-messages: sizes Mosquitto's per-client"),
+        (["--embedded", "--max-queued-mb", "500"], "--max-queued-mb: sizes Mosquitto's per-client queues"),
     ],
 )
 def test_impossible_broker_options_are_refused(
@@ -178,3 +180,18 @@ def test_mosquitto_runs_in_the_foreground_until_sigterm(tmp_path: Path) -> None:
     assert (tmp_path / "cfg" / "mosquitto.conf").exists()
     assert "Saving in-memory database" in output  # a graceful stop
     assert not (tmp_path / "cfg" / "mosquitto.pid").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-queued-messages", "0"], "--max-queued-messages: must be at least 1"),
+        (["--max-queued-mb", "1", "--max-packet-mb", "8"], "--max-queued-mb: must hold at least one maximum-size"),
+    ],
+)
+def test_a_queue_that_cannot_hold_a_round_is_refused_before_mosquitto_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    code, _, err = run_cli(["broker", "--mosquitto", "--config-dir", str(tmp_path), *flags], capsys)
+    assert code == 1 and message in err
+    assert not (tmp_path / "mosquitto.conf").exists()

@@ -50,8 +50,11 @@ def test_config_has_the_settings_fedmqtt_relies_on(tmp_path: Path) -> None:
     lines = text.splitlines()
     assert "max_packet_size 8388608" in lines
     assert not any(line.startswith("message_size_limit") for line in lines)
-    assert f"max_queued_bytes {4 * 8 * 1024 * 1024}" in lines
-    assert "max_queued_messages 1000" in lines
+    # A connected coordinator's queue must hold a round's burst: Mosquitto's own default (1,000) dropped updates.
+    assert "max_queued_bytes 1000000000" in lines
+    assert "max_queued_messages 100000" in lines
+    big = MosquittoConfig(tmp_path, max_packet_size=256_000_000, max_queued_messages=5, run_as_root=False)
+    assert {"max_queued_bytes 1024000000", "max_queued_messages 5"} <= set(big.render().splitlines())
     assert "persistence true" in lines
     assert f"persistence_location {tmp_path}/data/" in lines
     assert "log_dest stderr" in lines
@@ -389,3 +392,41 @@ def test_stop_is_graceful_and_saves_the_database(mosquitto_factory: Callable[...
     assert read_pid(broker.config_dir) is None
     with pytest.raises(BrokerError, match="not running"):
         broker.reload()
+
+
+@pytest.mark.mosquitto
+@pytest.mark.usefixtures("mosquitto_installed")
+def test_a_connected_slow_subscriber_gets_a_burst_of_1500_qos1_messages(tmp_path: Path) -> None:
+    """The coordinator acknowledges an update only once it is on disk, so a round's burst waits in its queue at the
+    broker. With Mosquitto's default queue (1,000 messages) a burst of 1,500 lost about 500 of them, silently for
+    their publishers; the generated configuration holds them all."""
+    import paho.mqtt.client as paho
+
+    held: list[int] = []
+    with MosquittoBroker(tmp_path / "broker", port=0) as broker:
+        port = int(broker.url.rsplit(":", 1)[1])
+        sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="slow", protocol=paho.MQTTv5, manual_ack=True)
+        sub.on_message = lambda client, userdata, message: held.append(message.mid)
+        sub.connect("127.0.0.1", port)
+        sub.subscribe("burst/#", qos=1)
+        sub.loop_start()
+        publisher = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="burst", protocol=paho.MQTTv5)
+        publisher.connect("127.0.0.1", port)
+        publisher.loop_start()
+        try:
+            wait_until(lambda: sub.is_connected() and publisher.is_connected(), timeout=10)
+            time.sleep(0.2)  # the subscription is in place
+            for _ in range(1500):
+                publisher.publish("burst/x", b"u" * 200, qos=1).wait_for_publish(10)
+            received = 0
+            deadline = time.monotonic() + 60
+            while received < 1500 and time.monotonic() < deadline:
+                while held:  # acknowledge slowly, a window at a time, as the coordinator does
+                    sub.ack(held.pop(), 1)
+                    received += 1
+                time.sleep(0.01)
+            assert received == 1500, f"{received} of 1500 arrived; broker log: {broker.log_text()[-500:]}"
+            assert "dropped" not in broker.log_text()
+        finally:
+            publisher.loop_stop()
+            sub.loop_stop()

@@ -1,7 +1,8 @@
 """``fedmqtt broker``: run a broker in the foreground, and manage Mosquitto accounts and test certificates.
 
 fedmqtt broker [--embedded | --mosquitto] [--config-dir DIR] [--host H] [--port P] [--tls] [--auth]
-               [--client-certs [--cafile CA]] [--max-packet-mb N] [--prefix fedmqtt]
+               [--client-certs [--cafile CA]] [--max-packet-mb N] [--max-queued-messages N --max-queued-mb MB]
+               [--prefix fedmqtt]
                [--bridge-to URL --site NAME --job J [--site-aggregator] [--bridge-username U]
                 [--bridge-password-file F] [--bridge-cafile CA] [--bridge-certfile C --bridge-keyfile K]]
 fedmqtt broker add-device ID [--password P]      (also add-coordinator, add-watcher, add-site NAME, add-aggregator ID)
@@ -60,6 +61,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=float,
         default=DEFAULT_MAX_PACKET_SIZE / MB,
         help="largest MQTT packet accepted, in MB (10^6 bytes, as --max-update-mb; default %(default)g)",
+    )
+    parser.add_argument(
+        "--max-queued-messages",
+        type=int,
+        default=None,
+        help="QoS 1 messages Mosquitto queues per client beyond its in-flight window, or for it while offline; the "
+        "rest are dropped. The coordinator's (or each aggregator's) queue must hold a round's updates and statuses "
+        "(default 100000)",
+    )
+    parser.add_argument(
+        "--max-queued-mb",
+        type=float,
+        default=None,
+        help="the same queue's bound in MB: at least devices per round x update size (/ aggregators) "
+        "(default: the larger of 1000 and 4 x --max-packet-mb)",
     )
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix the ACL covers (default fedmqtt)")
     parser.add_argument("--certfile", type=Path, help="server certificate (default CONFIG_DIR/tls/server.crt)")
@@ -200,6 +216,10 @@ def run_broker(args: argparse.Namespace) -> int:
                             ("--client-certs", args.client_certs)):  # fmt: skip
             if value:
                 raise ConfigError(flag, "the embedded broker has no accounts or TLS; use --mosquitto")
+        for flag, value in (("--max-queued-messages", args.max_queued_messages),
+                            ("--max-queued-mb", args.max_queued_mb)):  # fmt: skip
+            if value is not None:
+                raise ConfigError(flag, "sizes Mosquitto's per-client queues; use --mosquitto")
         from fedmqtt.broker.embedded import run_embedded
 
         run_embedded(args.host, args.port or 1883, max_packet_size=max_packet_size)
@@ -215,11 +235,21 @@ def run_broker(args: argparse.Namespace) -> int:
         raise ConfigError("--client-certs", "client certificates need the TLS listener: add --tls")
     if args.cafile is not None and not args.client_certs:
         raise ConfigError("--cafile", "is the CA of client certificates: use it with --client-certs")
+    queue: dict[str, int] = {}
+    if args.max_queued_messages is not None:
+        if args.max_queued_messages < 1:
+            raise ConfigError("--max-queued-messages", "must be at least 1")
+        queue["max_queued_messages"] = args.max_queued_messages
+    if args.max_queued_mb is not None:
+        if args.max_queued_mb * MB < max_packet_size:
+            raise ConfigError("--max-queued-mb", "must hold at least one maximum-size packet (--max-packet-mb)")
+        queue["max_queued_bytes"] = int(args.max_queued_mb * MB)
     config = MosquittoConfig(
         args.config_dir,
         host=args.host,
         port=args.port or (8883 if args.tls else 1883),
         max_packet_size=max_packet_size,
+        **queue,
         auth=args.auth,
         tls=args.tls,
         certfile=args.certfile,

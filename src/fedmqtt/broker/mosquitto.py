@@ -77,19 +77,28 @@ def _running_as_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+DEFAULT_MAX_QUEUED_MESSAGES = 100_000
+DEFAULT_MAX_QUEUED_BYTES = 1_000_000_000
+
+
 @dataclass(frozen=True)
 class MosquittoConfig:
     """Everything the generated mosquitto.conf says. ``render()`` is pure; ``write()`` writes the directory.
 
-    ``max_queued_bytes`` (per client: QoS 1 messages waiting for an offline persistent session or beyond the
-    in-flight window) defaults to four maximum-size packets.
+    ``max_queued_messages`` / ``max_queued_bytes``: per client, the QoS 1 messages waiting for an offline
+    persistent session **or beyond the in-flight window of a connected one**; Mosquitto drops the rest for that
+    client (its log: "Outgoing messages are being dropped"), although it acknowledged them to their publisher. The
+    coordinator (or each aggregator worker) must be able to hold a whole round's burst of updates and device
+    statuses there: with Mosquitto's own default of 1,000 messages, rounds of 1,000 devices lost updates
+    silently. The defaults (DEFAULT_MAX_QUEUED_MESSAGES, and the larger of four maximum-size packets and
+    DEFAULT_MAX_QUEUED_BYTES) hold a round of 100,000 small updates or 1 GB of frames per client.
     """
 
     config_dir: Path
     host: str = "127.0.0.1"
     port: int = 1883
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
-    max_queued_messages: int = 1000
+    max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES
     max_queued_bytes: int | None = None
     max_inflight_messages: int = 20
     persistence: bool = True
@@ -169,7 +178,9 @@ class MosquittoConfig:
 
     @property
     def effective_max_queued_bytes(self) -> int:
-        return self.max_queued_bytes if self.max_queued_bytes is not None else 4 * self.max_packet_size
+        if self.max_queued_bytes is not None:
+            return self.max_queued_bytes
+        return max(4 * self.max_packet_size, DEFAULT_MAX_QUEUED_BYTES)
 
     # -- rendering --
 
@@ -425,7 +436,7 @@ class MosquittoBroker:
         auth: bool = False,
         client_certs: bool = False,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
-        max_queued_messages: int = 1000,
+        max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
         max_queued_bytes: int | None = None,
         prefix: str = DEFAULT_PREFIX,
         persistence: bool = True,
