@@ -49,6 +49,9 @@ from harness import MANIFEST, WAIT, Job, closed_port_url
 
 SAMPLES = [12, 30, 7, 21, 16, 9]
 
+# Real coordinator and worker processes on Mosquitto (make test-fast leaves them out).
+pytestmark = [pytest.mark.e2e, pytest.mark.mosquitto]
+
 
 def arrays_for(seed: int) -> ModelArrays:
     rng = np.random.default_rng(seed)
@@ -581,7 +584,6 @@ def test_simulate_starts_aggregator_workers_with_the_jobs_limits_and_refuses_the
             )
 
 
-@pytest.mark.e2e
 def test_simulate_with_two_aggregator_workers_trains_the_job(tmp_path: Path, tiny_data: Path) -> None:
     import json
 
