@@ -225,7 +225,7 @@ def run_broker(args: argparse.Namespace) -> int:
         run_embedded(args.host, args.port or 1883, max_packet_size=max_packet_size)
         return 0
 
-    from fedmqtt.broker.mosquitto import MosquittoConfig, run_mosquitto
+    from fedmqtt.broker.mosquitto import DEFAULT_MAX_QUEUED_MESSAGES, MosquittoConfig, run_mosquitto
 
     require_output_dir("--config-dir", args.config_dir)
     require_input_file("--certfile", args.certfile)
@@ -235,21 +235,17 @@ def run_broker(args: argparse.Namespace) -> int:
         raise ConfigError("--client-certs", "client certificates need the TLS listener: add --tls")
     if args.cafile is not None and not args.client_certs:
         raise ConfigError("--cafile", "is the CA of client certificates: use it with --client-certs")
-    queue: dict[str, int] = {}
-    if args.max_queued_messages is not None:
-        if args.max_queued_messages < 1:
-            raise ConfigError("--max-queued-messages", "must be at least 1")
-        queue["max_queued_messages"] = args.max_queued_messages
-    if args.max_queued_mb is not None:
-        if args.max_queued_mb * MB < max_packet_size:
-            raise ConfigError("--max-queued-mb", "must hold at least one maximum-size packet (--max-packet-mb)")
-        queue["max_queued_bytes"] = int(args.max_queued_mb * MB)
+    if args.max_queued_messages is not None and args.max_queued_messages < 1:
+        raise ConfigError("--max-queued-messages", "must be at least 1")
+    if args.max_queued_mb is not None and args.max_queued_mb * MB < max_packet_size:
+        raise ConfigError("--max-queued-mb", "must hold at least one maximum-size packet (--max-packet-mb)")
     config = MosquittoConfig(
         args.config_dir,
         host=args.host,
         port=args.port or (8883 if args.tls else 1883),
         max_packet_size=max_packet_size,
-        **queue,
+        max_queued_messages=args.max_queued_messages or DEFAULT_MAX_QUEUED_MESSAGES,
+        max_queued_bytes=int(args.max_queued_mb * MB) if args.max_queued_mb is not None else None,
         auth=args.auth,
         tls=args.tls,
         certfile=args.certfile,
