@@ -73,6 +73,9 @@ TLS_RELEASE = ["release", "--broker", "{mqtts}", "--job", "j", "--connect-timeou
 SIMULATE = ["simulate", "--devices", "1", "--rounds", "1", "--broker", "{mqtt}", "--timeout", "10"]
 TLS_SIMULATE = ["simulate", "--devices", "1", "--rounds", "1", "--broker", "{mqtts}", "--timeout", "10"]
 MOSQUITTO = ["broker", "--mosquitto", "--port", "{port}"]
+AGGREGATOR = ["aggregator", "--broker", "{mqtt}", "--job", "j", "--id", "a1", "--connect-timeout", "2"]
+TLS_AGGREGATOR = ["aggregator", "--broker", "{mqtts}", "--job", "j", "--id", "a1", "--connect-timeout", "2"]
+BRIDGE = [*MOSQUITTO, "--config-dir", "cfg", "--bridge-to", "mqtts://127.0.0.1:{port}", "--site", "s1", "--job", "j"]
 
 # (command as `fedmqtt --help` spells it, argv, flag the message must name, path it must name)
 CASES: list[tuple[str, list[str], str, str]] = [
@@ -164,6 +167,13 @@ CASES: list[tuple[str, list[str], str, str]] = [
         "--tls-key",
         "missing.key",
     ),
+    # aggregator: checked before it connects
+    ("aggregator", [*AGGREGATOR, "--spool", "afile"], "--spool", "afile"),
+    ("aggregator", [*AGGREGATOR, "--spool", "afile/x"], "--spool", "afile/x"),
+    ("aggregator", [*AGGREGATOR, "--username", "u", "--password-file", "missing.pw"], "--password-file", "missing.pw"),
+    ("aggregator", [*TLS_AGGREGATOR, "--tls-ca", "garbage.bin"], "--tls-ca", "garbage.bin"),
+    ("aggregator", [*TLS_AGGREGATOR, "--tls-cert", "badpem.crt"], "--tls-cert", "badpem.crt"),
+    ("aggregator", [*TLS_AGGREGATOR, "--tls-cert", "tls/server.crt", "--tls-key", "adir"], "--tls-key", "adir"),
     # watch
     ("watch", [*WATCH, "--tls-ca", "missing.crt"], "--tls-ca", "missing.crt"),
     ("watch", [*WATCH, "--tls-ca", "adir"], "--tls-ca", "adir"),
@@ -202,7 +212,29 @@ CASES: list[tuple[str, list[str], str, str]] = [
         "--keyfile",
         "tls2/server.key",
     ),
+    ("broker", [*BRIDGE, "--bridge-cafile", "missing.crt"], "--bridge-cafile", "missing.crt"),
+    ("broker", [*BRIDGE, "--bridge-cafile", "garbage.bin"], "--bridge-cafile", "garbage.bin"),
+    (
+        "broker",
+        [*BRIDGE, "--bridge-certfile", "adir", "--bridge-keyfile", "tls/server.key"],
+        "--bridge-certfile",
+        "adir",
+    ),
+    (
+        "broker",
+        [*BRIDGE, "--bridge-certfile", "tls/server.crt", "--bridge-keyfile", "missing.key"],
+        "--bridge-keyfile",
+        "missing.key",
+    ),
+    (
+        "broker",
+        [*BRIDGE, "--bridge-username", "s1", "--bridge-password-file", "missing.pw"],
+        "--bridge-password-file",
+        "missing.pw",
+    ),
     ("broker add-device", ["broker", "add-device", "d1", "--config-dir", "afile"], "--config-dir", "afile"),
+    ("broker add-site", ["broker", "add-site", "s1", "--config-dir", "afile"], "--config-dir", "afile"),
+    ("broker add-aggregator", ["broker", "add-aggregator", "a1", "--config-dir", "afile/x"], "--config-dir", "afile/x"),
     ("broker add-coordinator", ["broker", "add-coordinator", "--config-dir", "afile/x"], "--config-dir", "afile/x"),
     ("broker add-watcher", ["broker", "add-watcher", "--config-dir", "afile"], "--config-dir", "afile"),
     ("broker gen-certs", ["broker", "gen-certs", "--config-dir", "afile/x"], "--config-dir", "afile/x"),

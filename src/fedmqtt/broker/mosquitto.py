@@ -250,6 +250,8 @@ class MosquittoConfig:
     def write(self) -> Path:
         """Write mosquitto.conf (and the ACL, an empty password file if there is none, the data directory);
         return the config file. With TLS the certificate and key must exist already."""
+        if self.bridge is not None:
+            self.bridge.check_files()  # before anything is written: a bad bridge file leaves no directory behind
         self.config_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
@@ -266,8 +268,6 @@ class MosquittoConfig:
                 f"client certificates are on but the CA {self.client_ca} does not exist; run `fedmqtt broker "
                 f"gen-certs --config-dir {self.config_dir}`, or pass your own --cafile"
             )
-        if self.bridge is not None:
-            self.bridge.check_files()
         if self.acl:
             write_private(self.acl_file, render_config_acl(self.config_dir, self.prefix))
         if self.auth and not self.client_certs:
