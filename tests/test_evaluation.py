@@ -198,3 +198,20 @@ def test_every_round_without_accuracy_is_either_evaluated_again_or_reported_lost
     missing = [e["round"] for e in history if e["accuracy"] is None]
     assert sorted(lost + ([current] if current is not None else [])) == missing
     assert current is None or current == len(history)
+
+
+def test_close_waits_for_the_worker_thread_to_end() -> None:
+    """A worker thread that ran torch and is still alive at interpreter exit can abort the process (exit 134,
+    "terminate called without an active exception"): close() ends it before the coordinator returns."""
+    gate = threading.Event()
+
+    def held(a: Any) -> tuple[float, float]:
+        assert gate.wait(WAIT)
+        return mean_of(a)
+
+    evaluator = Evaluator(lambda: held)
+    evaluator.submit(1, H, arrays(0.25))
+    threading.Timer(0.2, gate.set).start()  # the running evaluation ends a moment after close() is called
+    evaluator.close()
+    names = [t.name for t in threading.enumerate()]
+    assert "fedmqtt-evaluation" not in names, names

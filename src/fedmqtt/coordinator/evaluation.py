@@ -134,11 +134,15 @@ class Evaluator:
                 if until is not None and time.monotonic() >= until:
                     raise
 
-    def close(self) -> None:
-        """Stop the worker after the evaluation it is running (results not collected are dropped)."""
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the worker after the evaluation it is running (results not collected are dropped), and wait up to
+        ``timeout`` seconds for its thread to end: a thread that has run torch and is still alive when the
+        interpreter exits can abort the process ("terminate called without an active exception", exit 134 after a
+        finished job)."""
         self._closed = True
         if self._thread is not None:
             self._jobs.put(_STOP)
+            self._thread.join(timeout)
 
     def _work(self) -> None:
         evaluate: EvaluateFn | None = None
