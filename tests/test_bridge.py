@@ -118,6 +118,14 @@ def test_site_accounts_get_their_own_block_in_the_acl_and_a_device_account_canno
     assert "user cam-1" not in (config_dir / "acl").read_text()
     assert main(["broker", "add-site", "a/b", "--config-dir", str(config_dir)]) == 1
     assert "invalid site name 'a/b'" in capsys.readouterr().err
+    # The same rule for aggregator accounts: a device's or a site's account cannot become one.
+    for taken in ("cam-1", "plant-1"):
+        assert main(["broker", "add-aggregator", taken, "--config-dir", str(config_dir)]) == 1
+        assert f"{taken!r} exists and is not an aggregator's" in capsys.readouterr().err
+    assert main(["broker", "add-aggregator", "agg-1", "--config-dir", str(config_dir)]) == 0
+    assert "user agg-1\n" in (config_dir / "acl").read_text()
+    assert main(["broker", "add-site", "agg-1", "--config-dir", str(config_dir)]) == 1
+    assert "'agg-1' exists and is not a site's" in capsys.readouterr().err
 
 
 # --- the bridge section of mosquitto.conf ------------------------------------------------------------------------

@@ -116,18 +116,18 @@ def acl_prefix(acl_text: str) -> str | None:
     return None
 
 
-def read_sites(sites_file: Path) -> list[str]:
-    """The site accounts listed in ``sites_file`` (one name a line; missing file: none)."""
-    if not sites_file.exists():
+def read_names(listed_file: Path) -> list[str]:
+    """The accounts of one kind (sites, aggregators) listed in ``listed_file`` (one name a line; missing: none)."""
+    if not listed_file.exists():
         return []
-    return [line.strip() for line in sites_file.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in listed_file.read_text().splitlines() if line.strip()]
 
 
-def register_site(sites_file: Path, site: str) -> None:
-    """Add ``site`` to the list of site accounts (the ACL gives each its own block)."""
-    sites = read_sites(sites_file)
-    if site not in sites:
-        write_private(sites_file, "".join(f"{name}\n" for name in [*sites, site]))
+def add_name(listed_file: Path, name: str) -> None:
+    """Add ``name`` to a list of accounts of one kind (the ACL gives each its own block)."""
+    names = read_names(listed_file)
+    if name not in names:
+        write_private(listed_file, "".join(f"{n}\n" for n in [*names, name]))
 
 
 _PREFIX_LINE = "# Topic prefix: "

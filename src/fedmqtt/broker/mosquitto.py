@@ -36,8 +36,8 @@ from fedmqtt.broker.accounts import (
     acl_prefix,
     add_account,
     list_accounts,
-    read_sites,
-    register_site,
+    add_name,
+    read_names,
     render_acl,
     username_for,
     write_private,
@@ -280,24 +280,23 @@ class MosquittoConfig:
 
 def register_site_account(config_dir: Path, site: str) -> None:
     """Make ``site`` (an account of the password file, or about to be) a site account: list it and rewrite the
-    ACL of ``config_dir`` with its block, for the prefix the ACL already covers. An account that exists and
-    is not a site's (a device's) is refused: it would gain a site's rights."""
-    config_dir = Path(config_dir)
-    sites_file = config_dir / SITES_FILE
-    if site in list_accounts(config_dir / PASSWORD_FILE) and site not in read_sites(sites_file):
-        raise AccountError(f"the account {site!r} exists and is not a site's (a device's?); choose another site name")
-    register_site(sites_file, site)
-    _rewrite_acl(config_dir)
+    ACL of ``config_dir`` with its block, for the prefix the ACL already covers."""
+    _register_listed_account(Path(config_dir), SITES_FILE, site, "a site's", "site name")
 
 
 def register_aggregator_account(config_dir: Path, worker: str) -> None:
     """Make ``worker`` an aggregator account (:func:`fedmqtt.topics.aggregator_acl`), as
-    :func:`register_site_account` does for a site: an existing account of another kind is refused."""
-    config_dir = Path(config_dir)
-    listed = config_dir / AGGREGATORS_FILE
-    if worker in list_accounts(config_dir / PASSWORD_FILE) and worker not in read_sites(listed):
-        raise AccountError(f"the account {worker!r} exists and is not an aggregator's; choose another aggregator id")
-    register_site(listed, worker)  # the same one-name-a-line list as the sites'
+    :func:`register_site_account` does for a site."""
+    _register_listed_account(Path(config_dir), AGGREGATORS_FILE, worker, "an aggregator's", "aggregator id")
+
+
+def _register_listed_account(config_dir: Path, listed_name: str, name: str, kind: str, what: str) -> None:
+    """List ``name`` among the accounts of one kind and rewrite the ACL. An account that exists and is not of
+    that kind (a device's) is refused: it would gain that kind's rights."""
+    listed = config_dir / listed_name
+    if name in list_accounts(config_dir / PASSWORD_FILE) and name not in read_names(listed):
+        raise AccountError(f"the account {name!r} exists and is not {kind} (a device's?); choose another {what}")
+    add_name(listed, name)
     _rewrite_acl(config_dir)
 
 
@@ -305,7 +304,7 @@ def render_config_acl(config_dir: Path, prefix: str) -> str:
     """The ACL of a config dir: the topic map's rules, with a block for each listed site and aggregator."""
     config_dir = Path(config_dir)
     return render_acl(
-        prefix, sites=read_sites(config_dir / SITES_FILE), aggregators=read_sites(config_dir / AGGREGATORS_FILE)
+        prefix, sites=read_names(config_dir / SITES_FILE), aggregators=read_names(config_dir / AGGREGATORS_FILE)
     )
 
 
