@@ -4,6 +4,7 @@ and never fatal, the worker's own torch thread count, and which rounds a restart
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def mean_of(a: Any) -> tuple[float, float]:
 
 
 def test_results_come_back_in_round_order_with_what_each_model_scored() -> None:
-    evaluator = Evaluator(lambda: mean_of)
+    evaluator = Evaluator(lambda cancelled: mean_of)
     for r, value in [(1, 0.25), (2, 0.5), (4, 0.75)]:
         evaluator.submit(r, H, arrays(value))
     assert evaluator.pending == (1, 2, 4)
@@ -52,7 +53,7 @@ def test_poll_never_blocks_and_a_slow_evaluation_holds_the_later_ones_behind_it(
             assert gate.wait(WAIT)
         return mean_of(a)
 
-    evaluator = Evaluator(lambda: slow)
+    evaluator = Evaluator(lambda cancelled: slow)
     evaluator.submit(1, H, arrays(0.25))
     evaluator.submit(2, H, arrays(0.5))
     assert evaluator.poll() == []
@@ -71,7 +72,7 @@ def test_an_evaluation_that_raises_is_reported_and_the_next_one_still_runs() -> 
             raise RuntimeError("out of memory")
         return mean_of(a)
 
-    evaluator = Evaluator(lambda: flaky)
+    evaluator = Evaluator(lambda cancelled: flaky)
     for r, value in [(1, 0.25), (2, 0.5), (3, 0.75)]:
         evaluator.submit(r, H, arrays(value))
     first, failed, third = evaluator.wait(timeout=WAIT)
@@ -83,7 +84,7 @@ def test_an_evaluation_that_raises_is_reported_and_the_next_one_still_runs() -> 
 
 
 def test_a_setup_that_raises_is_reported_by_every_evaluation() -> None:
-    def setup() -> Any:
+    def setup(cancelled: Any) -> Any:
         raise FileNotFoundError("no eval data")
 
     evaluator = Evaluator(setup)
@@ -97,7 +98,7 @@ def test_a_setup_that_raises_is_reported_by_every_evaluation() -> None:
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread ends on purpose
 def test_a_worker_thread_that_ends_gives_error_results_instead_of_a_wait_that_never_ends() -> None:
-    def setup() -> Any:
+    def setup(cancelled: Any) -> Any:
         raise SystemExit("a BaseException ends the worker thread")
 
     evaluator = Evaluator(setup)
@@ -112,7 +113,7 @@ def test_a_worker_thread_that_ends_gives_error_results_instead_of_a_wait_that_ne
 
 
 def test_non_finite_metrics_become_none() -> None:
-    evaluator = Evaluator(lambda: lambda a: (0.1, float("inf")))
+    evaluator = Evaluator(lambda cancelled: lambda a: (0.1, float("inf")))
     evaluator.submit(1, H, arrays(0.5))
     (result,) = evaluator.wait(timeout=WAIT)
     assert result.accuracy == pytest.approx(0.1) and result.loss is None and result.error is None
@@ -126,7 +127,7 @@ def test_submit_copies_the_arrays_and_refuses_rounds_out_of_order() -> None:
         assert gate.wait(WAIT)
         return mean_of(a)
 
-    evaluator = Evaluator(lambda: gated)
+    evaluator = Evaluator(lambda cancelled: gated)
     model = arrays(0.25)
     evaluator.submit(3, H, model)
     model["w"][:] = 1.0  # the caller's next aggregate, in place
@@ -161,8 +162,8 @@ def test_the_model_evaluation_runs_the_real_model_on_its_own_torch_threads(tmp_p
     main_threads = torch.get_num_threads()
     seen: list[int] = []
 
-    def setup() -> Any:
-        run = model_evaluation("mlp", dataset)()
+    def setup(cancelled: Any) -> Any:
+        run = model_evaluation("mlp", dataset)(cancelled)
         seen.append(torch.get_num_threads())
         return run
 
@@ -209,9 +210,56 @@ def test_close_waits_for_the_worker_thread_to_end() -> None:
         assert gate.wait(WAIT)
         return mean_of(a)
 
-    evaluator = Evaluator(lambda: held)
+    evaluator = Evaluator(lambda cancelled: held)
     evaluator.submit(1, H, arrays(0.25))
     threading.Timer(0.2, gate.set).start()  # the running evaluation ends a moment after close() is called
     evaluator.close()
     names = [t.name for t in threading.enumerate()]
     assert "fedmqtt-evaluation" not in names, names
+
+
+def test_close_cancels_the_running_evaluation_and_skips_the_queued_ones() -> None:
+    """A stop drops the results not collected, so it does not wait for them: the running evaluation is told to
+    stop (``cancelled()`` turns True) and the queued ones never start."""
+    started = threading.Event()
+    rounds_run: list[float] = []
+
+    def setup(cancelled: Any) -> Any:
+        def evaluate(a: Any) -> tuple[float, float]:
+            rounds_run.append(float(np.mean(a["w"])))
+            started.set()
+            deadline = time.monotonic() + WAIT
+            while not cancelled():  # a long evaluation that asks between its batches
+                assert time.monotonic() < deadline, "close() never cancelled the running evaluation"
+                time.sleep(0.01)
+            raise RuntimeError("cancelled")
+
+        return evaluate
+
+    evaluator = Evaluator(setup)
+    evaluator.submit(1, H, arrays(0.25))
+    evaluator.submit(2, H, arrays(0.5))
+    assert started.wait(WAIT)
+    evaluator.close()
+    names = [t.name for t in threading.enumerate()]
+    assert "fedmqtt-evaluation" not in names, names
+    assert rounds_run == [0.25]
+
+
+def test_the_real_evaluation_stops_between_batches_once_cancelled(tmp_path: Path) -> None:
+    from fedmqtt.data import load_dataset, write_idx_dataset
+    from fedmqtt.models import build_model
+    from fedmqtt.training import EvaluationCancelled, evaluate
+
+    dataset = load_dataset("mnist", write_idx_dataset(tmp_path, num_train=10, num_test=50, seed=1), train=False)
+    model = build_model("mlp", seed=7)
+    asked: list[int] = []
+
+    def cancelled_at_the_third_batch() -> bool:
+        asked.append(1)
+        return len(asked) == 3
+
+    with pytest.raises(EvaluationCancelled, match="after 20 of 50 samples"):
+        evaluate(model, dataset, batch_size=10, cancelled=cancelled_at_the_third_batch)
+    assert model.training  # the model's mode is restored
+    assert evaluate(model, dataset, batch_size=10, cancelled=lambda: False) == evaluate(model, dataset, batch_size=10)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +32,9 @@ def eval_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class SlowEvaluation:
-    """``fedmqtt.training.evaluate`` made to wait on ``gate`` (and to raise on the calls in ``fail_calls``)."""
+    """``fedmqtt.training.evaluate`` made to wait on ``gate`` (and to raise on the calls in ``fail_calls``). A wait
+    the coordinator cancels (its ``cancelled`` argument turns True) goes on into the real evaluation at once, which
+    stops at its first batch: ``cancelled_calls`` counts these."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         from fedmqtt import training
@@ -39,13 +42,20 @@ class SlowEvaluation:
         self.gate = threading.Event()
         self.started = threading.Event()
         self.calls = 0
+        self.cancelled_calls = 0
         self.fail_calls: set[int] = set()
         real = training.evaluate
 
         def evaluate(model: Any, dataset: Any, **kw: Any) -> tuple[float, float]:
             self.calls += 1
             self.started.set()
-            assert self.gate.wait(WAIT), "the test never opened the evaluation gate"
+            cancelled = kw.get("cancelled") or (lambda: False)
+            deadline = time.monotonic() + WAIT
+            while not self.gate.wait(0.01):
+                if cancelled():
+                    self.cancelled_calls += 1
+                    break
+                assert time.monotonic() < deadline, "the test never opened the evaluation gate"
             if self.calls in self.fail_calls:
                 raise RuntimeError(f"injected evaluation failure (call {self.calls})")
             return real(model, dataset, **kw)
@@ -223,9 +233,11 @@ def test_a_pause_leaves_the_evaluation_to_resume_which_evaluates_the_checkpoints
         train_round(job, 1)
         plan_2 = job.view.wait_plan(2)
         assert slow.started.wait(WAIT)
-        service.request_stop(signal.SIGTERM)  # the evaluation is held: the pause does not wait for it
+        service.request_stop(signal.SIGTERM)  # the evaluation is held: the pause cancels it, does not wait for it
         assert exit_code(result) == 128 + signal.SIGTERM
         assert service.history[0]["accuracy"] is None
+        assert slow.cancelled_calls == 1 and not slow.gate.is_set()
+        assert "fedmqtt-evaluation" not in [t.name for t in threading.enumerate()]  # ended before run() returned
     slow.gate.set()
     with running(config.model_copy(update={"resume": True})) as (_, result):
         evaluated = job.view.wait_event(EventType.ROUND_EVALUATED, round=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,8 +181,16 @@ def train_local(
     return TrainResult(num_samples=num_samples, num_steps=steps, loss=epoch_loss, seconds=time.perf_counter() - started)
 
 
-def evaluate(model: nn.Module, dataset: ImageDataset, *, batch_size: int = 1000) -> tuple[float, float]:
-    """(accuracy in [0, 1], mean cross-entropy) of ``model`` on ``dataset``, in eval mode."""
+class EvaluationCancelled(FedmqttError):
+    """:func:`evaluate` stopped before its next batch because its ``cancelled`` callback said so."""
+
+
+def evaluate(
+    model: nn.Module, dataset: ImageDataset, *, batch_size: int = 1000, cancelled: Callable[[], bool] | None = None
+) -> tuple[float, float]:
+    """(accuracy in [0, 1], mean cross-entropy) of ``model`` on ``dataset``, in eval mode. ``cancelled`` is asked
+    before each batch; when it returns True, :class:`EvaluationCancelled` is raised (a coordinator that stops
+    does not wait for a whole evaluation whose result it would drop)."""
     if batch_size < 1:
         raise ConfigError("batch_size", f"must be at least 1, got {batch_size}")
     if len(dataset) == 0:
@@ -195,6 +203,8 @@ def evaluate(model: nn.Module, dataset: ImageDataset, *, batch_size: int = 1000)
     try:
         with torch.inference_mode():
             for start in range(0, len(dataset), batch_size):
+                if cancelled is not None and cancelled():
+                    raise EvaluationCancelled(f"evaluation cancelled after {start} of {len(dataset)} samples")
                 inputs = dataset.images[start : start + batch_size].to(device)
                 targets = dataset.labels[start : start + batch_size].to(device)
                 logits = model(inputs)

@@ -63,13 +63,17 @@ _STOP = object()
 class Evaluator:
     """One worker thread evaluating submitted models in submission order.
 
-    ``setup`` runs once in the worker thread, before the first evaluation, and returns the function that evaluates
-    (it builds the worker's own model there); an error in ``setup`` is reported by every evaluation.
+    ``setup(cancelled)`` runs once in the worker thread, before the first evaluation, and returns the function that
+    evaluates (it builds the worker's own model there); an error in ``setup`` is reported by every evaluation.
+    ``cancelled()`` turns True once :meth:`close` is called: an evaluation that asks it between batches ends early.
     ``clock`` times the evaluations (seconds).
     """
 
-    def __init__(self, setup: Callable[[], EvaluateFn], *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, setup: Callable[[Callable[[], bool]], EvaluateFn], *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._setup = setup
+        self._cancel = threading.Event()
         self._clock = clock
         self._jobs: queue.Queue[_Job | object] = queue.Queue()
         self._results: queue.Queue[Evaluation] = queue.Queue()
@@ -135,11 +139,13 @@ class Evaluator:
                     raise
 
     def close(self, timeout: float = 60.0) -> None:
-        """Stop the worker after the evaluation it is running (results not collected are dropped), and wait up to
-        ``timeout`` seconds for its thread to end: a thread that has run torch and is still alive when the
-        interpreter exits can abort the process ("terminate called without an active exception", exit 134 after a
-        finished job)."""
+        """Stop the worker: results not collected are dropped, so the running evaluation is cancelled (at its next
+        batch, see ``setup``) and the queued ones are skipped. Then wait up to ``timeout`` seconds for its thread to
+        end: a thread that has run torch and is still alive when the interpreter exits can abort the process
+        ("terminate called without an active exception", exit 134 after a finished job), and a stop (SIGTERM) must
+        not wait for a whole evaluation whose result it drops."""
         self._closed = True
+        self._cancel.set()
         if self._thread is not None:
             self._jobs.put(_STOP)
             self._thread.join(timeout)
@@ -148,12 +154,12 @@ class Evaluator:
         evaluate: EvaluateFn | None = None
         setup_error: str | None = None
         try:
-            evaluate = self._setup()
+            evaluate = self._setup(self._cancel.is_set)
         except Exception as exc:
             setup_error = f"setting up the evaluation failed: {type(exc).__name__}: {exc}"
         while True:
             job = self._jobs.get()
-            if not isinstance(job, _Job):
+            if not isinstance(job, _Job) or self._cancel.is_set():
                 return
             started = self._clock()
             accuracy: float | None = None
@@ -169,12 +175,14 @@ class Evaluator:
             self._results.put(Evaluation(job.round, job.model_hash, accuracy, loss, seconds, error))
 
 
-def model_evaluation(model_name: str, dataset: Any, *, threads: int = EVAL_THREADS) -> Callable[[], EvaluateFn]:
+def model_evaluation(
+    model_name: str, dataset: Any, *, threads: int = EVAL_THREADS
+) -> Callable[[Callable[[], bool]], EvaluateFn]:
     """The ``setup`` of an :class:`Evaluator` for a model of the zoo on ``dataset`` (the coordinator's eval set):
     in the worker thread, limit torch to ``threads`` threads, build the worker's own model, and evaluate with
-    :func:`fedmqtt.training.evaluate`."""
+    :func:`fedmqtt.training.evaluate`, which stops between batches once ``cancelled()``."""
 
-    def setup() -> EvaluateFn:
+    def setup(cancelled: Callable[[], bool]) -> EvaluateFn:
         import torch
 
         from fedmqtt import training
@@ -185,7 +193,7 @@ def model_evaluation(model_name: str, dataset: Any, *, threads: int = EVAL_THREA
 
         def evaluate(arrays: ModelArrays) -> tuple[float, float]:
             set_arrays(model, arrays)
-            return training.evaluate(model, dataset)
+            return training.evaluate(model, dataset, cancelled=cancelled)
 
         return evaluate
 
