@@ -634,6 +634,9 @@ class RoundSummary(_Strict):
     # aggregate). None until the evaluation arrives (it runs while the next round trains, and the summary is
     # published again with it), without --eval-data, and when the evaluation failed.
     evaluated_model: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    # A pruning job (--prune-schedule, --keep-pruned): the fraction of the pruned tensors' weights (conv/linear
+    # weights, the trainable ones with --trainable) held at zero in the model this round closed with.
+    sparsity: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
 
 
 class PrivacyLedger(_Strict):
