@@ -151,9 +151,9 @@ def load_source(checkpoint_dir: Path | None, model_file: Path | None, model: str
 
 
 def _prunable(model: Any) -> list[tuple[Any, str]]:
-    from torch import nn
+    from fedmqtt.pruning import prunable_modules  # the one rule of what is prunable (also the coordinator's)
 
-    return [(m, "weight") for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    return [(m, "weight") for _, m in prunable_modules(model)]
 
 
 def prune_model(model: Any, amount: float) -> None:

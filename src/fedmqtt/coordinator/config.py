@@ -245,6 +245,28 @@ class CoordinatorConfig(BrokerSettings):
             )
         ),
     ] = None
+    prune_schedule: Annotated[
+        str | None,
+        Field(
+            **_info(
+                "magnitude-prune the global model's conv/linear weights (the trainable ones with --trainable) after "
+                "aggregation: SPARSITY@ROUND once, or SPARSITY@FIRST:LAST rising cubically (Zhu & Gupta); pruned "
+                "weights stay zero in every later round",
+                group=TRAINING,
+                metavar="SPEC",
+            )
+        ),
+    ] = None
+    keep_pruned: Annotated[
+        bool,
+        Field(
+            **_info(
+                "fine-tune a pruned --init-checkpoint (fedmqtt export --prune A --format state): its zero conv/linear "
+                "weights stay zero in every round",
+                group=TRAINING,
+            )
+        ),
+    ] = False
 
     # -- update limits (hostile-field bounds)
     max_update_mb: Annotated[
@@ -353,6 +375,13 @@ class CoordinatorConfig(BrokerSettings):
             raise ValueError(f"unknown strategy {value!r}; choose one of {', '.join(names)}")
         return value
 
+    @field_validator("prune_schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        from fedmqtt.pruning import PruneSchedule
+
+        return None if value is None else PruneSchedule.parse(value).spec
+
     @field_validator("uplink", "downlink")
     @classmethod
     def _codec(cls, value: str, info: ValidationInfo) -> str:
@@ -400,11 +429,40 @@ class CoordinatorConfig(BrokerSettings):
             raise ValueError(f"--aggregators: {_partials_refused(strategy)}")
         if self.trainable is not None:  # globs -> the model's tensor names, resolved here once (the plan's set)
             object.__setattr__(self, "trainable", _expand_trainable(self.model, self.trainable))
-        if self.init_checkpoint is not None:
-            self.initial_arrays()  # refused now, before a broker is dialled, if it does not fit --model
+        initial = self.initial_arrays() if self.init_checkpoint is not None else None  # refused now if it misfits
+        if self.prune_schedule is not None or self.keep_pruned:
+            self._check_pruning(initial)
         if self.dp is not None:
             self._check_dp(self.dp)
         return self
+
+    def _check_pruning(self, initial: dict[str, Any] | None) -> None:
+        from fedmqtt.pruning import mask_of_zeros, masked_count
+
+        flag = "--prune-schedule" if self.prune_schedule is not None else "--keep-pruned"
+        scope = self.prune_scope
+        if not scope:
+            raise ValueError(
+                f"{flag}: --trainable ({', '.join(self.trainable or ())}) holds no conv/linear weight to prune; "
+                f"the prunable tensors of {self.model}: {', '.join(self.prunable_tensors)}"
+            )
+        schedule = self.prune_plan
+        if schedule is not None and schedule.last > self.rounds:
+            raise ValueError(
+                f"--prune-schedule: {schedule.spec} prunes until round {schedule.last} but the job has --rounds "
+                f"{self.rounds}: end the schedule at round {self.rounds} or earlier (rounds after it fine-tune)"
+            )
+        if self.keep_pruned:
+            if initial is None:
+                raise ValueError(
+                    "--keep-pruned: needs --init-checkpoint, the pruned model file whose zeros it keeps "
+                    "(fedmqtt export --prune AMOUNT --format state)"
+                )
+            if masked_count(mask_of_zeros(initial, scope)) == 0:
+                raise ValueError(
+                    f"--keep-pruned: {self.init_checkpoint} has no zero weight in {', '.join(scope)}: nothing to "
+                    "keep; prune it first (fedmqtt export --prune AMOUNT --format state) or use --prune-schedule"
+                )
 
     def _check_dp(self, dp: DPSettings) -> None:
         from fedmqtt.privacy import check_adaptive_clip_compatible, check_dp_compatible
@@ -445,6 +503,26 @@ class CoordinatorConfig(BrokerSettings):
             return check_model(load_model_file(self.init_checkpoint), self.model, path=self.init_checkpoint)
         except ModelFileError as exc:
             raise ValueError(f"--init-checkpoint: {exc}") from None
+
+    @property
+    def prunable_tensors(self) -> tuple[str, ...]:
+        """The model's conv/linear weights (fedmqtt.pruning's rule)."""
+        from fedmqtt.pruning import prunable_names
+
+        return prunable_names(self.model)
+
+    @property
+    def prune_scope(self) -> tuple[str, ...]:
+        """The tensors --prune-schedule / --keep-pruned may zero: the prunable ones, only trainable ones with
+        --trainable (frozen tensors stay bit-identical)."""
+        return tuple(n for n in self.prunable_tensors if self.trainable is None or n in self.trainable)
+
+    @property
+    def prune_plan(self) -> Any:
+        """The parsed --prune-schedule (a fedmqtt.pruning.PruneSchedule), or None."""
+        from fedmqtt.pruning import PruneSchedule
+
+        return None if self.prune_schedule is None else PruneSchedule.parse(self.prune_schedule)
 
     @property
     def uplink_codec(self) -> CodecSpec:

@@ -54,6 +54,7 @@ from fedmqtt.mqtt import (
     Will,
 )
 from fedmqtt.privacy.policy import RoundPrivacy
+from fedmqtt.pruning import PruneState, mask_of_zeros
 from fedmqtt.schema import (
     END_PHASES,
     CodecSpec,
@@ -198,6 +199,14 @@ class CoordinatorService:
         self._sends_deltas = sends_deltas(config.downlink_codec)
         self._sends_parts = self.trained is not None and not self._sends_deltas
         self.numel = A.numel(self.global_arrays)
+        # --prune-schedule / --keep-pruned: the mask applied to every new global model (after aggregation and
+        # server noise: post-processing, epsilon unchanged); --keep-pruned's mask is the init checkpoint's zeros.
+        self.pruning: PruneState | None = None
+        if config.prune_schedule is not None or config.keep_pruned:
+            scope = config.prune_scope
+            kept = mask_of_zeros(self.global_arrays, scope) if config.keep_pruned else None
+            self.pruning = PruneState(scope, config.prune_plan, kept)
+            self.global_arrays = self.pruning.held(self.global_arrays)
         self.strategy: Strategy = build_strategy(config.strategy, **config.strategy_params)
         # DP rounds draw devices from a secret seed: a selection anyone could recompute from a known seed would
         # undo the amplification by sampling that the accountant counts on (the state is checkpointed anyway).
@@ -1046,6 +1055,8 @@ class CoordinatorService:
         if aggregate is None:
             return  # the attempt failed (reported); the machine retries the round or stops the job
         self.global_arrays = {**self.global_arrays, **aggregate}  # frozen tensors: the very same arrays
+        if self.pruning is not None:  # the schedule's step (if any), then the mask: pruned weights are zero
+            self.global_arrays = self.pruning.after_round(self.global_arrays, a.round)
         epsilon = self.privacy.record_round(count, self._unclipped) if self.privacy is not None else None
         # Pipelined rounds: this model is evaluated by the worker while the next round trains; its accuracy is
         # attached to this summary (published again) when it arrives (_attach_evaluation).
@@ -1076,6 +1087,7 @@ class CoordinatorService:
             loss=loss,
             epsilon=epsilon,
             run_id=self.run_id,
+            sparsity=None if self.pruning is None else self.pruning.sparsity,
         )
         self.history.append(summary.model_dump(mode="json"))
         self._publish(self.topics.round_summary(a.round), to_json(summary), retain=True)
@@ -1084,7 +1096,8 @@ class CoordinatorService:
             round=a.round,
             attempt=a.attempt,
             detail=f"closed by {a.closed_by} with {len(a.participants)} updates"
-            + f"; aggregation {closed - started:.2f}s",
+            + f"; aggregation {closed - started:.2f}s"
+            + ("" if self.pruning is None else f"; {self.pruning.pruned:,} weights pruned ({summary.sparsity:.1%})"),
         )
         self._event(EventType.MODEL_PUBLISHED, round=a.round + 1, detail=f"model {self.model_hash[:12]}")
         if self._evaluator is not None:
@@ -1376,8 +1389,48 @@ class CoordinatorService:
             "plan": self.plan.model_dump(mode="json") if self.plan else None,
             "refused_total": self.refused_total,
             "book": vars(self.book) if self.book else None,
+            # What the job trains and prunes: a resume must continue the same (see _check_resumed_shape).
+            "trainable": None if self.trained is None else list(self.trained),
+            "prune_schedule": self.config.prune_schedule,
+            "keep_pruned": self.config.keep_pruned,
+            "pruning": None if self.pruning is None else self.pruning.state_dict(),
         }
         self.files.save(state)
+
+    def _check_resumed_shape(self, state: dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint with another --trainable set or other pruning flags than it was made with:
+        the server optimizer's state, the downlink's held model and the pruning mask cover exactly the checkpoint's
+        tensors, and a pruned job resumed without its mask would let its zeros grow back."""
+        if "trainable" in state:
+            saved = state["trainable"]
+        else:  # a checkpoint written before these keys: its plan names the trainable set
+            plan = state.get("plan") or {}
+            saved = plan.get("trainable") if plan else self.trained
+        before = None if saved is None else tuple(saved)
+        where = f"checkpoint {self.files.checkpoint_path}"
+        if before != self.trained:
+
+            def listed(names: tuple[str, ...] | None) -> str:
+                return "all tensors (no --trainable)" if names is None else ", ".join(names)
+
+            raise FedmqttError(
+                f"{where} trains {listed(before)}; this coordinator's --trainable gives {listed(self.trained)}. "
+                "Resume with the checkpoint's --trainable, or start a new job (another --job or --checkpoint-dir) "
+                "from this one's model with --init-checkpoint (fedmqtt export --checkpoint-dir DIR --format state "
+                "--out model.fedmodel) and the new --trainable"
+            )
+        saved_flags = (state.get("prune_schedule"), bool(state.get("keep_pruned")))
+        flags = (self.config.prune_schedule, self.config.keep_pruned)
+        if saved_flags != flags or (self.pruning is not None and not state.get("pruning")):
+
+            def spelled(schedule: str | None, keep: bool) -> str:
+                parts = ([f"--prune-schedule {schedule}"] if schedule else []) + (["--keep-pruned"] if keep else [])
+                return " ".join(parts) or "no pruning"
+
+            raise FedmqttError(
+                f"{where} was made with {spelled(*saved_flags)}; this coordinator has {spelled(*flags)}. Resume "
+                "with the checkpoint's pruning flags (its mask is checkpointed and continues), or start a new job"
+            )
 
     def _restore(self) -> None:
         state = self.files.load()
@@ -1387,7 +1440,11 @@ class CoordinatorService:
                 f"(model {state.get('model')!r}); resume with the same --job and --model or use another "
                 "--checkpoint-dir"
             )
+        self._check_resumed_shape(state)
         self.global_arrays = {k: np.asarray(v, dtype=np.float32) for k, v in state["global"].items()}
+        if self.pruning is not None:  # the checkpointed mask itself (exact), not the zeros of the model
+            self.pruning.load_state_dict(state["pruning"])
+            self.pruning.held(self.global_arrays)
         self.model_round = int(state["model_round"])
         downlink = state.get("downlink")
         if downlink is not None and self._sends_deltas:
