@@ -10,6 +10,8 @@ downlink bytes at <= 0.3 point.
     .venv/bin/python benchmarks/compression_accuracy.py            # 9 runs of the job (~1 h on 2 idle cores)
     .venv/bin/python benchmarks/compression_accuracy.py --quick    # mlp, 2 rounds, 6,000 images (minutes)
     .venv/bin/python benchmarks/compression_accuracy.py --uplinks float32 int8 --downlinks float32
+    .venv/bin/python benchmarks/compression_accuracy.py --model mlp --rounds 15 --seed 1 --uplinks float32 \
+        gtopk:0.0105+sign+ef --downlinks float32 --json benchmarks/results/compression_accuracy-seed1.json
 
 Results: a table on stdout, JSON at --json (default benchmarks/results/compression_accuracy.json; --quick:
 compression_accuracy-quick.json), rewritten after every run.
@@ -137,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=R.PAPER_JOB["model"], help="model (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=R.PAPER_JOB["rounds"], help="rounds (default: %(default)s)")
     parser.add_argument("--devices", type=int, default=R.PAPER_JOB["devices"], help="devices (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the job's seed (data split, initial model), the same for every codec"
+    )
     args = parser.parse_args(argv)
     from fedmqtt.errors import FedmqttError
     from fedmqtt.schema import CodecSpec
@@ -156,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = R.prepared_data(args)
-    base = replace(R.Job(**R.PAPER_JOB), model=args.model, rounds=args.rounds, devices=args.devices)  # type: ignore[arg-type]
+    base = replace(R.Job(**R.PAPER_JOB), model=args.model, rounds=args.rounds, devices=args.devices, seed=args.seed)  # type: ignore[arg-type]
     records: list[dict[str, Any]] = []
     for uplink, downlink in configurations(args.uplinks, args.downlinks):
         job = replace(base, uplink=uplink, downlink=downlink)

@@ -20,6 +20,7 @@ import zstandard
 
 from fedmqtt.arrays import manifest_of
 from fedmqtt.codecs import (
+    HEADER_DICTIONARY,
     MAGIC,
     BadMagic,
     BodyLayoutError,
@@ -37,6 +38,7 @@ from fedmqtt.codecs import (
     UnsupportedVersion,
     decode_frame,
     encode_frame,
+    manifest_key,
     peek_header,
 )
 from fedmqtt.errors import FedmqttError
@@ -125,7 +127,11 @@ def test_bad_magic(data: bytes) -> None:
 
 def test_unsupported_version() -> None:
     header, body = split(valid())
-    refuses(build(header, body, version=2), UnsupportedVersion, "version 2 is not supported")
+    refuses(
+        build(header, body, version=3),
+        UnsupportedVersion,
+        r"version 3 is not supported \(this build reads versions 1, 2\)",
+    )
 
 
 @pytest.mark.parametrize("cut", [2, 4, 10, 16])
@@ -596,3 +602,170 @@ def test_decoding_rice_remainders_takes_memory_of_the_order_of_the_output() -> N
         tracemalloc.stop()
     assert int(np.count_nonzero(out.arrays["w"])) == nnz and out.arrays["w"][3] == 1.0
     assert peak < 100 * 2**20, peak / 2**20
+
+
+# --- compact update headers (format version 2: layout against the manifest, zstd with the dictionary) ------
+
+MANIFEST = manifest_of(ARRAYS)
+_DICT = zstandard.ZstdCompressionDict(HEADER_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
+def compact(codec: str = "float32", arrays: dict[str, np.ndarray] | None = None) -> bytes:
+    return encode_frame(
+        ARRAYS if arrays is None else arrays,
+        kind=FrameKind.UPDATE,
+        job="job1",
+        round=1,
+        sender="dev-1",
+        codec=CodecSpec.parse(codec),
+        rng=np.random.default_rng(0),
+        compact=True,
+    )
+
+
+def split_compact(frame: bytes) -> tuple[dict[str, Any], bytes]:
+    _, version, header_len, _ = PREFIX.unpack_from(frame)
+    assert version == 2
+    text = zstandard.ZstdDecompressor(dict_data=_DICT).decompress(frame[PREFIX.size : PREFIX.size + header_len])
+    return json.loads(text), zstandard.ZstdDecompressor().decompress(frame[PREFIX.size + header_len :])
+
+
+def build_compact(
+    header: dict[str, Any], body: bytes, *, manifest: tuple[ManifestEntry, ...] = MANIFEST, raw: bytes | None = None
+) -> bytes:
+    """A version-2 frame of ``header`` (checksum keyed with ``manifest``) or of the given ``raw`` header bytes."""
+    header = dict(header, body_size=len(body))
+    header["body_blake2b"] = hashlib.blake2b(body, digest_size=16, key=manifest_key(manifest)).hexdigest()
+    if raw is None:
+        text = json.dumps(header).encode()
+        raw = zstandard.ZstdCompressor(dict_data=_DICT, write_content_size=True).compress(text)
+    compressed = zstandard.ZstdCompressor(level=1).compress(body)
+    return PREFIX.pack(MAGIC, 2, len(raw), len(compressed)) + raw + compressed
+
+
+def test_the_compact_frames_used_here_decode() -> None:
+    for codec in ("float32", "int8c", "topk:0.5+int8c", "topk:0.3+sign", "gtopk:0.2+sign"):
+        header, body = split_compact(compact(codec))
+        out = decode_frame(build_compact(header, body), expected_manifest=MANIFEST)
+        assert [t.name for t in out.header.tensors] == list(ARRAYS)
+
+
+def test_a_compact_header_cannot_be_decoded_without_the_manifest() -> None:
+    refuses(compact(), InvalidHeader, "compact header .* only be decoded against the update manifest")
+
+
+def test_a_compact_header_listing_another_number_of_tensors() -> None:
+    header, body = split_compact(compact())
+    header["layout"] = header["layout"][:1]
+    refuses(build_compact(header, body), ManifestMismatch, "lists 1 tensor.* expected model has 2 .conv.weight, conv.bias.",
+            expected_manifest=MANIFEST)  # fmt: skip
+    refuses(
+        compact(),
+        ManifestMismatch,
+        "lists 2 tensor.* has 3",
+        expected_manifest=(*MANIFEST, ManifestEntry(name="x", shape=(1,))),
+    )
+
+
+@pytest.mark.parametrize(
+    ("codec", "layout", "error", "match"),
+    [
+        ("float32", [[216], [4, 8]], InvalidHeader, r"conv.bias.*is \[nbytes\], got \[4, 8\]"),
+        ("topk:0.5+int8", [[27, 66], [8]], InvalidHeader, r"conv.bias.*is \[nnz, nbytes\], got \[8\]"),
+        (
+            "float32",
+            [[212], [12]],
+            BodyLayoutError,
+            "conv.weight' declares 212 bytes but shape .2, 3, 3, 3. as float32 takes 216",
+        ),
+        ("topk:0.5+int8", [[55, 120], [1, 6]], BodyLayoutError, "keeps 55 entries but has only 54"),
+        ("float32", [[216], [8], [1]], ManifestMismatch, "lists 3 tensor"),
+        ("float32", [[2**70], [8]], BodyLayoutError, "declares 1180591620717411303424 bytes"),
+    ],
+)
+def test_a_compact_layout_that_disagrees_with_the_manifest(
+    codec: str, layout: list[list[int]], error: type[FrameError], match: str
+) -> None:
+    header, body = split_compact(compact(codec))
+    header["layout"] = layout
+    refuses(build_compact(header, body), error, match, expected_manifest=MANIFEST)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        (ManifestEntry(name="conv.weight", shape=(3, 2, 3, 3)), ManifestEntry(name="conv.bias", shape=(2,))),
+        (ManifestEntry(name="conv.w", shape=(2, 3, 3, 3)), ManifestEntry(name="conv.bias", shape=(2,))),
+    ],
+    ids=["shape", "name"],
+)
+def test_a_compact_update_made_for_other_tensors_fails_its_keyed_checksum(other: tuple[ManifestEntry, ...]) -> None:
+    # Same sizes, so only the checksum (keyed with the manifest) can tell: the manifest check is not lost.
+    refuses(compact(), ChecksumMismatch, "made for other tensors than the job's model", expected_manifest=other)
+    assert decode_frame(compact(), expected_manifest=MANIFEST).header.tensors[0].shape == (2, 3, 3, 3)
+
+
+def test_a_header_with_both_forms_or_a_compact_model_frame_is_refused() -> None:
+    header, body = split_compact(compact())
+    full, _ = split(valid())
+    refuses(build_compact(dict(header, tensors=full["tensors"]), body), InvalidHeader, "either in full .* or compact",
+            expected_manifest=MANIFEST)  # fmt: skip
+    refuses(build_compact(dict(header, kind="global_model"), body), InvalidHeader,
+            "only update frames may have a compact layout", expected_manifest=MANIFEST)  # fmt: skip
+    bad = dict(header, layout=[[-1], [8]])
+    refuses(build_compact(bad, body), InvalidHeader, "greater than or equal to 0", expected_manifest=MANIFEST)
+
+
+@pytest.mark.parametrize("cut", [1, 10, 40])
+def test_a_truncated_compact_frame(cut: int) -> None:
+    frame = compact()
+    header_len = PREFIX.unpack_from(frame)[2]
+    refuses(frame[: PREFIX.size + header_len - cut], TruncatedFrame, "header alone needs", expected_manifest=MANIFEST)
+    # A header cut short but re-framed: not a complete zstd frame.
+    short = frame[PREFIX.size : PREFIX.size + header_len - cut]
+    header, body = split_compact(frame)
+    refuses(
+        build_compact(header, body, raw=short), InvalidHeader, "compressed frame header", expected_manifest=MANIFEST
+    )
+
+
+def test_a_compressed_header_that_is_not_zstd_or_hides_its_size() -> None:
+    header, body = split_compact(compact())
+    text = json.dumps(header).encode()
+    refuses(build_compact(header, body, raw=text), InvalidHeader, "not a zstd frame", expected_manifest=MANIFEST)
+    sizeless = zstandard.ZstdCompressor(dict_data=_DICT, write_content_size=False).compress(text)
+    refuses(build_compact(header, body, raw=sizeless), InvalidHeader, "does not declare its size")
+    plain = zstandard.ZstdCompressor(write_content_size=True).compress(text)  # without the dictionary: fine too
+    assert decode_frame(build_compact(header, body, raw=plain), expected_manifest=MANIFEST).header.round == 1
+    with pytest.raises(InvalidHeader, match="not a zstd frame"):
+        peek_header(build_compact(header, body, raw=text))
+
+
+def test_a_compressed_header_bomb_is_refused_before_anything_is_allocated() -> None:
+    header, body = split_compact(compact())
+    # 100 MB of JSON whitespace: declared in the zstd frame, refused on the declaration against the limit.
+    padded = json.dumps(header).encode() + b" " * 100_000_000
+    bomb = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(padded)
+    assert len(bomb) < 20_000
+    refuses(
+        build_compact(header, body, raw=bomb),
+        FrameTooLarge,
+        "compressed header declares 100000",
+        expected_manifest=MANIFEST,
+    )
+    # A frame that declares less than it holds: zstd stops at the declared size.
+    text = json.dumps(header).encode()
+    liar = bytearray(
+        zstandard.ZstdCompressor(write_content_size=True, write_checksum=False).compress(text + b" " * 300)
+    )
+    declared = zstandard.get_frame_parameters(bytes(liar)).content_size
+    assert liar[4] == 0x60  # single segment, a 2-byte content size (stored minus 256) right after
+    liar[5:7] = (declared - 256 - 100).to_bytes(2, "little")
+    assert zstandard.frame_content_size(bytes(liar)) == declared - 100
+    refuses(
+        build_compact(header, body, raw=bytes(liar)),
+        InvalidHeader,
+        "compressed frame header",
+        expected_manifest=MANIFEST,
+    )
+    refuses(compact(), FrameTooLarge, "compressed header declares", expected_manifest=MANIFEST, max_header_bytes=100)

@@ -18,7 +18,16 @@ import zstandard
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fedmqtt.codecs import DecodedFrame, FrameError, decode_frame, encode_frame, peek_header
+from fedmqtt.arrays import manifest_of
+from fedmqtt.codecs import (
+    HEADER_DICTIONARY,
+    DecodedFrame,
+    FrameError,
+    decode_frame,
+    encode_frame,
+    manifest_key,
+    peek_header,
+)
 from fedmqtt.schema import CodecSpec, FrameKind
 
 PREFIX = struct.Struct("<4sBIQ")
@@ -221,3 +230,96 @@ def test_body_mutations_with_a_valid_checksum_never_crash_decode(case: tuple[byt
 @given(st.binary(max_size=200))
 def test_random_bytes_after_a_valid_prefix_never_crash_decode(tail: bytes) -> None:
     check(b"FMQT\x01" + tail, 0)
+
+
+# --- compact update headers (format 2): decoded against the manifest -----------------------------------------
+
+MANIFEST = manifest_of(_ARRAYS)
+_DICT = zstandard.ZstdCompressionDict(HEADER_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+COMPACT = [
+    encode_frame(
+        _ARRAYS,
+        kind=FrameKind.UPDATE,
+        job="job1",
+        round=2,
+        sender="dev-1",
+        codec=CodecSpec.parse(c),
+        rng=np.random.default_rng(0),
+        compact=True,
+    )
+    for c in [*CODECS, "gtopk:0.05+sign"]
+]
+COMPACT_DECODED = [decode_frame(f, expected_manifest=MANIFEST) for f in COMPACT]
+compact_index = st.integers(0, len(COMPACT) - 1)
+
+
+def check_compact(data: bytes, original: int) -> None:
+    try:
+        out = decode_frame(data, max_body_bytes=LIMIT, expected_manifest=MANIFEST)
+    except FrameError as exc:
+        event(type(exc).__name__)
+    else:
+        event("decoded")
+        assert_consistent(out)
+        assert out.header.manifest() == MANIFEST
+        if data == COMPACT[original]:
+            reference = COMPACT_DECODED[original]
+            assert all(np.array_equal(out.arrays[k], v) for k, v in reference.arrays.items())
+    with contextlib.suppress(FrameError):
+        peek_header(data)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_byte_mutations_of_compact_frames_never_crash_decode(data: st.DataObject) -> None:
+    i = data.draw(compact_index)
+    frame = bytearray(COMPACT[i])
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["flip", "truncate", "overwrite"]))
+        at = data.draw(st.integers(0, max(0, len(frame) - 1)))
+        if kind == "flip" and frame:
+            frame[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif kind == "truncate":
+            del frame[at:]
+        else:
+            blob = data.draw(st.binary(min_size=1, max_size=8))
+            frame[at : at + len(blob)] = blob
+    check_compact(bytes(frame), i)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_layout_mutations_of_compact_frames_with_a_valid_keyed_checksum_never_crash_decode(
+    data: st.DataObject,
+) -> None:
+    i = data.draw(compact_index)
+    frame = COMPACT[i]
+    header_len = PREFIX.unpack_from(frame)[2]
+    header = json.loads(
+        zstandard.ZstdDecompressor(dict_data=_DICT).decompress(frame[PREFIX.size : PREFIX.size + header_len])
+    )
+    body = zstandard.ZstdDecompressor().decompress(frame[PREFIX.size + header_len :])
+    layout = header["layout"]
+    for _ in range(data.draw(st.integers(1, 3))):
+        what = data.draw(st.sampled_from(["int", "arity", "drop", "add", "codec", "body"]))
+        entry = layout[data.draw(st.integers(0, len(layout) - 1))] if layout else None
+        if what == "int" and entry:
+            j = data.draw(st.integers(0, len(entry) - 1))
+            entry[j] = data.draw(st.one_of(INTERESTING_INTS, st.just(entry[j] + data.draw(st.integers(-8, 8)))))
+        elif what == "arity" and entry:
+            entry[:] = entry[:1] if len(entry) == 2 else [data.draw(INTERESTING_INTS), *entry]
+        elif what == "drop" and layout:
+            layout.pop()
+        elif what == "add":
+            layout.append(data.draw(st.lists(INTERESTING_INTS, min_size=0, max_size=3)))
+        elif what == "codec":
+            header["codec"] = data.draw(st.sampled_from([*CODECS, "gtopk:0.05+sign", "int8c"]))
+        elif what == "body" and body:
+            mutable = bytearray(body)
+            mutable[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
+            body = bytes(mutable)
+    header = dict(header, body_size=len(body))
+    header["body_blake2b"] = hashlib.blake2b(body, digest_size=16, key=manifest_key(MANIFEST)).hexdigest()
+    raw = zstandard.ZstdCompressor(dict_data=_DICT, write_content_size=True).compress(json.dumps(header).encode())
+    packed = zstandard.ZstdCompressor(level=1).compress(body)
+    check_compact(PREFIX.pack(b"FMQT", 2, len(raw), len(packed)) + raw + packed, i)

@@ -281,7 +281,19 @@ class FrameHeader(_Strict):
     num_updates: NonNegInt = 1
     weight: NonNegFloat = 0.0
     codec: Annotated[str, Field(max_length=200)]
-    tensors: Annotated[tuple[TensorSpec, ...], Field(max_length=4096)]
+    # The full form: every tensor's name, shape, encoding and place in the body.
+    tensors: Annotated[tuple[TensorSpec, ...], Field(max_length=4096)] = ()
+    # The compact form (device updates only; then ``tensors`` is empty): the update's tensors are exactly the
+    # update manifest the receiver holds (the model's, or the --trainable ones), in its order, so per tensor only
+    # what the manifest and the codec do not say: ``[nbytes]``, or ``[nnz, nbytes]`` with a top-k codec (offsets
+    # are cumulative). fedmqtt.codecs.frame builds it and expands it against the manifest; the body checksum
+    # is then keyed with the manifest, so an update made for other tensors fails it.
+    layout: (
+        Annotated[
+            tuple[Annotated[tuple[NonNegInt, ...], Field(min_length=1, max_length=2)], ...], Field(max_length=4096)
+        ]
+        | None
+    ) = None
     body_size: NonNegInt
     body_blake2b: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
     # The content hash of the global model an update was computed against (hex sha256 of that frame).
@@ -304,6 +316,15 @@ class FrameHeader(_Strict):
         if len(set(names)) != len(names):
             raise ValueError("tensor names must be unique")
         return tensors
+
+    @model_validator(mode="after")
+    def _one_form(self) -> FrameHeader:
+        if self.layout is not None:
+            if self.tensors:
+                raise ValueError("a header lists its tensors either in full (tensors) or compact (layout), not both")
+            if self.kind is not FrameKind.UPDATE:
+                raise ValueError(f"only update frames may have a compact layout, not {self.kind.value} frames")
+        return self
 
     def manifest(self) -> tuple[ManifestEntry, ...]:
         return tuple(ManifestEntry(name=t.name, shape=t.shape, dtype=t.dtype) for t in self.tensors)

@@ -26,21 +26,27 @@ from fedmqtt.codecs.errors import (
 )
 from fedmqtt.codecs.feedback import ErrorFeedback
 from fedmqtt.codecs.frame import (
+    COMPRESSED_HEADER_VERSION,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_HEADER_BYTES,
     FORMAT_VERSION,
+    HEADER_DICTIONARY,
     MAGIC,
     DecodedFrame,
     decode_frame,
     encode_frame,
+    expand_layout,
+    manifest_key,
     model_hash,
     peek_header,
 )
 
 __all__ = [
+    "COMPRESSED_HEADER_VERSION",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_HEADER_BYTES",
     "FORMAT_VERSION",
+    "HEADER_DICTIONARY",
     "MAGIC",
     "BadMagic",
     "BodyLayoutError",
@@ -67,6 +73,8 @@ __all__ = [
     "UnsupportedVersion",
     "decode_frame",
     "encode_frame",
+    "expand_layout",
+    "manifest_key",
     "model_hash",
     "peek_header",
 ]

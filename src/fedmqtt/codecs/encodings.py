@@ -88,6 +88,18 @@ def uses_channel_scales(shape: Sequence[int], per_channel: bool) -> bool:
     return per_channel and len(shape) >= 2
 
 
+def tensor_encoding(codec: CodecSpec, shape: Sequence[int], nnz: int | None) -> TensorEncoding:
+    """How ``codec`` encodes a tensor of ``shape`` with ``nnz`` kept entries (None = dense): the one rule the
+    encoder follows and a compact frame header's reader applies (``FrameHeader.layout``)."""
+    int8 = codec.values is ValueEncoding.INT8
+    return TensorEncoding(
+        values=codec.values,
+        scale_axis=0 if int8 and uses_channel_scales(shape, codec.per_channel) else None,
+        stochastic=int8 and codec.stochastic,
+        nnz=nnz,
+    )
+
+
 def scale_count(shape: Sequence[int], encoding: TensorEncoding) -> int:
     if encoding.values is ValueEncoding.SIGN:
         return 1
@@ -334,7 +346,7 @@ def encode_tensor(
     if codec.topk is not None and keep is None:
         keep = kept_count(numel, codec.topk)
     if codec.values is ValueEncoding.SIGN:
-        return _encode_sign(array, keep, want_decoded=want_decoded)
+        return _encode_sign(array, keep, codec, want_decoded=want_decoded)
     parts: list[bytes | memoryview] = []
     index: npt.NDArray[np.intp] | None = None
     nnz: int | None = None
@@ -348,12 +360,7 @@ def encode_tensor(
         values = flat
     channel = index // (numel // rows) if (per_channel and index is not None and numel) else None
 
-    encoding = TensorEncoding(
-        values=codec.values,
-        scale_axis=0 if per_channel else None,
-        stochastic=codec.stochastic and codec.values is ValueEncoding.INT8,
-        nnz=nnz,
-    )
+    encoding = tensor_encoding(codec, shape, nnz)
     kept: FloatArray
     if codec.values is ValueEncoding.FLOAT32:
         stored32 = np.ascontiguousarray(values, dtype=F32)
@@ -398,7 +405,7 @@ def encode_tensor(
     return EncodedTensor(encoding=encoding, parts=tuple(parts), nbytes=nbytes, decoded=decoded)
 
 
-def _encode_sign(array: FloatArray, k: int | None, *, want_decoded: bool) -> EncodedTensor:
+def _encode_sign(array: FloatArray, k: int | None, codec: CodecSpec, *, want_decoded: bool) -> EncodedTensor:
     """Scaled sign: one bit per kept value, one scale (their mean magnitude); Rice-coded indices when sparse."""
     shape = array.shape
     flat = array.reshape(-1)
@@ -429,7 +436,7 @@ def _encode_sign(array: FloatArray, k: int | None, *, want_decoded: bool) -> Enc
             dense = np.zeros(flat.size, dtype=np.float32)
             dense[index] = kept
             decoded = dense.reshape(shape)
-    encoding = TensorEncoding(values=ValueEncoding.SIGN, nnz=nnz)
+    encoding = tensor_encoding(codec, shape, nnz)
     nbytes = sum(len(p) for p in parts)
     return EncodedTensor(encoding=encoding, parts=tuple(parts), nbytes=nbytes, decoded=decoded)
 

@@ -4,16 +4,26 @@ Layout (all integers little-endian)::
 
     offset  size  field
     0       4     magic b"FMQT"
-    4       1     format version (1)
+    4       1     format version (1: plain header; 2: compressed header)
     5       4     header length H (uint32)
     9       8     compressed body length B (uint64)
-    17      H     header: UTF-8 JSON of fedmqtt.schema.FrameHeader
+    17      H     header: UTF-8 JSON of fedmqtt.schema.FrameHeader (version 2: one zstd frame of it, content
+                  size set, compressed with the fixed dictionary HEADER_DICTIONARY)
     17+H    B     body: one zstd frame (content size set) of the uncompressed body
 
 The uncompressed body is the tensors' bytes back to back, in manifest order, as laid out by
 :mod:`fedmqtt.codecs.encodings`; the header's ``tensors`` give each one's shape, encoding, offset and
 size, ``body_size`` the total and ``body_blake2b`` its BLAKE2b-128 checksum. Tensor data never passes
 through pickle or JSON.
+
+A device update may use the compact header instead (``encode_frame(..., compact=True)``, format version 2):
+``layout`` gives per tensor only its kept count (top-k codecs) and size, and the receiver, which holds the
+update manifest, expands it (:func:`decode_frame` with ``expected_manifest``); names, shapes and encodings
+come from the manifest and the codec, offsets add up. The checksum is then keyed with the manifest
+(:func:`manifest_key`), so a body made for other tensors fails it: the manifest check stays. The JSON is
+zstd-compressed against :data:`HEADER_DICTIONARY` (the field names and common values; part of the wire
+format: never edit it, add a format version instead), its declared size bounded by ``max_header_bytes``.
+Only :func:`encode_frame` builds the compact form and only :func:`expand_layout` reads it.
 
 :func:`decode_frame` trusts nothing: every length, size and index is checked before anything is
 allocated from it, and any problem raises a :class:`~fedmqtt.codecs.errors.FrameError` subclass.
@@ -22,6 +32,7 @@ allocated from it, and any problem raises a :class:`~fedmqtt.codecs.errors.Frame
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +49,7 @@ from fedmqtt.codecs.encodings import (
     global_kept_counts,
     max_varint_len,
     sign_layout_bounds,
+    tensor_encoding,
     value_bytes,
 )
 from fedmqtt.codecs.errors import (
@@ -71,6 +83,20 @@ from fedmqtt.schema import (
 
 MAGIC = b"FMQT"
 FORMAT_VERSION = 1
+# Compact device updates: the header is zstd-compressed with HEADER_DICTIONARY (version 1 readers refuse it,
+# saying which version they read; this build reads both).
+COMPRESSED_HEADER_VERSION = 2
+_VERSIONS = (FORMAT_VERSION, COMPRESSED_HEADER_VERSION)
+# A raw-content zstd dictionary: what a compact update header repeats (field names, codec tokens, values). The
+# bytes are part of format version 2: changing one makes every version-2 frame unreadable.
+HEADER_DICTIONARY = (
+    b'{"schema_version":1,"kind":"update","job":"","round":1,"sender":"","num_samples":1,"num_updates":1,'
+    b'"weight":0.0,"codec":"gtopk:0.01+topk:0.001+int8cs+float16+float32+sign+zstd:1+ef","tensors":[],'
+    b'"layout":[[0,5],[1,1]],"body_size":1,"body_blake2b":"","base_model_hash":"","model_name":"mlp","cnn",'
+    b'"dp":{"mode":"device","local","central","clip":1.0,"noise_std":0.0,"unclipped":true,false},'
+    b'"downlink":"held","delta","full","delta+full"}'
+)
+_HEADER_DICT = zstandard.ZstdCompressionDict(HEADER_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 _PREFIX = struct.Struct("<4sBIQ")
 PREFIX_SIZE = _PREFIX.size
 
@@ -93,8 +119,16 @@ def model_hash(frame: Buffer) -> str:
     return hashlib.sha256(frame).hexdigest()
 
 
-def body_checksum(body: Buffer) -> str:
-    return hashlib.blake2b(body, digest_size=16).hexdigest()
+def manifest_key(manifest: Sequence[ManifestEntry]) -> bytes:
+    """The 32-byte key of a compact update's body checksum: the SHA-256 of the manifest's names, shapes and
+    dtypes in order (canonical JSON)."""
+    canonical = json.dumps([[e.name, list(e.shape), e.dtype] for e in manifest], separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).digest()
+
+
+def body_checksum(body: Buffer, key: bytes = b"") -> str:
+    """BLAKE2b-128 of the body; keyed with :func:`manifest_key` for a compact header."""
+    return hashlib.blake2b(body, digest_size=16, key=key).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,8 +174,12 @@ def encode_frame(
     downlink: DownlinkPath | None = None,
     release: ReleaseInfo | None = None,
     partial: PartialInfo | None = None,
+    compact: bool = False,
 ) -> bytes:
     """Encode ``arrays`` (name -> float tensor, in model order) as one frame.
+
+    ``compact`` (updates only): the header gives per tensor only its kept count and size; the receiver expands
+    it against its update manifest, which must be exactly ``arrays``' names and shapes in this order.
 
     With ``feedback`` (required exactly when ``codec.error_feedback``), the stored residual is added to
     ``arrays`` first and the new residual (corrected - what the receiver will decode) is stored after a
@@ -183,6 +221,14 @@ def encode_frame(
         offset += enc.nbytes
 
     body = b"".join(part for enc in encoded for part in enc.parts)
+    layout = None
+    key = b""
+    if compact:
+        if kind is not FrameKind.UPDATE:
+            raise EncodeError(f"only update frames may be compact, not {kind.value} frames")
+        layout = tuple(_layout_entry(spec, codec) for spec in specs)
+        key = manifest_key(specs)
+        specs = []
     try:
         header = FrameHeader(
             kind=kind,
@@ -194,8 +240,9 @@ def encode_frame(
             weight=weight,
             codec=str(codec),
             tensors=tuple(specs),
+            layout=layout,
             body_size=len(body),
-            body_blake2b=body_checksum(body),
+            body_blake2b=body_checksum(body, key),
             base_model_hash=base_model_hash,
             model_name=model_name,
             dp=dp,
@@ -208,8 +255,14 @@ def encode_frame(
         raise EncodeError(f"cannot build the frame header: {_first_error(exc)}") from None
     # Fields at their defaults are left out (the reader fills them in): ~30 % of a top-k update's header.
     header_bytes = header.model_dump_json(exclude_defaults=True).encode("utf-8")
+    version = FORMAT_VERSION
+    if compact:
+        version = COMPRESSED_HEADER_VERSION
+        header_bytes = zstandard.ZstdCompressor(
+            level=19, dict_data=_HEADER_DICT, write_content_size=True, write_checksum=False, write_dict_id=False
+        ).compress(header_bytes)
     compressed = zstandard.ZstdCompressor(level=codec.zstd_level, write_content_size=True).compress(body)
-    frame = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), len(compressed)) + header_bytes + compressed
+    frame = _PREFIX.pack(MAGIC, version, len(header_bytes), len(compressed)) + header_bytes + compressed
 
     if feedback is not None:
         transmitted: ModelArrays = {}
@@ -218,6 +271,54 @@ def encode_frame(
             transmitted[name] = enc.decoded
         feedback.record(checked, transmitted)
     return frame
+
+
+def _layout_entry(spec: TensorSpec, codec: CodecSpec) -> tuple[int, ...]:
+    """A tensor's entry in a compact header; the encoding must be the one the reader will derive."""
+    if spec.encoding != tensor_encoding(codec, spec.shape, spec.encoding.nnz):
+        raise EncodeError(f"tensor {spec.name!r}: its encoding {spec.encoding} cannot be stated compactly")
+    if codec.topk is None:
+        return (spec.nbytes,)
+    assert spec.encoding.nnz is not None  # a top-k codec keeps a count in every tensor
+    return (spec.encoding.nnz, spec.nbytes)
+
+
+def expand_layout(header: FrameHeader, codec: CodecSpec, manifest: Sequence[ManifestEntry]) -> FrameHeader:
+    """The full form of a compact header: its ``layout`` read against the update ``manifest`` the receiver holds.
+    A full header is returned as it is. Raises :class:`ManifestMismatch` or :class:`InvalidHeader`."""
+    if header.layout is None:
+        return header
+    if len(header.layout) != len(manifest):
+        names = [e.name for e in manifest[:5]]
+        raise ManifestMismatch(
+            f"the compact header lists {len(header.layout)} tensor(s) but the expected model has {len(manifest)} "
+            f"({', '.join(names)}{', ...' if len(manifest) > 5 else ''})"
+        )
+    specs: list[TensorSpec] = []
+    offset = 0
+    want = 1 if codec.topk is None else 2
+    for entry, tensor in zip(header.layout, manifest, strict=True):
+        if len(entry) != want:
+            raise InvalidHeader(
+                f"tensor {tensor.name!r}: a compact layout entry of codec {codec} is "
+                + ("[nbytes]" if want == 1 else "[nnz, nbytes]")
+                + f", got {list(entry)}"
+            )
+        nnz = entry[0] if want == 2 else None
+        nbytes = entry[-1]
+        encoding = tensor_encoding(codec, tensor.shape, nnz)
+        specs.append(
+            TensorSpec(
+                name=tensor.name,
+                shape=tensor.shape,
+                dtype=tensor.dtype,
+                encoding=encoding,
+                offset=offset,
+                nbytes=nbytes,
+            )
+        )
+        offset += nbytes
+    return header.model_copy(update={"tensors": tuple(specs), "layout": None})
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -231,7 +332,7 @@ def _first_error(exc: ValidationError) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _read_prefix(view: memoryview, max_header_bytes: int) -> tuple[int, int]:
+def _read_prefix(view: memoryview, max_header_bytes: int) -> tuple[int, int, int]:
     head = bytes(view[: len(MAGIC)])
     if head != MAGIC[: len(head)] or not head:
         raise BadMagic(
@@ -241,10 +342,10 @@ def _read_prefix(view: memoryview, max_header_bytes: int) -> tuple[int, int]:
     if len(view) < PREFIX_SIZE:
         raise TruncatedFrame(f"frame is {len(view)} bytes, shorter than the {PREFIX_SIZE}-byte fixed prefix")
     _, version, header_len, body_len = _PREFIX.unpack_from(view)
-    if version != FORMAT_VERSION:
+    if version not in _VERSIONS:
         raise UnsupportedVersion(
-            f"frame format version {version} is not supported (this build reads version {FORMAT_VERSION}); "
-            "run the same fedmqtt version on the coordinator and the devices"
+            f"frame format version {version} is not supported (this build reads versions "
+            f"{', '.join(map(str, _VERSIONS))}); run the same fedmqtt version on the coordinator and the devices"
         )
     if header_len > max_header_bytes:
         raise FrameTooLarge(f"header declares {header_len} bytes, above the limit of {max_header_bytes}")
@@ -253,12 +354,34 @@ def _read_prefix(view: memoryview, max_header_bytes: int) -> tuple[int, int]:
             f"frame is {len(view)} bytes but its header alone needs {PREFIX_SIZE + header_len}; "
             "the message was cut short"
         )
-    return header_len, body_len
+    return version, header_len, body_len
 
 
-def _parse_header(raw: memoryview) -> tuple[FrameHeader, CodecSpec]:
+def _inflate_header(raw: memoryview, max_header_bytes: int) -> bytes:
+    """A version-2 header's JSON: at most ``max_header_bytes``, declared before anything is allocated."""
     try:
-        header = FrameHeader.model_validate_json(bytes(raw))
+        declared = zstandard.frame_content_size(raw)
+    except zstandard.ZstdError as exc:
+        raise InvalidHeader(f"the compressed frame header is not a zstd frame: {exc}") from None
+    if declared == -1:
+        raise InvalidHeader("the compressed frame header does not declare its size; fedmqtt frames always do")
+    if declared > max_header_bytes:
+        raise FrameTooLarge(f"the compressed header declares {declared} bytes, above the limit of {max_header_bytes}")
+    try:
+        text = zstandard.ZstdDecompressor(dict_data=_HEADER_DICT).decompress(
+            raw, read_across_frames=False, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise InvalidHeader(f"the compressed frame header is corrupt: {exc}") from None
+    if len(text) != declared:
+        raise InvalidHeader(f"the compressed header decompresses to {len(text)} bytes, it declares {declared}")
+    return text
+
+
+def _parse_header(raw: memoryview, version: int, max_header_bytes: int) -> tuple[FrameHeader, CodecSpec]:
+    text = _inflate_header(raw, max_header_bytes) if version == COMPRESSED_HEADER_VERSION else bytes(raw)
+    try:
+        header = FrameHeader.model_validate_json(text)
     except ValidationError as exc:
         raise InvalidHeader(f"frame header is invalid: {_first_error(exc)}") from None
     try:
@@ -272,8 +395,8 @@ def _parse_header(raw: memoryview) -> tuple[FrameHeader, CodecSpec]:
 def peek_header(data: Buffer, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> FrameHeader:
     """Validate the magic, version and header of a frame and return the header (the body is not read)."""
     view = memoryview(data).cast("B")
-    header_len, _ = _read_prefix(view, max_header_bytes)
-    header, _ = _parse_header(view[PREFIX_SIZE : PREFIX_SIZE + header_len])
+    version, header_len, _ = _read_prefix(view, max_header_bytes)
+    header, _ = _parse_header(view[PREFIX_SIZE : PREFIX_SIZE + header_len], version, max_header_bytes)
     return header
 
 
@@ -418,8 +541,18 @@ def decode_frame(
     ``expected_manifest`` (names, shapes, dtypes in order) is checked before the body is touched.
     """
     view = memoryview(data).cast("B")
-    header_len, body_len = _read_prefix(view, max_header_bytes)
-    header, _ = _parse_header(view[PREFIX_SIZE : PREFIX_SIZE + header_len])
+    version, header_len, body_len = _read_prefix(view, max_header_bytes)
+    header, codec = _parse_header(view[PREFIX_SIZE : PREFIX_SIZE + header_len], version, max_header_bytes)
+    key = b""
+    if header.layout is not None:
+        if expected_manifest is None:
+            raise InvalidHeader(
+                "the frame has a compact header (no tensor names or shapes): it can only be decoded against "
+                "the update manifest (expected_manifest)"
+            )
+        header = expand_layout(header, codec, expected_manifest)
+        _check_encodings(header, codec)
+        key = manifest_key(expected_manifest)
     available = len(view) - PREFIX_SIZE - header_len
     if available < body_len:
         raise TruncatedFrame(
@@ -434,11 +567,16 @@ def decode_frame(
     numels = _check_layout(header, max_body_bytes)
 
     body = _decompress(view[PREFIX_SIZE + header_len :], header.body_size, max_body_bytes)
-    checksum = body_checksum(body)
+    checksum = body_checksum(body, key)
     if checksum != header.body_blake2b:
         raise ChecksumMismatch(
             f"body checksum {checksum} differs from the header's {header.body_blake2b}: "
-            "the frame was corrupted or altered"
+            + (
+                "the update was made for other tensors than the job's model (names or shapes differ; "
+                "its header is compact, the checksum covers the manifest), or it was corrupted or altered"
+                if key
+                else "the frame was corrupted or altered"
+            )
         )
     raw = np.frombuffer(body, dtype=np.uint8)
     arrays: ModelArrays = {}
@@ -448,13 +586,17 @@ def decode_frame(
 
 
 __all__ = [
+    "COMPRESSED_HEADER_VERSION",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_HEADER_BYTES",
     "FORMAT_VERSION",
+    "HEADER_DICTIONARY",
     "MAGIC",
     "DecodedFrame",
     "decode_frame",
     "encode_frame",
+    "expand_layout",
+    "manifest_key",
     "model_hash",
     "peek_header",
 ]

@@ -743,6 +743,7 @@ class DeviceRuntime:
             dp=announcement,
             downlink=downlink,
             feedback=feedback,
+            compact=True,  # the coordinator expands the header against the update manifest it holds
         )
         if dp is not None and device.ledger is not None:
             device.ledger.record(dp)  # before sending: a crash after the send must not under-count
