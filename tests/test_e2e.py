@@ -205,11 +205,13 @@ def test_the_run_survives_a_mosquitto_restart_between_rounds(
 @pytest.mark.slow
 def test_mnist_ten_devices_five_rounds_reach_95_percent(tmp_path: Path) -> None:
     """10 devices reach >= 95 % on the MNIST test set within 5 federated rounds. The job ends at the first round
-    that does (--target-accuracy), so the rounds after it are not trained: the claim is "within 5 rounds"."""
+    that does (--target-accuracy), so the rounds after it are not trained: the claim is "within 5 rounds".
+    The mlp (2 local epochs, lr 0.1): 92.9, 95.0, 95.9, 96.5, 96.9 % in rounds 1-5 when all 5 run; about 30 s.
+    The cnn (1 epoch, lr 0.05) reached the bar too but took 106 s; its learning on real MNIST is test_training's."""
     out = tmp_path / "run"
     result = subprocess.run(
         fedmqtt_argv("simulate", "--devices", "10", "--rounds", "5", "--data-dir", str(MNIST), "--out", str(out),
-                "--partition", "iid", "--model", "cnn", "--local-epochs", "1", "--batch-size", "50", "--lr", "0.05",
+                "--partition", "iid", "--model", "mlp", "--local-epochs", "2", "--batch-size", "50", "--lr", "0.1",
                 "--target-accuracy", "0.95", "--timeout", "1500"),
         capture_output=True, text=True, timeout=1600,
     )  # fmt: skip
