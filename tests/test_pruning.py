@@ -237,3 +237,26 @@ def test_the_config_refuses_bad_pruning_flags_naming_them(tmp_path: Path) -> Non
         with pytest.raises(SettingsError) as info:
             _config(**values)
         assert message in str(info.value), str(info.value)
+
+
+def test_with_trainable_only_the_trainable_weights_are_pruned_and_frozen_ones_are_the_very_same_arrays() -> None:
+    from fedmqtt.models import build_model, get_arrays
+
+    config = _config(prune_schedule="0.8@1", trainable=("fc2.*", "fc3.*"))
+    assert config.prune_scope == ("fc2.weight", "fc3.weight")
+    model = get_arrays(build_model("mlp", seed=2))
+    state = PruneState(config.prune_scope, config.prune_plan)
+    out = state.after_round(model, 1)
+    assert out["fc1.weight"] is model["fc1.weight"] and not np.any(out["fc1.weight"] == 0)
+    assert state.sparsity == pytest.approx(0.8, abs=1e-4)
+    assert int((out["fc2.weight"] == 0).sum() + (out["fc3.weight"] == 0).sum()) == state.pruned
+
+
+def test_every_strategy_dp_mode_downlink_and_scale_out_accept_a_schedule() -> None:
+    from fedmqtt.coordinator.aggregation import STRATEGY_NAMES
+
+    for strategy in STRATEGY_NAMES:  # 10 updates: enough for every robust strategy's default parameters
+        assert _config(prune_schedule="0.5@2", strategy=strategy, min_updates=10).prune_schedule == "0.5@2"
+    assert _config(prune_schedule="0.5@2", downlink="topk:0.1+int8", aggregators=2).prune_scope
+    dp = {"dp_mode": "central", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_sample_rate": 0.5}
+    assert _config(prune_schedule="0.5@2", **dp).dp is not None
