@@ -549,13 +549,51 @@ def test_hostile_sign_tensors_are_refused(region: bytes, error: type[FrameError]
     refuses(hand_sign(region), error, match)
 
 
+def test_a_hand_made_sign_tensor_with_run_flags_decodes() -> None:
+    # indices 3, 4: gaps 3 and 1; flags "01" (gap 1 flagged); the one other gap, 3, Rice-coded with b = 1:
+    # remainder "1", quotient "01"
+    out = decode_frame(hand_sign(sign_region(0x81, 2.0, 0b10, "01", "1", "01")))
+    np.testing.assert_array_equal(out.arrays["w"], [0, 0, 0, 2, -2, 0, 0, 0])
+    # both gaps 1 (indices 0 and 1 would need a first gap of 0): first index 1, then 2 -> gaps 1, 1: flags only
+    out = decode_frame(hand_sign(sign_region(0x80, 1.0, 0, "11")))
+    np.testing.assert_array_equal(out.arrays["w"], [0, 1, 1, 0, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize(
+    "region, error, match",
+    [
+        (sign_region(0x81, 1.0, 0, "00", "11", "11"), BodyLayoutError, "a Rice-coded gap is 1, which its run flags"),
+        (sign_region(0x81, 1.0, 0, "11", "1"), BodyLayoutError, "every gap is flagged but Rice bytes or a parameter"),
+        (sign_region(0x80, 1.0, 0, "111"), BodyLayoutError, "padding bits after its run flags are not zero"),
+        (sign_region(0x80, 1.0, 0), BodyLayoutError, "declares 6 bytes but .* takes 7..10"),  # flags cut off
+        (sign_region(0xA9, 1.0, 0, "01", "1"), BodyLayoutError, "Rice parameter 41 is above 40"),
+        (sign_region(0x80, 1.0, 0, "10", "1"), IndicesNotIncreasing, "#1 repeats the one before it"),
+        (sign_region(0x80, 1.0, 0, "10", "00000001"), IndexOutOfRange, "sparse index #1 is 8, outside a tensor of 8"),
+    ],
+)
+def test_hostile_run_flags_are_refused(region: bytes, error: type[FrameError], match: str) -> None:
+    refuses(hand_sign(region), error, match)
+
+
+def test_the_encoder_flags_runs_only_when_that_is_fewer_bytes() -> None:
+    runs = np.zeros(4000, np.float32)
+    runs[1000:1040] = np.linspace(1, 2, 40)  # one run: 39 gaps of 1
+    spread = np.zeros(4000, np.float32)
+    spread[::100] = np.linspace(1, 2, 40)  # no gap of 1
+    for arrays, flagged in ((runs, True), (spread, False)):
+        frame = valid("topk:0.01+sign", {"w": arrays})
+        _, body = split(frame)
+        assert bool(body[0] & 0x80) is flagged
+        np.testing.assert_array_equal(decode_frame(frame).arrays["w"] != 0, arrays != 0)
+
+
 def test_sign_tensor_outside_its_size_bounds_is_refused_before_decompressing() -> None:
     refuses(
-        hand_sign(sign_region(0, 1.0, 0, "11", "0" * 24)),
+        hand_sign(sign_region(0, 1.0, 0, "11", "0" * 32)),
         BodyLayoutError,
-        r"as sign with one scale, 2 kept takes 7\.\.9",
+        r"as sign with one scale, 2 kept takes 7\.\.10",  # 10: with run flags (one byte for 2 gaps)
     )
-    refuses(hand_sign(b"\x00" * 6), BodyLayoutError, r"declares 6 bytes but .* takes 7\.\.9")
+    refuses(hand_sign(b"\x00" * 6), BodyLayoutError, r"declares 6 bytes but .* takes 7\.\.10")
 
 
 def test_sign_tensor_keeping_nothing_has_no_index_bytes_and_parameter_zero() -> None:

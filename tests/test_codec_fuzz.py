@@ -249,6 +249,14 @@ COMPACT = [
     )
     for c in [*CODECS, "gtopk:0.05+sign"]
 ]
+# Kept entries in runs: the sign tensors' run flags (gaps of 1 flagged, the rest Rice-coded).
+_RUNS = dict(_ARRAYS, **{"fc.weight": np.where(np.arange(900).reshape(3, 300) % 50 < 12, 9.0, 0.1).astype(np.float32)})
+COMPACT += [
+    encode_frame(
+        _RUNS, kind=FrameKind.UPDATE, job="job1", round=2, sender="dev-1", codec=CodecSpec.parse(c), compact=True
+    )
+    for c in ("gtopk:0.1+sign", "topk:0.05+sign")
+]
 COMPACT_DECODED = [decode_frame(f, expected_manifest=MANIFEST) for f in COMPACT]
 compact_index = st.integers(0, len(COMPACT) - 1)
 

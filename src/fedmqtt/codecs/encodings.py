@@ -26,6 +26,11 @@ then a one). Splitting the two streams keeps decoding vectorised: the quotient s
 terminators. ``b`` is chosen per tensor to minimise the bits; about ``log2(e * numel / nnz)`` bits per kept
 entry, near the entropy of the gaps, where varints spend 8 or 16 bits. Every padding bit is zero.
 
+Kept entries of a real update cluster (in an MNIST mlp's first layer half the gaps are 1: neighbouring pixels of
+one neuron), which one Rice parameter cannot exploit. So the encoder may set the top bit of the parameter byte
+(``0x80 | b``): then ``[flags: ceil(nnz/8) bytes]`` follow the signs, bit i (most significant first) set when
+gap i is 1, and only the other gaps are Rice-coded, none of them 1. It takes that form when it is fewer bytes.
+
 Encoder and decoder share :func:`dequantize`, so what the sender believes it sent (used for error
 feedback) is bit-for-bit what the receiver decodes.
 """
@@ -128,8 +133,31 @@ def sign_layout_bounds(numel: int, nnz: int | None) -> tuple[int, int]:
     # At least one terminator bit per gap; at most every remainder bit plus quotients summing to < numel.
     low = _SIGN_HEADER + signs + (nnz + 7) // 8
     b = min(MAX_RICE_PARAMETER, max(1, (numel - 1).bit_length()))
-    high = _SIGN_HEADER + signs + (nnz * b + 7) // 8 + (nnz + numel + 7) // 8
+    # + the flags of gaps of 1 (RUN_FLAGS)
+    high = _SIGN_HEADER + signs + (nnz + 7) // 8 + (nnz * b + 7) // 8 + (nnz + numel + 7) // 8
     return low, high
+
+
+# The top bit of a sparse sign tensor's parameter byte: gaps of 1 are flagged, the others Rice-coded.
+RUN_FLAGS = 0x80
+
+
+def rice_bytes(gaps: npt.NDArray[np.uint64], b: int) -> int:
+    """Bytes of the two Rice streams (each padded to whole bytes)."""
+    if gaps.size == 0:
+        return 0
+    return (gaps.size * b + 7) // 8 + (int((gaps >> np.uint64(b)).sum()) + gaps.size + 7) // 8
+
+
+def index_code(gaps: npt.NDArray[np.uint64]) -> tuple[int, bytes, npt.NDArray[np.uint64]]:
+    """The parameter byte, the flags (b"" unless RUN_FLAGS) and the gaps to Rice-code: the fewer bytes."""
+    b = best_rice_parameter(gaps)
+    ones = gaps == 1
+    rest = gaps[~ones]
+    b_rest = best_rice_parameter(rest)
+    if (gaps.size + 7) // 8 + rice_bytes(rest, b_rest) < rice_bytes(gaps, b):
+        return RUN_FLAGS | b_rest, np.packbits(ones).tobytes(), rest
+    return b, b"", gaps
 
 
 def rice_bits(gaps: npt.NDArray[np.uint64], b: int) -> int:
@@ -171,8 +199,8 @@ def _check_padding(stream: npt.NDArray[np.uint8], bits: int, name: str, what: st
 
 
 def _rice_decode(block: npt.NDArray[np.uint8], b: int, nnz: int, numel: int, name: str) -> npt.NDArray[np.int64]:
-    """The strictly increasing indices of ``nnz`` Rice-coded gaps; ``block`` is the remainder stream and then
-    the quotient stream, to its end. Anything but exactly the canonical streams is refused."""
+    """The ``nnz`` Rice-coded gaps; ``block`` is the remainder stream and then the quotient stream, to its end.
+    Anything but exactly the canonical streams is refused; each gap is below ``numel``."""
     rem_bytes = (nnz * b + 7) // 8
     if block.size < rem_bytes + 1:
         raise BodyLayoutError(
@@ -204,7 +232,7 @@ def _rice_decode(block: npt.NDArray[np.uint8], b: int, nnz: int, numel: int, nam
         raise IndexOutOfRange(
             f"tensor {name!r}: Rice gap #{at} is at least {int(q[at]) << b}, outside a tensor of {numel} entries"
         )
-    return _indices_from_gaps((q << b) | remainders, numel, name)
+    return (q << b) | remainders
 
 
 def dequantize(
@@ -418,15 +446,18 @@ def _encode_sign(array: FloatArray, k: int | None, codec: CodecSpec, *, want_dec
         nnz = int(index.size)
         values = flat[index]
         gaps = np.diff(index, prepend=0).astype(np.uint64)
-        b = best_rice_parameter(gaps)
-        parts.append(bytes([b]))
+        code, flags, coded = index_code(gaps)
+        b = code & ~RUN_FLAGS
+        parts.append(bytes([code]))
     # float64 mean: the scale is the same on every machine whatever numpy's float32 summation order.
     scale = np.float32(np.abs(values, dtype=np.float64).mean()) if values.size else np.float32(0)
     negative = np.signbit(values) & (values != 0)
     parts.append(np.array([scale], dtype=F32).tobytes())
     parts.append(np.packbits(negative, bitorder="little").tobytes())
     if index is not None:
-        parts.extend(rice_encode(gaps, b))
+        parts.append(flags)
+        if coded.size:
+            parts.extend(rice_encode(coded, b))
     decoded: FloatArray | None = None
     if want_decoded:
         kept = np.where(negative, -scale, scale).astype(np.float32)
@@ -552,8 +583,11 @@ def _decode_sign(spec: TensorSpec, region: npt.NDArray[np.uint8], numel: int) ->
     count = numel if nnz is None else nnz
     pos = 0
     b = 0
+    flagged = False
     if nnz is not None:
         b = int(region[0])
+        flagged = bool(b & RUN_FLAGS) and nnz > 0
+        b &= ~RUN_FLAGS if flagged else 0xFF
         if b > MAX_RICE_PARAMETER:
             raise BodyLayoutError(f"tensor {spec.name!r}: Rice parameter {b} is above {MAX_RICE_PARAMETER}")
         pos = 1
@@ -576,7 +610,28 @@ def _decode_sign(spec: TensorSpec, region: npt.NDArray[np.uint8], numel: int) ->
         if pos != region.size or b:
             raise BodyLayoutError(f"tensor {spec.name!r} keeps no entries but has index bytes or a Rice parameter")
         return np.zeros(spec.shape, dtype=np.float32)
-    index = _rice_decode(region[pos:], b, nnz, numel, spec.name)
+    if flagged:
+        flags = region[pos : pos + (nnz + 7) // 8]
+        pos += flags.size
+        if flags.size < (nnz + 7) // 8:
+            raise BodyLayoutError(f"tensor {spec.name!r}: its run flags are cut short")
+        _check_padding(flags, nnz, spec.name, "run flags")
+        ones = np.unpackbits(flags, count=nnz).astype(bool)
+        gaps = np.ones(nnz, dtype=np.int64)
+        rest = nnz - int(ones.sum())
+        if rest == 0:
+            if pos != region.size or b:
+                raise BodyLayoutError(
+                    f"tensor {spec.name!r}: every gap is flagged but Rice bytes or a parameter follow"
+                )
+        else:
+            coded = _rice_decode(region[pos:], b, rest, numel, spec.name)
+            if bool((coded == 1).any()):
+                raise BodyLayoutError(f"tensor {spec.name!r}: a Rice-coded gap is 1, which its run flags should say")
+            gaps[~ones] = coded
+    else:
+        gaps = _rice_decode(region[pos:], b, nnz, numel, spec.name)
+    index = _indices_from_gaps(gaps, numel, spec.name)
     dense = np.zeros(numel, dtype=np.float32)
     dense[index] = kept
     return dense.reshape(spec.shape)
