@@ -41,16 +41,22 @@ def _export_json(*args: str) -> dict[str, Any]:
 @pytest.mark.e2e
 @pytest.mark.mosquitto
 def test_a_schedule_prunes_on_its_rounds_and_the_zeros_hold_over_later_rounds_and_a_resume(
-    mosquitto_broker: Any, make_job: Callable[[str], Any], tmp_path: Path
+    mosquitto_broker: Any, make_job: Callable[[str], Any], mqtt_client: Callable[..., Any], tmp_path: Path
 ) -> None:
     """0.5@1:2 over four rounds on a coordinator process: 43.75 % after round 1, 50 % after round 2 (cubic), the
     same zeros after rounds 3 and 4 although every update moves every weight; SIGTERM after round 2, a resume with
     another --trainable is refused naming both sets, the right resume continues the checkpointed mask; the
-    checkpoint's export counts the zeros."""
+    release and the checkpoint's export keep the zeros."""
+    import time
+
+    from fedmqtt.codecs import decode_frame
     from fedmqtt.schema import EventType
 
     ckpt = tmp_path / "ckpt"
     job = make_job(mosquitto_broker.url)
+    released: list[bytes] = []
+    mqtt_client(job.broker_url, subscriptions=[(job.topics.release, 1)],
+                on_message=lambda topic, payload, *_: released.append(payload) if payload else None)  # fmt: skip
     flags = ["--rounds", "4", "--min-updates", "1", "--round-timeout", "60", "--uplink", "float32",
              "--prune-schedule", "0.5@1:2", "--checkpoint-dir", str(ckpt)]  # fmt: skip
     first = job.start(*flags)
@@ -92,6 +98,11 @@ def test_a_schedule_prunes_on_its_rounds_and_the_zeros_hold_over_later_rounds_an
         assert np.all(model["fc1.bias"] != 0) and job.view.wait_summary(round_number).sparsity == 0.5
     job.view.wait_event(EventType.JOB_FINISHED)
     assert job.processes[-1].wait(30) == 0
+    deadline = time.monotonic() + 30
+    while not released and time.monotonic() < deadline:
+        time.sleep(0.05)
+    release = decode_frame(released[-1]).arrays  # the released model keeps its zeros
+    assert all(np.array_equal(release[n] == 0, zeros[n]) for n in MLP_WEIGHTS)
 
     report = _export_json("--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "final.fedmodel"),
                           "--format", "state", "--no-eval")  # fmt: skip
