@@ -258,5 +258,5 @@ def test_every_strategy_dp_mode_downlink_and_scale_out_accept_a_schedule() -> No
     for strategy in STRATEGY_NAMES:  # 10 updates: enough for every robust strategy's default parameters
         assert _config(prune_schedule="0.5@2", strategy=strategy, min_updates=10).prune_schedule == "0.5@2"
     assert _config(prune_schedule="0.5@2", downlink="topk:0.1+int8", aggregators=2).prune_scope
-    dp = {"dp_mode": "central", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_sample_rate": 0.5}
+    dp: dict[str, Any] = {"dp_mode": "central", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_sample_rate": 0.5}
     assert _config(prune_schedule="0.5@2", **dp).dp is not None
