@@ -223,7 +223,7 @@ def test_the_config_refuses_bad_pruning_flags_naming_them(tmp_path: Path) -> Non
 
     assert _config(prune_schedule=" 0.8 @ 2:5").prune_schedule == "0.8@2:5"
     assert _config(prune_schedule="0.5@3", trainable=("fc3.*",)).prune_scope == ("fc3.weight",)
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"prune_schedule": "0.8@2:9"}, "--prune-schedule: 0.8@2:9 prunes until round 9 but the job has --rounds 5"),
         ({"prune_schedule": "0.8@x"}, "--prune-schedule: 'x' is not a round"),
         ({"prune_schedule": "0.5@2", "trainable": ("fc3.bias",)},
