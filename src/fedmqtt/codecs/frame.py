@@ -91,7 +91,7 @@ _VERSIONS = (FORMAT_VERSION, COMPRESSED_HEADER_VERSION)
 # bytes are part of format version 2: changing one makes every version-2 frame unreadable.
 HEADER_DICTIONARY = (
     b'{"schema_version":1,"kind":"update","job":"","round":1,"sender":"","num_samples":1,"num_updates":1,'
-    b'"weight":0.0,"codec":"gtopk:0.01+topk:0.001+int8cs+float16+float32+sign+zstd:1+ef","tensors":[],'
+    b'"weight":0.0,"codec":"gtopk:0.01+topk:0.001+warmup:2+int8cs+float16+float32+sign+zstd:1+ef","tensors":[],'
     b'"layout":[[0,5],[1,1]],"body_size":1,"body_blake2b":"","base_model_hash":"","model_name":"mlp","cnn",'
     b'"dp":{"mode":"device","local","central","clip":1.0,"noise_std":0.0,"unclipped":true,false},'
     b'"downlink":"held","delta","full","delta+full"}'
@@ -196,15 +196,17 @@ def encode_frame(
             if not np.isfinite(value).all():
                 raise NonFiniteInput(f"tensor {name!r} overflows once the error-feedback residual is added")
     generator = rng if rng is not None else np.random.default_rng()
+    # Sparsity warm-up: this round's fraction (the header keeps the codec as announced).
+    this_round = codec if codec.warmup == 0 else codec.model_copy(update={"topk": codec.topk_at(round), "warmup": 0})
 
     encoded: list[EncodedTensor] = []
     specs: list[TensorSpec] = []
     offset = 0
     kept: list[int | None] = [None] * len(checked)
-    if codec.topk is not None and codec.topk_global:
-        kept = list(global_kept_counts(list(checked.values()), codec.topk))
+    if this_round.topk is not None and this_round.topk_global:
+        kept = list(global_kept_counts(list(checked.values()), this_round.topk))
     for (name, array), k in zip(checked.items(), kept, strict=True):
-        enc = encode_tensor(name, array, codec, generator, want_decoded=feedback is not None, keep=k)
+        enc = encode_tensor(name, array, this_round, generator, want_decoded=feedback is not None, keep=k)
         encoded.append(enc)
         try:
             specs.append(
