@@ -450,7 +450,9 @@ def test_describe_changes_narrates_rounds_devices_and_phases() -> None:
     s4 = s3.apply(T.round_summary(1), to_json(summary(1, epsilon=0.3)))
     (line,) = describe_changes(s3, s4)
     assert line.startswith("round 1 closed by quorum: 3 devices, 1 refused, accuracy 0.6000")
-    assert "up 1.50 MB, down 2.50 MB, 5.0 s, ε 0.300" in line
+    assert "up 1.50 MB, down 2.50 MB, 5.0 s, ε 0.300" in line and "pruned" not in line
+    pruned = s3.apply(T.round_summary(1), to_json(summary(1, sparsity=0.4375)))
+    assert describe_changes(s3, pruned)[0].endswith(", 43.8% pruned")  # --prune-schedule: the summary's sparsity
     s5 = s4.apply(T.device_status("d1"), to_json(device("d1", "online")))
     assert describe_changes(s4, s5) == ["devices: 1 connected, 0 offline"]
     s5b = s5.apply(T.device_status("d1"), to_json(device("d1", "training", round=1)))

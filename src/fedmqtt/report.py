@@ -6,7 +6,7 @@ the two files. The JSON layout::
     {"config": {...the simulation's settings...},
      "rounds": [{"round", "accuracy", "loss", "participants", "refused", "bytes_up", "bytes_down",
                  "bytes_down_delta", "bytes_down_full", "seconds", "closed_by", "refused_by_reason", "epsilon",
-                 "cumulative_megabytes"}, ...],
+                 "sparsity", "cumulative_megabytes"}, ...],
      "totals": {"rounds_completed", "rounds_total", "phase", "final_accuracy", "final_loss",
                 "best_accuracy", "bytes_up", "bytes_down", "megabytes", "round_seconds", "wall_seconds",
                 "refused", "refused_by_reason", "epsilon", "delta", "malformed_messages"}}
@@ -39,6 +39,7 @@ ROUND_KEYS = (
     "closed_by",
     "refused_by_reason",
     "epsilon",
+    "sparsity",
     "cumulative_megabytes",
 )
 _MB = 1_000_000.0
@@ -64,6 +65,7 @@ def round_entry(summary: RoundSummary, cumulative_bytes: int) -> dict[str, Any]:
         "closed_by": summary.closed_by,
         "refused_by_reason": refused,
         "epsilon": summary.epsilon,
+        "sparsity": summary.sparsity,
         "cumulative_megabytes": cumulative_bytes / _MB,
     }
 

@@ -489,6 +489,8 @@ def describe_round(summary: RoundSummary) -> str:
     )
     if summary.epsilon is not None:
         text += f", ε {summary.epsilon:.3f}"
+    if summary.sparsity is not None:
+        text += f", {summary.sparsity:.1%} pruned"
     return text
 
 
