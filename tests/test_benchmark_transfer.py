@@ -67,3 +67,19 @@ def test_goal_verdict_needs_a_private_run_within_epsilon_and_accuracy() -> None:
     assert transfer.goal_verdict(s, runs) == "not met: best 96.50% at ε 1.98"
     runs.append({"run": "private", "final_accuracy": 0.971, "epsilon": 1.99})
     assert transfer.goal_verdict(s, runs) == "met: 97.10% at ε 1.99"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in transfer.SCENARIOS.items() if s.pretrain is not None))
+def test_every_pretrain_recipe_is_a_valid_fedmqtt_pretrain_command(name: str) -> None:
+    from fedmqtt.cli import build_parser
+    from fedmqtt.pretrain import Augment
+
+    s = transfer.SCENARIOS[name]
+    for flags in (s.pretrain, s.pretrain_quick):
+        assert flags is not None
+        args = build_parser().parse_args(["pretrain", "--model", "cnn", *flags, "--out", "x"])
+        assert args.command == "pretrain" and args.epochs >= 1
+        if args.augment is not None:
+            Augment.parse(args.augment)
+    if name == "public1000":  # the in-domain backbone trains on random affine views (README's table)
+        assert "--augment" in s.pretrain and "--public-slice" in s.pretrain
