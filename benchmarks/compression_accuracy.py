@@ -28,8 +28,9 @@ import _runner as R
 
 BASELINE = "float32"
 # CodecSpec strings (fedmqtt.schema.CodecSpec.parse): top-k fraction (per tensor, or gtopk: of the whole model),
-# value encoding (sign: 1 bit per kept value, one scale per tensor, Rice-coded indices), error feedback.
-UPLINK_CODECS = ("float32", "int8", "topk:0.01+int8+ef", "topk:0.001+int8+ef", "gtopk:0.007+sign+ef")
+# value encoding (sign: 1 bit per kept value, one scale per tensor, Rice-coded indices), error feedback;
+# warmup:N keeps 2**(N+1-r) times the fraction in round r <= N (its bytes count in the average).
+UPLINK_CODECS = ("float32", "int8", "topk:0.01+int8+ef", "topk:0.001+int8+ef", "gtopk:0.0093+warmup:2+sign+ef")
 # --downlink: float32 publishes the model whole; any other codec also publishes a delta frame against the model
 # the devices hold, with error feedback on the coordinator (so no 'ef' here); top-k keeps that fraction of it.
 DOWNLINK_CODECS = ("float32", "float16", "int8", "topk:0.1+int8", "topk:0.01+int8")
