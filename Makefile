@@ -35,9 +35,10 @@ demo-private: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The edit loop: everything but the end-to-end runs, the slow accuracy tests and the multi-process service tests.
+# The edit loop: everything but the end-to-end runs, the slow accuracy tests and the multi-process service tests,
+# on two pytest-xdist workers (measured on the shared 2-core machine: 395 s in one process, 259 s with -n 2).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not e2e" --ignore=tests/test_coordinator_service.py --ignore=tests/test_faults.py
+	$(PY) -m pytest -q -n 2 -m "not slow and not e2e" --ignore=tests/test_coordinator_service.py --ignore=tests/test_faults.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
