@@ -165,7 +165,7 @@ def base_job(s: Scenario, args: argparse.Namespace, backbone: Path | None) -> Tr
     if s.trainable is not None:
         extra += ["--trainable", s.trainable]
     return TransferJob(
-        devices=args.devices, rounds=args.rounds, model="cnn", local_epochs=1, batch_size=s.batch_size, lr=s.lr,
+        devices=args.devices, rounds=args.rounds, model="cnn", local_epochs=args.local_epochs, batch_size=s.batch_size, lr=s.lr,
         uplink=args.uplink, seed=args.seed, extra=tuple(extra),
     )  # fmt: skip
 
@@ -279,6 +279,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cohort", type=int, default=100, help="devices per round, m; q = m/devices (default: 100)")
     parser.add_argument("--rounds", type=int, default=50, help="rounds per run (default: %(default)s)")
     parser.add_argument("--uplink", default="float32", help="uplink codec (default: %(default)s)")
+    parser.add_argument(
+        "--local-epochs", type=int, default=1, help="epochs each device trains per round (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--reuse-backbones", action="store_true", help="use OUT/SCENARIO/backbone.fedmodel when present (no pretrain)"
@@ -308,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "configuration": {
             "devices": args.devices, "cohort": args.cohort, "sample_rate": args.cohort / args.devices,
-            "rounds": args.rounds, "train_samples": args.train_samples or 60000, "uplink": args.uplink,
+            "rounds": args.rounds, "local_epochs": args.local_epochs, "train_samples": args.train_samples or 60000,
+            "uplink": args.uplink,
             "modes": args.modes, "delta": DELTA, "public_slice": f"MNIST test[0:{PUBLIC_SLICE}]",
             "evaluation_set": f"MNIST test[{PUBLIC_SLICE}:] (the coordinator's --eval-data)",
             "non_private_selection": f"fixed-size, {args.cohort} per round, sample-weighted FedAvgM",
