@@ -19,11 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmqtt.codecs import encode_frame, peek_header
+from fedmqtt.codecs import FrameError, decode_frame, encode_frame, peek_header
 from fedmqtt.codecs.downlink import DownlinkTracker, apply_delta, apply_delta_frame, arrays_digest
 from fedmqtt.errors import ConfigError
 from fedmqtt.models import expand_trainable, model_manifest
-from fedmqtt.schema import CodecSpec, DownlinkPath, EventType, FrameKind, RefusalReason
+from fedmqtt.schema import CodecSpec, DownlinkPath, EventType, FrameKind, ManifestEntry, RefusalReason
 
 # --------------------------------------------------------------------------------------------- glob expansion
 
@@ -277,17 +277,26 @@ def test_uplink_bytes_of_a_head_only_cnn_update_against_the_full_model() -> None
 
 
 class Frames:
-    """Every update and delta frame published on the job: (topic, size, tensor names, round)."""
+    """Every update and delta frame published on the job: (topic, size, tensor names, round). An update's compact
+    header names no tensors: it is decoded against ``update_manifest`` (its checksum is keyed with that manifest,
+    so a frame made for other tensors fails) and named by it; one that does not decode is named ``("?",)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, update_manifest: tuple[ManifestEntry, ...]) -> None:
+        self.update_manifest = update_manifest
         self.seen: list[tuple[str, int, tuple[str, ...], int]] = []
         self.lock = threading.Lock()
 
     def __call__(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
         if payload:
             header = peek_header(payload)
+            names = tuple(t.name for t in header.tensors)
+            if header.layout is not None:
+                try:
+                    names = tuple(decode_frame(payload, expected_manifest=self.update_manifest).arrays)
+                except FrameError:
+                    names = ("?",)
             with self.lock:
-                self.seen.append((topic, len(payload), tuple(t.name for t in header.tensors), header.round))
+                self.seen.append((topic, len(payload), names, header.round))
 
     def on(self, topic: str) -> list[tuple[int, tuple[str, ...], int]]:
         with self.lock:
@@ -313,7 +322,7 @@ def test_a_job_from_a_pretrained_file_trains_only_the_head_through_a_real_broker
     trained = ("fc3.weight", "fc3.bias")
     start = load_model_file(pretrained).arrays
     job = make_job(mosquitto_broker.url)
-    frames = Frames()
+    frames = Frames(tuple(ManifestEntry(name=n, shape=start[n].shape) for n in trained))
     mqtt_client(job.broker_url, subscriptions=[(job.topics.updates_filter, 1), (job.topics.delta, 1)],
                 on_message=frames)  # fmt: skip
     config = make_config(job, idx_dir, rounds=3, min_updates=3, min_devices=3, init_checkpoint=pretrained,
@@ -423,8 +432,9 @@ def test_a_device_declines_a_plan_whose_trainable_set_is_not_its_model_and_serve
             )
         scene.publish_plan(1, 2, run, model_hash=digest, trainable=("fc3.weight", "fc3.bias"))
         update = scene.wait("a head-only update", lambda: scene.updates("dev"), alive=("dev",))[0]
-        header = peek_header(update.payload)
-        assert [t.name for t in header.tensors] == ["fc3.weight", "fc3.bias"] and header.round == 1
+        head = tuple(e for e in model_manifest("mlp") if e.name in ("fc3.weight", "fc3.bias"))
+        assert peek_header(update.payload).round == 1  # a compact header: decodes against the head alone
+        assert list(decode_frame(update.payload, expected_manifest=head).arrays) == ["fc3.weight", "fc3.bias"]
     finally:
         scene.close()
 
