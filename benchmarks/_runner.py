@@ -351,6 +351,13 @@ def common_flags(parser: argparse.ArgumentParser, name: str) -> None:
 QUICK_TRAIN_SAMPLES = 6000
 
 
+def quick_json(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--quick`` without ``--json`` writes NAME-quick.json beside the default NAME.json: a quick check never
+    replaces a full run's recorded figures."""
+    if args.quick and args.json == parser.get_default("json"):
+        args.json = args.json.with_name(f"{args.json.stem}-quick.json")
+
+
 def prepared_data(args: argparse.Namespace) -> Path:
     """The data the runs train on: MNIST as found, or its first --train-samples training images (--quick: 6000)."""
     if args.quick and args.train_samples is None:

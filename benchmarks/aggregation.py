@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="20 updates, 3 repeats (about half a minute)")
     args = parser.parse_args(argv)
+    R.quick_json(args, parser)
     if args.quick:
         args.updates, args.repeats = 20, 3
     if args.updates < 1 or args.repeats < 1:

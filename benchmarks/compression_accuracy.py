@@ -154,8 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(str(exc))
     if args.quick:
         args.model, args.devices, args.rounds = QUICK["model"], QUICK["devices"], QUICK["rounds"]
-        if args.json == R.RESULTS / "compression_accuracy.json":
-            args.json = R.RESULTS / "compression_accuracy-quick.json"
+        R.quick_json(args, parser)
     return args
 
 

@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 and 10 devices only")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DEVICES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    R.quick_json(args, parser)
 
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.data_dir, args.num_parts, args.seed)))

@@ -308,8 +308,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.rounds = QUICK["model"], QUICK["rounds"]
-        if args.json == R.RESULTS / "overhead.json":
-            args.json = R.RESULTS / "overhead-quick.json"
+        R.quick_json(args, parser)
     return args
 
 

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import _runner as R
 from fedmqtt import arrays as A
 from fedmqtt.checkpoint import load_state, save_state
 from fedmqtt.codecs import decode_frame, encode_frame
@@ -720,8 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         apply_quick(args, parser)
-        if args.json == parser.get_default("json"):
-            args.json = args.json.with_name("privacy-quick.json")
+        R.quick_json(args, parser)
     torch.set_num_threads(args.threads)
     torch_device = torch.device(args.device)
     began = time.perf_counter()

@@ -107,8 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--max-rounds must be >= 1")
     if args.quick:
         args.partitions, args.max_rounds = QUICK["partitions"], QUICK["max_rounds"]
-        if args.json == R.RESULTS / "rounds_to_accuracy.json":
-            args.json = R.RESULTS / "rounds_to_accuracy-quick.json"
+        R.quick_json(args, parser)
     return args
 
 

@@ -52,6 +52,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+import _runner as R  # noqa: E402
 from fedmqtt.broker.mosquitto import MosquittoBroker  # noqa: E402
 from fedmqtt.data import write_idx_dataset  # noqa: E402
 from fedmqtt.mqtt import ClientSettings, MqttConnection, raise_fd_limit  # noqa: E402
@@ -489,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
+    R.quick_json(args, parser)
     scales = args.scales or (QUICK_SCALES if args.quick else FULL_SCALES)
     soft = raise_fd_limit()  # simulate, its devices and the broker inherit it
     config = {

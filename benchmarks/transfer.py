@@ -289,8 +289,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.devices, args.cohort, args.rounds = 200, 20, 3
-        if args.json == R.RESULTS / "transfer.json":
-            args.json = R.RESULTS / "transfer-quick.json"
+        R.quick_json(args, parser)
     if not 0 < args.cohort <= args.devices:
         parser.error("--cohort must be between 1 and --devices")
     return args

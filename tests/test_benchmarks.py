@@ -141,6 +141,24 @@ def test_overhead_flags_and_quick_mode() -> None:
     assert overhead.job_of(quick).model == "mlp" and quick.json.name == "overhead-quick.json"
 
 
+def test_quick_runs_never_replace_the_full_runs_json(tmp_path: Path) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path, default=tmp_path / "results" / "aggregation.json")
+    for argv, expected in (
+        ([], tmp_path / "results" / "aggregation.json"),
+        (["--quick"], tmp_path / "results" / "aggregation-quick.json"),
+        (["--quick", "--json", str(tmp_path / "mine.json")], tmp_path / "mine.json"),  # asked for: kept
+    ):
+        args = parser.parse_args(argv)
+        R.quick_json(args, parser)
+        assert args.json == expected
+    for script in ("aggregation", "memory", "scale", "privacy", "transfer", "rounds_to_accuracy"):
+        assert "R.quick_json(args, parser)" in (BENCHMARKS / f"{script}.py").read_text(), script
+
+
 def _sim_run(job: Any, rounds: list[dict[str, Any]], phases: list[dict[str, Any]] | None = None) -> Any:
     totals = {
         "round_seconds": sum(r["seconds"] for r in rounds),
