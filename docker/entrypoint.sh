@@ -50,7 +50,7 @@ accounts() {
             coordinator | watcher) set -- "add-$name" ;;
             *) set -- add-device "$name" ;;
         esac
-        fedmqtt broker "$@" --config-dir "$FEDMQTT_BROKER_DIR" --password "$(head -n 1 "$secret")" >/dev/null \
+        fedmqtt broker "$@" --config-dir "$FEDMQTT_BROKER_DIR" --password-file "$secret" >/dev/null \
             || die "could not create the account $name"
         echo "fedmqtt-entrypoint: account $name created (password in $secret)"
     done

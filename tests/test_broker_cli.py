@@ -81,6 +81,38 @@ def test_add_device_reloads_the_running_broker(
             time.sleep(0.1)
 
 
+@pytest.mark.mosquitto
+def test_a_password_file_sets_the_password_even_one_starting_with_a_dash(
+    mosquitto_factory: Callable[..., MosquittoBroker],
+    mqtt_client: MqttClientFactory,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """docker/entrypoint.sh's generated secrets (token_urlsafe) start with '-' one time in 64: on a command line
+    `--password -x...` is a missing argument; from a file it is just a password."""
+    broker = mosquitto_factory(auth=True)
+    device_id = "dev-" + uuid.uuid4().hex[:6]
+    secret = tmp_path / "secret"
+    secret.write_text("-starts-with-a-dash\n")
+    code, out, _ = run_cli(
+        ["broker", "add-device", device_id, "--config-dir", str(broker.config_dir), "--password-file", str(secret)],
+        capsys,
+    )
+    assert code == 0 and "password:" not in out and "-starts-with-a-dash" not in out
+    url = parse_broker_url(broker.url).with_credentials(device_id, "-starts-with-a-dash").to_url(include_password=True)
+    for attempt in range(50):  # SIGHUP is handled asynchronously
+        try:
+            assert mqtt_client(url, client_id=device_id).is_connected
+            break
+        except AuthenticationRefused:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
+    with pytest.raises(SystemExit) as refused:  # one or the other
+        run_cli(["broker", "add-device", "d2", "--password", "p", "--password-file", str(secret)], capsys)
+    assert refused.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 def test_gen_certs_writes_private_keys_and_refuses_to_overwrite(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

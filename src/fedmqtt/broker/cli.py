@@ -5,7 +5,7 @@ fedmqtt broker [--embedded | --mosquitto] [--config-dir DIR] [--host H] [--port 
                [--prefix fedmqtt]
                [--bridge-to URL --site NAME --job J [--site-aggregator] [--bridge-username U]
                 [--bridge-password-file F] [--bridge-cafile CA] [--bridge-certfile C --bridge-keyfile K]]
-fedmqtt broker add-device ID [--password P]      (also add-coordinator, add-watcher, add-site NAME, add-aggregator ID)
+fedmqtt broker add-device ID [--password P | --password-file F]   (also add-coordinator, add-watcher, add-site NAME, add-aggregator ID)
 fedmqtt broker gen-certs [--host NAME ...] [--force]
 fedmqtt broker gen-certs --device ID [--device ID2 ...] [--coordinator] [--watcher] [--force]
 """
@@ -102,7 +102,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             action.add_argument(
                 "device_id", metavar="ID", help="aggregator id (fedmqtt aggregator --id; also the MQTT username)"
             )
-        action.add_argument("--password", help="use this password instead of generating one")
+        given = action.add_mutually_exclusive_group()
+        given.add_argument("--password", help="use this password instead of generating one")
+        given.add_argument("--password-file", type=Path, metavar="F",
+                           help="use the first line of this file as the password (off the command line and ps; "
+                                "a password starting with '-' is safe here)")  # fmt: skip
         _add_config_dir(action, default=argparse.SUPPRESS)
         action.set_defaults(func=add_account_command, account_kind=kind)
 
@@ -296,6 +300,14 @@ def add_account_command(args: argparse.Namespace) -> int:
 
     config_dir: Path = getattr(args, "config_dir", DEFAULT_CONFIG_DIR)
     require_output_dir("--config-dir", config_dir)
+    given = args.password
+    if args.password_file is not None:
+        from fedmqtt.mqtt.settings import read_password_file
+
+        try:
+            given = read_password_file(args.password_file)
+        except ValueError as exc:
+            raise ConfigError("--password-file", str(exc)) from None
     username = username_for(args.account_kind, getattr(args, "device_id", None))
     password_file = config_dir / PASSWORD_FILE
     existed = username in list_accounts(password_file)
@@ -307,9 +319,9 @@ def add_account_command(args: argparse.Namespace) -> int:
         from fedmqtt.broker.mosquitto import register_aggregator_account
 
         register_aggregator_account(config_dir, username)
-    password = add_account(password_file, username, args.password)
+    password = add_account(password_file, username, given)
     print(f"{args.account_kind} account {username!r} {'updated' if existed else 'created'} in {password_file}")
-    if args.password is None:
+    if given is None:
         print(f"password: {password}")
         print("(shown once: fedmqtt keeps only its hash; give it to the account's owner now)")
     pid = reload_running_broker(config_dir)
