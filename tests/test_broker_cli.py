@@ -59,6 +59,21 @@ def test_add_device_refuses_bad_ids(
     assert not (tmp_path / "passwd").exists()
 
 
+def _logs_in_once_reloaded(
+    mqtt_client: MqttClientFactory, broker: MosquittoBroker, device_id: str, password: str
+) -> None:
+    """The account logs in on ``broker`` (which reloads its password file on SIGHUP, asynchronously)."""
+    url = parse_broker_url(broker.url).with_credentials(device_id, password).to_url(include_password=True)
+    for attempt in range(50):
+        try:
+            assert mqtt_client(url, client_id=device_id).is_connected
+            return
+        except AuthenticationRefused:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
+
+
 @pytest.mark.mosquitto
 def test_add_device_reloads_the_running_broker(
     mosquitto_factory: Callable[..., MosquittoBroker],
@@ -70,15 +85,7 @@ def test_add_device_reloads_the_running_broker(
     code, out, _ = run_cli(["broker", "add-device", device_id, "--config-dir", str(broker.config_dir)], capsys)
     assert code == 0 and f"reloaded the running broker (pid {broker.pid})" in out
     password = out.split("password: ")[1].split()[0]
-    url = parse_broker_url(broker.url).with_credentials(device_id, password).to_url(include_password=True)
-    for attempt in range(50):  # SIGHUP is handled asynchronously
-        try:
-            assert mqtt_client(url, client_id=device_id).is_connected
-            break
-        except AuthenticationRefused:
-            if attempt == 49:
-                raise
-            time.sleep(0.1)
+    _logs_in_once_reloaded(mqtt_client, broker, device_id, password)
 
 
 @pytest.mark.mosquitto
@@ -99,15 +106,7 @@ def test_a_password_file_sets_the_password_even_one_starting_with_a_dash(
         capsys,
     )
     assert code == 0 and "password:" not in out and "-starts-with-a-dash" not in out
-    url = parse_broker_url(broker.url).with_credentials(device_id, "-starts-with-a-dash").to_url(include_password=True)
-    for attempt in range(50):  # SIGHUP is handled asynchronously
-        try:
-            assert mqtt_client(url, client_id=device_id).is_connected
-            break
-        except AuthenticationRefused:
-            if attempt == 49:
-                raise
-            time.sleep(0.1)
+    _logs_in_once_reloaded(mqtt_client, broker, device_id, "-starts-with-a-dash")
     with pytest.raises(SystemExit) as refused:  # one or the other
         run_cli(["broker", "add-device", "d2", "--password", "p", "--password-file", str(secret)], capsys)
     assert refused.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
