@@ -257,6 +257,21 @@ def test_evaluate_matches_a_hand_computation() -> None:
     assert model.training  # restored
 
 
+def test_evaluate_follows_a_channels_last_model(synthetic: tuple[ImageDataset, ImageDataset]) -> None:
+    # The coordinator's evaluator moves its CNN to channels-last (faster convolutions): the batches follow the
+    # model's layout, and the figures are those of the default layout.
+    default = build_model("cnn", seed=3)
+    channels_last = build_model("cnn", seed=3).to(memory_format=torch.channels_last)
+    assert channels_last.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    set_arrays(channels_last, get_arrays(default))  # copies in place: the layout stays
+    assert channels_last.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    test = synthetic[1]
+    accuracy, loss = evaluate(default, test, batch_size=7)
+    accuracy_cl, loss_cl = evaluate(channels_last, test, batch_size=7)
+    assert accuracy_cl == accuracy
+    assert loss_cl == pytest.approx(loss, rel=1e-5)
+
+
 def test_model_delta_is_trained_minus_start(synthetic: tuple[ImageDataset, ImageDataset]) -> None:
     model = build_model("mlp", seed=0)
     start = get_arrays(model)

