@@ -196,6 +196,9 @@ def test_child_commands_parse_with_the_real_coordinator_and_device_parsers(tiny_
     assert [(d.id_prefix, d.parts) for d in devices] == [("dev-", "0:2"), ("dev-", "2:4"), ("dev-", "4:5")]
     assert all(d.num_parts == 5 and d.partition == "dirichlet:0.5" and d.exit_on_finish for d in devices)
     assert all(d.mqtt_version == "3.1.1" and d.data_dir == str(tiny_data) for d in devices)
+    assert all(d.train_seed is None for d in devices)  # no --train-seed: fresh orders
+    seeded = plan_of("--devices", "2", "--rounds", "1", "--data-dir", str(tiny_data), "--train-seed", "7", "--embedded")
+    assert parser.parse_args(device_command(seeded, "mqtt://h:1", 0, 2)[3:]).train_seed == 7
 
 
 # --- the report ---------------------------------------------------------------------------------

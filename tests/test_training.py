@@ -15,7 +15,7 @@ from fedmqtt import arrays as A
 from fedmqtt.data import ImageDataset, load_dataset, partition, write_idx_dataset
 from fedmqtt.errors import ConfigError
 from fedmqtt.models import ModelMismatch, build_model, get_arrays, head_parameter_names, set_arrays
-from fedmqtt.training import TrainingDiverged, TrainResult, evaluate, model_delta, train_local
+from fedmqtt.training import TrainingDiverged, TrainResult, evaluate, model_delta, round_seed, train_local
 
 torch.set_num_threads(1)
 
@@ -270,6 +270,25 @@ def test_evaluate_follows_a_channels_last_model(synthetic: tuple[ImageDataset, I
     accuracy_cl, loss_cl = evaluate(channels_last, test, batch_size=7)
     assert accuracy_cl == accuracy
     assert loss_cl == pytest.approx(loss, rel=1e-5)
+
+
+def test_round_seed_gives_each_device_and_round_its_own_reproducible_order(
+    synthetic: tuple[ImageDataset, ImageDataset],
+) -> None:
+    seeds = {round_seed(s, d, r) for s in (0, 1) for d in ("dev-0000", "dev-0001") for r in (1, 2, 3)}
+    assert len(seeds) == 12  # every (seed, device, round) its own
+    assert round_seed(0, "dev-0000", 1) == round_seed(0, "dev-0000", 1)
+    assert all(0 <= s < 2**63 for s in seeds)
+
+    def trained(seed: int) -> dict[str, np.ndarray]:
+        model = build_model("mlp", seed=0)
+        train_local(model, synthetic[0].subset(np.arange(40)), epochs=1, batch_size=4, lr=0.1, seed=seed)
+        return get_arrays(model)
+
+    same, again = trained(round_seed(5, "dev-0003", 2)), trained(round_seed(5, "dev-0003", 2))
+    other = trained(round_seed(5, "dev-0003", 3))
+    assert all(np.array_equal(same[k], again[k]) for k in same)
+    assert not all(np.array_equal(same[k], other[k]) for k in same)
 
 
 def test_model_delta_is_trained_minus_start(synthetic: tuple[ImageDataset, ImageDataset]) -> None:

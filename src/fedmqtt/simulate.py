@@ -135,6 +135,7 @@ class SimulationPlan:
     # The coordinator's job, validated before anything starts; written to OUT/coordinator.toml for --config.
     coordinator: CoordinatorConfig | None = None
     timeout: float | None = None
+    train_seed: int | None = None  # --train-seed, passed on to the device processes
     username: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     tls_ca: str | None = None
@@ -256,6 +257,7 @@ def plan_simulation(
         lr=c.lr,
         uplink=c.uplink,
         seed=c.seed,
+        train_seed=args.train_seed,
         out_dir=str(Path(args.out) if args.out else Path("runs") / job),
         broker=broker,
         mqtt_version=mqtt_version,
@@ -379,6 +381,8 @@ def device_command(plan: SimulationPlan, url: str, first: int, end: int, python:
         "--threads", str(plan.threads_per_process),
         "--exit-on-finish",
     ]  # fmt: skip
+    if plan.train_seed is not None:
+        argv += ["--train-seed", str(plan.train_seed)]
     return argv
 
 
@@ -822,6 +826,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="start the embedded (amqtt, MQTT 3.1.1) broker even if Mosquitto is installed",
     )
+    from fedmqtt.device.cli import add_train_seed_flag
     from fedmqtt.mqtt.settings import add_broker_flags
 
     add_broker_flags(
@@ -844,4 +849,5 @@ def register(subparsers: Any) -> None:
         "--data-dir", help="IDX files (default: $FEDMQTT_DATA, else ~/.cache/fedmqtt/DATASET, downloaded if missing)"
     )
     g.add_argument("--partition", default="iid", help="iid, shards:2, dirichlet:0.5 (default: %(default)s)")
+    add_train_seed_flag(g)
     p.set_defaults(func=run_simulate_command)

@@ -9,6 +9,7 @@ overhead dominates on small IoT-sized data sets).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -111,6 +112,14 @@ def _training_mode(model: nn.Module, freeze_norm_statistics: bool) -> Iterator[N
         yield
     finally:
         model.train(was_training)
+
+
+def round_seed(train_seed: int, device_id: str, round_number: int) -> int:
+    """The seed of ``device_id``'s local training in round ``round_number`` of a run seeded with ``train_seed``
+    (``--train-seed``): each device and round shuffles in its own order, and every run with that seed in the
+    same orders, wherever the device runs (simulate, a device process, a benchmark's in-process loop)."""
+    digest = hashlib.blake2b(f"{train_seed}/{device_id}/{round_number}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: any torch generator takes it
 
 
 def train_local(

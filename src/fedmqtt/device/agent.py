@@ -684,7 +684,7 @@ class DeviceRuntime:
 
     def take_part(self, device: VirtualDevice, plan: Plan) -> None:
         from fedmqtt.models import get_arrays, set_arrays
-        from fedmqtt.training import train_local
+        from fedmqtt.training import round_seed, train_local
 
         # Screening (device.screening) has checked the job, selection, deadline, model name and privacy budget.
         dp = plan.dp if plan.dp is not None and plan.dp.mode is not DPMode.OFF else None
@@ -702,7 +702,7 @@ class DeviceRuntime:
             lr=plan.learning_rate,
             prox_mu=plan.prox_mu,
             trainable=plan.trainable,
-            seed=self.train_seed,
+            seed=None if self.train_seed is None else round_seed(self.train_seed, device.device_id, plan.round),
         )
         self.train_times.record(plan, samples=result.num_samples, seconds=result.seconds)
         update = A.subtract(get_arrays(model), global_arrays)

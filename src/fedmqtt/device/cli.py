@@ -18,6 +18,17 @@ from fedmqtt.topics import DEFAULT_PREFIX, validate_id, validate_prefix
 log = logging.getLogger("fedmqtt.device")
 
 
+def add_train_seed_flag(parser: Any) -> None:
+    """``--train-seed`` (``fedmqtt device`` and ``fedmqtt simulate``, which passes it on to its devices)."""
+    parser.add_argument(
+        "--train-seed",
+        type=int,
+        metavar="N",
+        help="reproducible local training: each device shuffles its data in round r in an order drawn from "
+        "(N, its id, r), the same in every run with N (default: a fresh order every time)",
+    )
+
+
 def register(subparsers: Any) -> None:
     from fedmqtt.mqtt.settings import add_broker_flags
 
@@ -59,6 +70,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-parts", type=int)
     p.add_argument("--part", type=int)
     p.add_argument("--seed", type=int, default=0, help="partition seed (the same on every device of a run)")
+    add_train_seed_flag(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -269,7 +281,7 @@ def _serve(
         max_train_seconds=args.max_train_seconds,
         exit_on_finish=args.exit_on_finish,
     )
-    runtime = DeviceRuntime(options, threads=args.threads)
+    runtime = DeviceRuntime(options, threads=args.threads, train_seed=args.train_seed)
     for (device_id, _), dataset in zip(devices, datasets, strict=True):
         runtime.add_device(device_id, dataset)
     del datasets
