@@ -50,6 +50,9 @@ class Job:
     devices_per_round: int | None = None
     target_accuracy: float | None = None
     seed: int = 0
+    # simulate --train-seed: the devices' shuffling orders (None: fresh ones). Seeded, two runs of a script differ
+    # only by what the script varies (a codec, a way of running), not by the data order.
+    train_seed: int | None = None
 
     def simulate_args(self) -> list[str]:
         argv = [
@@ -68,6 +71,8 @@ class Job:
             argv += ["--devices-per-round", str(self.devices_per_round)]
         if self.target_accuracy is not None:
             argv += ["--target-accuracy", str(self.target_accuracy)]
+        if self.train_seed is not None:
+            argv += ["--train-seed", str(self.train_seed)]
         return argv
 
     def label(self) -> str:
@@ -349,6 +354,20 @@ def common_flags(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 QUICK_TRAIN_SAMPLES = 6000
+
+
+def train_seed_flag(parser: argparse.ArgumentParser) -> None:
+    """--train-seed, for the scripts that compare runs of one job: every run trains in the same data orders."""
+    parser.add_argument(
+        "--train-seed",
+        type=int,
+        default=0,
+        help="the devices' shuffling seed in every run (simulate --train-seed; default %(default)s); -1: unseeded",
+    )
+
+
+def train_seed_of(args: argparse.Namespace) -> int | None:
+    return None if args.train_seed == -1 else int(args.train_seed)
 
 
 def quick_json(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

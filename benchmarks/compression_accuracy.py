@@ -135,6 +135,7 @@ def print_table(records: list[dict[str, Any]]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     R.common_flags(parser, "compression_accuracy")
+    R.train_seed_flag(parser)
     parser.add_argument("--uplinks", nargs="+", default=list(UPLINK_CODECS), help="uplink codecs to run")
     parser.add_argument("--downlinks", nargs="+", default=list(DOWNLINK_CODECS), help="downlink codecs to run")
     parser.add_argument("--model", default=R.PAPER_JOB["model"], help="model (default: %(default)s)")
@@ -161,7 +162,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = R.prepared_data(args)
-    base = replace(R.Job(**R.PAPER_JOB), model=args.model, rounds=args.rounds, devices=args.devices, seed=args.seed)  # type: ignore[arg-type]
+    base = replace(
+        R.Job(**R.PAPER_JOB),  # type: ignore[arg-type]
+        model=args.model,
+        rounds=args.rounds,
+        devices=args.devices,
+        seed=args.seed,
+        train_seed=R.train_seed_of(args),
+    )
     records: list[dict[str, Any]] = []
     for uplink, downlink in configurations(args.uplinks, args.downlinks):
         job = replace(base, uplink=uplink, downlink=downlink)

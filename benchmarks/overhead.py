@@ -4,7 +4,8 @@ The job: 10 devices, 5 rounds, the McMahan et al. CNN, E = 1, B = 10, lr 0.05, I
 
 1. in-process: a plain FedAvg loop in one process with fedmqtt's own pieces: the devices' parts
    (``fedmqtt.data.partition`` with the run's seed), the coordinator's initial model (``build_model(seed=)``),
-   ``fedmqtt.training.train_local`` per device (unseeded shuffling, as the devices train) and the coordinator's
+   ``fedmqtt.training.train_local`` per device (each device's shuffling seeded per round from --train-seed by
+   ``fedmqtt.training.round_seed``, as simulate's devices seed it: the same data orders in all three) and the coordinator's
    FedAvg (``fedmqtt.coordinator.aggregation``), torch with its default threads;
 2. floor: the same training spread over the same number of worker processes, each with the same devices and
    torch threads as ``fedmqtt simulate`` gives its device processes (its own plan, ``plan_simulation``), the
@@ -57,25 +58,29 @@ JSON_KEYS = (
 # ---------------------------------------------------------------------------------------------------
 
 
-def device_parts(job: R.Job, data: Path, first: int, end: int) -> list[Any]:
-    """Devices ``first .. end-1``'s data, cut as ``fedmqtt device --parts`` cuts it."""
+def device_parts(job: R.Job, data: Path, first: int, end: int) -> list[tuple[str, Any]]:
+    """Devices ``first .. end-1``: (id, data), named and cut as ``fedmqtt device --id-prefix --parts`` does."""
     from fedmqtt.data import PartitionSpec, load_dataset, partition
+    from fedmqtt.simulate import DEVICE_ID_PREFIX
 
     dataset = load_dataset("mnist", data, train=True)
     parts = partition(dataset.labels.numpy(), PartitionSpec.parse(job.partition), job.devices, job.seed)
-    return [dataset.subset(parts[i]) for i in range(first, end)]
+    return [(f"{DEVICE_ID_PREFIX}{i:04d}", dataset.subset(parts[i])) for i in range(first, end)]
 
 
-def train_devices(model: Any, datasets: Sequence[Any], global_arrays: Any, job: R.Job) -> list[tuple[Any, int]]:
+def train_devices(
+    model: Any, devices: Sequence[tuple[str, Any]], global_arrays: Any, job: R.Job, round_number: int
+) -> list[tuple[Any, int]]:
     """Each device's (update, samples) for one round, trained one after another from ``global_arrays``."""
     from fedmqtt import arrays as A
     from fedmqtt.models import get_arrays, set_arrays
-    from fedmqtt.training import train_local
+    from fedmqtt.training import round_seed, train_local
 
     out = []
-    for dataset in datasets:
+    for device_id, dataset in devices:
         set_arrays(model, global_arrays)
-        result = train_local(model, dataset, epochs=job.local_epochs, batch_size=job.batch_size, lr=job.lr)
+        seed = None if job.train_seed is None else round_seed(job.train_seed, device_id, round_number)
+        result = train_local(model, dataset, epochs=job.local_epochs, batch_size=job.batch_size, lr=job.lr, seed=seed)
         out.append((A.subtract(get_arrays(model), global_arrays), result.num_samples))
     return out
 
@@ -122,7 +127,7 @@ def run_inprocess(job: R.Job, data: Path) -> dict[str, Any]:
     seconds: list[float] = []
     for r in range(1, job.rounds + 1):
         started = time.perf_counter()
-        loop.aggregate(train_devices(model, datasets, loop.global_arrays, job))
+        loop.aggregate(train_devices(model, datasets, loop.global_arrays, job, r))
         seconds.append(time.perf_counter() - started)
         loop.evaluate(r)
     return _baseline_result(seconds, loop, threads=_torch_threads(), processes=1)
@@ -162,10 +167,11 @@ def _floor_worker(conn: Connection, job: R.Job, data: str, first: int, end: int,
     model = build_model(job.model)
     conn.send("ready")
     while True:
-        global_arrays = conn.recv()
-        if global_arrays is None:
+        message = conn.recv()
+        if message is None:
             return
-        conn.send(train_devices(model, datasets, global_arrays, job))
+        round_number, global_arrays = message
+        conn.send(train_devices(model, datasets, global_arrays, job, round_number))
 
 
 def run_floor(job: R.Job, data: Path) -> dict[str, Any]:
@@ -192,7 +198,7 @@ def run_floor(job: R.Job, data: Path) -> dict[str, Any]:
         for r in range(1, job.rounds + 1):
             started = time.perf_counter()
             for _, conn in workers:
-                conn.send(loop.global_arrays)
+                conn.send((r, loop.global_arrays))
             updates = [u for _, conn in workers for u in conn.recv()]
             loop.aggregate(updates)
             seconds.append(time.perf_counter() - started)
@@ -302,6 +308,7 @@ def print_tables(job: R.Job, result: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     R.common_flags(parser, "overhead")
+    R.train_seed_flag(parser)
     parser.add_argument("--model", default=R.PAPER_JOB["model"], help="model (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=R.PAPER_JOB["rounds"], help="rounds (default: %(default)s)")
     parser.add_argument("--devices", type=int, default=R.PAPER_JOB["devices"], help="devices (default: %(default)s)")
@@ -314,7 +321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def job_of(args: argparse.Namespace) -> R.Job:
     base = R.Job(**R.PAPER_JOB)  # type: ignore[arg-type]
-    return replace(base, model=args.model, rounds=args.rounds, devices=args.devices)
+    return replace(base, model=args.model, rounds=args.rounds, devices=args.devices, train_seed=R.train_seed_of(args))
 
 
 def main(argv: list[str] | None = None) -> int:
