@@ -7,7 +7,7 @@ final accuracy, uplink bytes per update and per round, downlink bytes per round,
 Goals: >= 250x fewer uplink bytes than float32 at <= 0.5 point accuracy loss after the same rounds; >= 8x fewer
 downlink bytes at <= 0.3 point.
 
-    .venv/bin/python benchmarks/compression_accuracy.py            # 9 runs of the job (~1 h on 2 idle cores)
+    .venv/bin/python benchmarks/compression_accuracy.py            # 10 runs of the job (~40 min on 2 idle cores)
     .venv/bin/python benchmarks/compression_accuracy.py --quick    # mlp, 2 rounds, 6,000 images (minutes)
     .venv/bin/python benchmarks/compression_accuracy.py --uplinks float32 int8 --downlinks float32
     .venv/bin/python benchmarks/compression_accuracy.py --model mlp --rounds 15 --seed 1 --uplinks float32 \
@@ -30,7 +30,7 @@ BASELINE = "float32"
 # CodecSpec strings (fedmqtt.schema.CodecSpec.parse): top-k fraction (per tensor, or gtopk: of the whole model),
 # value encoding (sign: 1 bit per kept value, one scale per tensor, Rice-coded indices), error feedback;
 # warmup:N keeps 2**(N+1-r) times the fraction in round r <= N (its bytes count in the average).
-UPLINK_CODECS = ("float32", "int8", "topk:0.01+int8+ef", "topk:0.001+int8+ef", "gtopk:0.0093+warmup:2+sign+ef")
+UPLINK_CODECS = ("float32", "float16", "int8", "topk:0.01+int8+ef", "topk:0.001+int8+ef", "gtopk:0.011+sign+ef")
 # --downlink: float32 publishes the model whole; any other codec also publishes a delta frame against the model
 # the devices hold, with error feedback on the coordinator (so no 'ef' here); top-k keeps that fraction of it.
 DOWNLINK_CODECS = ("float32", "float16", "int8", "topk:0.1+int8", "topk:0.01+int8")

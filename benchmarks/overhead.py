@@ -18,7 +18,7 @@ is evaluated after its round, outside the clock, for the accuracy); the sum of t
 Where fedmqtt's extra time goes comes from the job's events and device statuses (benchmarks/_runner.py,
 ``round_phases``): model download, device training and upload, and the close (aggregation, evaluation, publish).
 
-    .venv/bin/python benchmarks/overhead.py            # the job above (~10 min on 2 idle cores)
+    .venv/bin/python benchmarks/overhead.py            # the job above (~12 min on 2 idle cores)
     .venv/bin/python benchmarks/overhead.py --quick    # mlp, 2 rounds, 6,000 training images (~1 min idle)
 
 Results: a table on stdout, JSON at --json (default benchmarks/results/overhead.json; --quick: overhead-quick.json).
