@@ -53,6 +53,7 @@ class Job:
     # simulate --train-seed: the devices' shuffling orders (None: fresh ones). Seeded, two runs of a script differ
     # only by what the script varies (a codec, a way of running), not by the data order.
     train_seed: int | None = None
+    eval_every: int = 1  # simulate --eval-every
 
     def simulate_args(self) -> list[str]:
         argv = [
@@ -73,6 +74,8 @@ class Job:
             argv += ["--target-accuracy", str(self.target_accuracy)]
         if self.train_seed is not None:
             argv += ["--train-seed", str(self.train_seed)]
+        if self.eval_every != 1:
+            argv += ["--eval-every", str(self.eval_every)]
         return argv
 
     def label(self) -> str:
@@ -80,6 +83,7 @@ class Job:
         return (
             f"{self.devices} devices{per_round}, {self.rounds} rounds, {self.model}, E={self.local_epochs}, "
             f"B={self.batch_size}, lr {self.lr:g}, {self.partition}, uplink {self.uplink}, downlink {self.downlink}"
+            + ("" if self.eval_every == 1 else f", evaluated every {self.eval_every} rounds and the last")
         )
 
 

@@ -10,7 +10,12 @@ The job: 10 devices, 5 rounds, the McMahan et al. CNN, E = 1, B = 10, lr 0.05, I
 2. floor: the same training spread over the same number of worker processes, each with the same devices and
    torch threads as ``fedmqtt simulate`` gives its device processes (its own plan, ``plan_simulation``), the
    global model handed over a pipe, the same FedAvg between rounds: no broker, no frames — what the cores can do;
-3. fedmqtt: ``fedmqtt simulate`` on Mosquitto.
+3. fedmqtt: ``fedmqtt simulate`` on Mosquitto, evaluating only the final model (``--eval-every`` = the rounds;
+   ``--eval-every 1``: every round's, as a job does by default).
+
+No way's clock counts evaluation: 1 and 2 stop it while they evaluate each round's model; fedmqtt evaluates beside
+the next round's training (pipelined rounds), so on a machine whose cores the devices fill, every evaluation but the
+last takes its CPU from the training (about 1 s a round for the CNN on 2 cores: ``--eval-every 1`` shows it).
 
 Every way runs in processes of their own sessions, as simulate starts its children (Linux's autogroup shares a
 busy CPU between sessions first). Seconds are seconds of rounds: training and aggregation for 1 and 2 (each model
@@ -309,6 +314,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     R.common_flags(parser, "overhead")
     R.train_seed_flag(parser)
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        help="fedmqtt evaluates every N-th round's model and the last (default: the rounds, the last only)",
+    )
     parser.add_argument("--model", default=R.PAPER_JOB["model"], help="model (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=R.PAPER_JOB["rounds"], help="rounds (default: %(default)s)")
     parser.add_argument("--devices", type=int, default=R.PAPER_JOB["devices"], help="devices (default: %(default)s)")
@@ -321,7 +331,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def job_of(args: argparse.Namespace) -> R.Job:
     base = R.Job(**R.PAPER_JOB)  # type: ignore[arg-type]
-    return replace(base, model=args.model, rounds=args.rounds, devices=args.devices, train_seed=R.train_seed_of(args))
+    return replace(
+        base,
+        model=args.model,
+        rounds=args.rounds,
+        devices=args.devices,
+        train_seed=R.train_seed_of(args),
+        eval_every=args.rounds if args.eval_every is None else args.eval_every,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

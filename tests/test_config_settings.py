@@ -145,6 +145,13 @@ def test_the_dp_sample_rate_without_a_population_is_refused_up_front() -> None:
         load_config(None, {**BASE, "dp_mode": "device", "dp_clip": 1, "dp_noise_multiplier": 1}, env={})
 
 
+def test_eval_every_must_be_a_positive_round_count(tiny_data: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--eval-every"):
+        load_config(None, {**BASE, "eval_every": 0}, env={})
+    assert load_config(None, {**BASE, "eval_every": 2}, env={}).eval_every == 2
+    assert plan_of(tiny_data, "--devices", "2", "--rounds", "4", "--eval-every", "4").coordinator.eval_every == 4
+
+
 # --- simulate -----------------------------------------------------------------------------------------------------
 
 

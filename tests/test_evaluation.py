@@ -13,7 +13,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedmqtt.coordinator.evaluation import EVAL_THREADS, Evaluation, Evaluator, model_evaluation, unevaluated
+from fedmqtt.coordinator.evaluation import (
+    EVAL_THREADS,
+    Evaluation,
+    Evaluator,
+    evaluation_due,
+    model_evaluation,
+    unevaluated,
+)
 
 H = "ab" * 32  # a model hash
 WAIT = 30.0
@@ -188,6 +195,17 @@ def test_after_a_restart_only_the_latest_model_can_still_be_evaluated() -> None:
     assert unevaluated([entry(1, 0.5), entry(2, None)]) == (2, [])
     assert unevaluated([entry(1, None), entry(2, 0.5)]) == (None, [1])
     assert unevaluated([entry(1, None), entry(2, None), entry(3, None)]) == (3, [1, 2])
+
+
+def test_eval_every_evaluates_every_nth_round_and_the_last() -> None:
+    assert [r for r in range(1, 8) if evaluation_due(r, 1, 7)] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r for r in range(1, 8) if evaluation_due(r, 3, 7)] == [3, 6, 7]
+    assert [r for r in range(1, 8) if evaluation_due(r, 10, 7)] == [7]
+    # After a restart, rounds --eval-every skipped are neither lost nor evaluated again.
+    due = lambda r: evaluation_due(r, 2, 6)  # noqa: E731
+    assert unevaluated([entry(1, None), entry(2, 0.5), entry(3, None)], due) == (None, [])
+    assert unevaluated([entry(1, None), entry(2, None), entry(3, None)], due) == (None, [2])
+    assert unevaluated([entry(1, None), entry(2, 0.5), entry(3, None), entry(4, None)], due) == (4, [])
 
 
 @given(st.lists(st.one_of(st.none(), st.floats(0.0, 1.0)), max_size=30))

@@ -205,6 +205,24 @@ def test_an_evaluation_that_fails_is_reported_and_the_job_goes_on(
     assert two.accuracy is None and two.evaluated_model is None and two.participants == ("d1",)
 
 
+def test_eval_every_evaluates_every_nth_round_and_the_last_only(
+    mosquitto_broker: Any, make_job: Callable[[str], Job], slow: SlowEvaluation, eval_dir: Path
+) -> None:
+    job = make_job(mosquitto_broker.url)
+    slow.gate.set()
+    with running(make_config(job, eval_dir, rounds=5, eval_every=2)) as (service, result):
+        job.devices.online("d1")
+        for n in range(1, 6):
+            train_round(job, n)
+        job.view.wait_event(EventType.ROUND_EVALUATED, round=5)
+        assert exit_code(result) == 0
+    evaluated = sorted(e.round for e in job.view.events if e.type is EventType.ROUND_EVALUATED)
+    assert evaluated == [2, 4, 5] and slow.calls == 3  # rounds 1 and 3 cost no evaluation
+    assert [s.round for s in (summary_with_accuracy(job, n) for n in (2, 4, 5))] == [2, 4, 5]
+    assert [h["accuracy"] is not None for h in service.history] == [False, True, False, True, True]
+    assert all(job.view.summaries[n].participants == ("d1",) for n in (1, 3))  # recorded, without accuracy
+
+
 def test_the_target_reached_while_the_next_round_trains_stops_the_job(
     mosquitto_broker: Any, make_job: Callable[[str], Job], slow: SlowEvaluation, eval_dir: Path
 ) -> None:

@@ -201,6 +201,13 @@ class CoordinatorConfig(BrokerSettings):
         Path | None,
         Field(**_info("directory of the IDX files; evaluates on the test split each round", group=TRAINING)),
     ] = None
+    eval_every: Annotated[
+        int,
+        Field(gt=0, **_info(
+            "with --eval-data, evaluate the model of every N-th round and of the last round only (the others' "
+            "accuracy stays empty; --target-accuracy is judged on the evaluated rounds)",
+            group=TRAINING, metavar="N")),
+    ] = 1  # fmt: skip
     local_epochs: Annotated[int, Field(gt=0, **_info("local epochs per round", group=TRAINING))] = 1
     batch_size: Annotated[int, Field(gt=0, **_info("local batch size", group=TRAINING))] = 50
     lr: Annotated[float, Field(gt=0, allow_inf_nan=False, **_info("local learning rate", group=TRAINING))] = 0.05

@@ -202,11 +202,20 @@ def model_evaluation(
     return setup
 
 
-def unevaluated(history: Sequence[Mapping[str, Any]]) -> tuple[int | None, list[int]]:
-    """Which recorded rounds (closed-round summaries as dicts, in order) lack an accuracy after a restart:
-    ``(the last round, when it lacks one: its model is the checkpoint's current model and can be evaluated now;
-    the earlier rounds that lack one: their models are gone, as a checkpoint keeps only the latest)``."""
-    missing = [int(entry["round"]) for entry in history if entry.get("accuracy") is None]
+def evaluation_due(round_number: int, every: int, rounds: int) -> bool:
+    """Whether round ``round_number``'s model is evaluated under ``--eval-every every`` in a job of ``rounds``
+    rounds: every ``every``-th round, and the last (its accuracy is the job's result)."""
+    return round_number % every == 0 or round_number >= rounds
+
+
+def unevaluated(
+    history: Sequence[Mapping[str, Any]], due: Callable[[int], bool] = lambda _: True
+) -> tuple[int | None, list[int]]:
+    """Which recorded rounds (closed-round summaries as dicts, in order) lack an accuracy that was ``due`` (see
+    :func:`evaluation_due`) after a restart: ``(the last round, when it lacks one: its model is the checkpoint's
+    current model and can be evaluated now; the earlier rounds that lack one: their models are gone, as a
+    checkpoint keeps only the latest)``."""
+    missing = [int(e["round"]) for e in history if e.get("accuracy") is None and due(int(e["round"]))]
     if missing and history and missing[-1] == int(history[-1]["round"]):
         return missing[-1], missing[:-1]
     return None, missing

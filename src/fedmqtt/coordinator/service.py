@@ -42,7 +42,7 @@ from fedmqtt.coordinator.aggregation import Strategy, build_strategy
 from fedmqtt.coordinator.config import CoordinatorConfig
 from fedmqtt.coordinator.durability import CHECKPOINT_FILE, QUARANTINE_DIR, REPLAY_MARKER, SPOOL_DIR, Durability
 from fedmqtt.coordinator.errors import AggregationError, CoordinatorConflict
-from fedmqtt.coordinator.evaluation import Evaluation, Evaluator, model_evaluation, unevaluated
+from fedmqtt.coordinator.evaluation import Evaluation, Evaluator, evaluation_due, model_evaluation, unevaluated
 from fedmqtt.coordinator.presence import InstanceTracker, PresenceBatch, live_rival
 from fedmqtt.coordinator.scaleout import Host, ScaleOut
 from fedmqtt.errors import ConfigError, FedmqttError
@@ -1100,7 +1100,7 @@ class CoordinatorService:
             + ("" if self.pruning is None else f"; {self.pruning.pruned:,} weights pruned ({summary.sparsity:.1%})"),
         )
         self._event(EventType.MODEL_PUBLISHED, round=a.round + 1, detail=f"model {self.model_hash[:12]}")
-        if self._evaluator is not None:
+        if self._evaluator is not None and self._evaluation_due(a.round):
             self._evaluator.submit(a.round, self.model_hash, self.global_arrays)
         self._publish_privacy()
         self._set_round_budget()  # out of budget: the machine stops the job instead of opening the next round
@@ -1326,12 +1326,15 @@ class CoordinatorService:
             if self.machine.stage is not M.Stage.AGGREGATING:  # _close_round checkpoints once the round is closed
                 self._checkpoint()
 
+    def _evaluation_due(self, round_number: int) -> bool:
+        return evaluation_due(round_number, self.config.eval_every, self.config.rounds)
+
     def _resume_evaluations(self) -> None:
         """After a restart: evaluate the checkpoint's model if its round lacks an accuracy; earlier rounds that lack
         one keep None (a checkpoint holds only the latest model)."""
         if self._evaluator is None:
             return
-        current, lost = unevaluated(self.history)
+        current, lost = unevaluated(self.history, self._evaluation_due)
         if lost:
             log.warning(
                 "round(s) %s have no accuracy: their evaluation did not complete, and the checkpoint holds only the "
