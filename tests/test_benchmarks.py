@@ -225,8 +225,10 @@ def test_rounds_to_accuracy_outcome_beside_the_paper() -> None:
 
 def test_compression_configurations_and_flags() -> None:
     pairs = compression.configurations(list(compression.UPLINK_CODECS), list(compression.DOWNLINK_CODECS))
-    assert pairs[0] == ("float32", "float32") and len(pairs) == len(set(pairs)) == 9
+    # the baseline, 5 more uplinks, 4 more downlinks
+    assert pairs[0] == ("float32", "float32") and len(pairs) == len(set(pairs)) == 10
     assert ("topk:0.001+int8+ef", "float32") in pairs and ("float32", "int8") in pairs
+    assert ("float16", "float32") in pairs and ("gtopk:0.011+sign+ef", "float32") in pairs
     args = compression.parse_args(["--quick"])
     assert (args.model, args.devices, args.rounds) == ("mlp", 10, 2)
     assert args.json.name == "compression_accuracy-quick.json"
