@@ -66,11 +66,12 @@ JSON_KEYS = (
 def device_parts(job: R.Job, data: Path, first: int, end: int) -> list[tuple[str, Any]]:
     """Devices ``first .. end-1``: (id, data), named and cut as ``fedmqtt device --id-prefix --parts`` does."""
     from fedmqtt.data import PartitionSpec, load_dataset, partition
+    from fedmqtt.device.cli import virtual_device_id
     from fedmqtt.simulate import DEVICE_ID_PREFIX
 
     dataset = load_dataset("mnist", data, train=True)
     parts = partition(dataset.labels.numpy(), PartitionSpec.parse(job.partition), job.devices, job.seed)
-    return [(f"{DEVICE_ID_PREFIX}{i:04d}", dataset.subset(parts[i])) for i in range(first, end)]
+    return [(virtual_device_id(DEVICE_ID_PREFIX, i), dataset.subset(parts[i])) for i in range(first, end)]
 
 
 def train_devices(

@@ -108,6 +108,11 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run_device)
 
 
+def virtual_device_id(prefix: str, index: int) -> str:
+    """The id of virtual device ``index`` under ``--id-prefix prefix`` (``dev-0007``)."""
+    return f"{prefix}{index:04d}"
+
+
 def _parse_parts(text: str) -> range:
     try:
         a, b = (int(x) for x in text.split(":"))
@@ -128,7 +133,7 @@ def device_ids_and_parts(args: argparse.Namespace) -> list[tuple[str, int | None
         parts = _parse_parts(args.parts)
         if parts.stop > args.num_parts:
             raise ConfigError("parts", f"{args.parts} goes beyond --num-parts {args.num_parts}")
-        return [(validate_id("device id", f"{args.id_prefix}{i:04d}"), i) for i in parts]
+        return [(validate_id("device id", virtual_device_id(args.id_prefix, i)), i) for i in parts]
     if args.id is None:
         raise ConfigError("id", "give --id ID (or --id-prefix PREFIX --parts A:B)")
     validate_id("device id", args.id)
