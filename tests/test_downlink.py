@@ -23,6 +23,7 @@ from fedmqtt.codecs.downlink import (
     apply_delta,
     apply_delta_frame,
     arrays_digest,
+    first_model_codec,
     full_model_codec,
     sends_deltas,
 )
@@ -53,10 +54,13 @@ class Server:
     """The coordinator's side as service.py runs it: x moves by training steps, x_hat by delta frames."""
 
     def __init__(self, codec: str, x: A.ModelArrays) -> None:
-        self.tracker = DownlinkTracker(CodecSpec.parse(codec), x)
+        # The first model goes out whole in the codec's values (DownlinkTracker.start): its frame defines x_hat.
+        self.tracker, self.first = DownlinkTracker.start(
+            CodecSpec.parse(codec), x, job=JOB, round=1, sender="coordinator", run_id=RUN
+        )
         self.x = x
         self.round = 1
-        self.hash = model_hash(full_frame(self.tracker.held, 1))
+        self.hash = model_hash(self.first)
 
     def step(self, x: A.ModelArrays) -> tuple[bytes, str, str]:
         """The next round's delta frame, and the plan's model hash and digest."""
@@ -110,6 +114,61 @@ def test_only_lossy_codecs_send_deltas_and_the_full_model_is_always_lossless() -
         DownlinkTracker(CodecSpec.parse("int8+ef"), model(0))
 
 
+@pytest.mark.parametrize(
+    ("downlink", "first"),
+    [
+        ("float32", "float32"),
+        ("float32+zstd:7", "float32+zstd:7"),
+        ("float16", "float16"),
+        ("int8", "int8"),
+        ("int8c", "int8c"),
+        ("int8s", "int8"),  # the first model is rounded deterministically
+        ("topk:0.1+int8", "int8"),  # whole: no top-k
+        ("gtopk:0.01+int8c+zstd:3", "int8c+zstd:3"),
+        ("topk:0.05+float32", "float32"),
+        ("topk:0.01+sign", "float32"),  # a sign per weight is no model
+    ],
+)
+def test_the_first_model_goes_out_in_the_codecs_own_values(downlink: str, first: str) -> None:
+    codec = CodecSpec.parse(downlink)
+    assert str(first_model_codec(codec)) == str(CodecSpec.parse(first))
+    # A --trainable job's frozen tensors are never sent again: its first model is exact.
+    assert first_model_codec(codec, whole_model_tracked=False) == full_model_codec(codec)
+
+
+@pytest.mark.parametrize("codec", ["float16", "int8", "topk:0.1+int8"])
+def test_the_first_frame_is_what_defines_x_hat_and_costs_a_fraction_of_float32(codec: str) -> None:
+    x0 = {"w": np.random.default_rng(5).standard_normal((64, 64)).astype(np.float32)}
+    tracker, frame = DownlinkTracker.start(CodecSpec.parse(codec), x0, job=JOB, round=1, sender="c", run_id=RUN)
+    decoded = decode_frame(frame)
+    assert decoded.header.kind is FrameKind.GLOBAL_MODEL and decoded.header.round == 1
+    assert arrays_digest(decoded.arrays) == arrays_digest(tracker.held)
+    lossless = len(full_frame(x0, 1))
+    assert len(frame) < lossless / (1.8 if codec == "float16" else 3.5)
+    # x_hat is x rounded, and the rounding error is what the next delta carries (error feedback on the server).
+    assert not np.array_equal(tracker.held["w"], x0["w"])
+    error = float(np.max(np.abs(tracker.residual(x0)["w"])))
+    assert 0 < error <= float(np.max(np.abs(x0["w"]))) / (1000 if codec == "float16" else 100)
+
+
+def test_a_restart_at_the_first_model_sends_the_very_same_frame() -> None:
+    x0, codec = model(6), CodecSpec.parse("topk:0.1+int8c")
+    fields = {"job": JOB, "round": 1, "sender": "c", "run_id": RUN}
+    tracker, frame = DownlinkTracker.start(codec, x0, **fields)
+    restored = DownlinkTracker.from_state_dict(codec, tracker.state_dict())
+    assert restored.first_frame_again(x0, **fields) == frame
+    # A tracker begun from a model the devices got losslessly (a checkpoint of a job that sent whole models): the
+    # int8 frame would not decode to what they hold, so the caller sends x_hat in float32 instead.
+    assert DownlinkTracker(codec, x0).first_frame_again(x0, **fields) is None
+
+
+def test_a_trainable_jobs_first_model_is_exact() -> None:
+    x0 = model(4)
+    tracker, frame = DownlinkTracker.start(CodecSpec.parse("int8"), x0, ["w"], job=JOB, round=1, sender="c", run_id=RUN)
+    assert all(np.array_equal(tracker.held[k], x0[k]) for k in x0)
+    assert decode_frame(frame).header.codec == str(full_model_codec(CodecSpec.parse("int8")))
+
+
 # --- the tracker and a device hold the same bits --------------------------------------------------------
 
 
@@ -117,7 +176,7 @@ def test_only_lossy_codecs_send_deltas_and_the_full_model_is_always_lossless() -
 def test_a_device_tracks_the_coordinators_model_bit_for_bit_over_many_rounds(codec: str) -> None:
     x0 = model(1)
     server = Server(codec, x0)
-    device = Device(full_frame(server.tracker.held, 1))
+    device = Device(server.first)
     assert device.hash == server.hash
     for x in training_steps(x0, 30):
         frame, plan_hash, digest = server.step(x)
@@ -140,7 +199,8 @@ def test_a_device_tracks_the_coordinators_model_bit_for_bit_over_many_rounds(cod
 def test_property_device_and_coordinator_copies_agree(codec: str, seed: int, scale: float, rounds: int) -> None:
     x0 = model(seed, scale)
     server = Server(codec, x0)
-    device = Device(full_frame(server.tracker.held, 1))
+    device = Device(server.first)
+    assert arrays_digest(device.held) == arrays_digest(server.tracker.held)
     rng = np.random.default_rng(seed)
     for _ in range(rounds):
         x = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * np.float32(scale)).astype(np.float32)
@@ -216,7 +276,7 @@ def test_a_tracker_restored_from_its_state_continues_identically() -> None:
 def scene() -> tuple[Server, Device, bytes, str, str]:
     x0 = model(8)
     server = Server("int8", x0)
-    device = Device(full_frame(server.tracker.held, 1))
+    device = Device(server.first)
     (x1,) = training_steps(x0, 1)
     frame, plan_hash, digest = server.step(x1)
     return server, device, frame, plan_hash, digest

@@ -44,6 +44,7 @@ class FrameSizes:
 
     def __init__(self) -> None:
         self.sizes: dict[tuple[FrameKind, int], int] = {}
+        self.codecs: dict[tuple[FrameKind, int], str] = {}
         self._lock = threading.Lock()
 
     def __call__(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
@@ -51,6 +52,7 @@ class FrameSizes:
             header = peek_header(payload)
             with self._lock:
                 self.sizes[(header.kind, header.round)] = len(payload)
+                self.codecs[(header.kind, header.round)] = header.codec
 
     def full(self, round_number: int) -> int:
         with self._lock:
@@ -101,6 +103,14 @@ def test_devices_holding_the_model_take_the_delta_a_late_joiner_the_full_model_b
     for r in (r1, r2, r3):
         assert r.bytes_down == (r.bytes_down_delta or 0) + (r.bytes_down_full or 0)
     assert frames.delta(3) * 4 < frames.full(3)  # top-k 10 % + int8 against float32
+    # The first model goes out whole in the codec's int8 values (no delta leads to it); the later full models for
+    # late joiners are x_hat in float32, which no int8 frame could carry exactly.
+    assert [frames.codecs[(FrameKind.GLOBAL_MODEL, n)] for n in (1, 2, 3)] == [
+        "int8+zstd:1",
+        "float32+zstd:1",
+        "float32+zstd:1",
+    ]
+    assert frames.full(1) * 2.5 < frames.full(2)
     assert r3.accuracy is not None and r3.accuracy > 0.5
 
 
@@ -250,6 +260,7 @@ def test_a_resumed_coordinator_republishes_the_same_model_delta_and_digest(
 ) -> None:
     from fedmqtt.codecs import decode_frame
     from fedmqtt.codecs.downlink import apply_delta_frame
+    from fedmqtt.coordinator.durability import CHECKPOINT_FILE
     from harness import WAIT
 
     job = make_job(mosquitto_broker.url)
@@ -262,10 +273,19 @@ def test_a_resumed_coordinator_republishes_the_same_model_delta_and_digest(
     job.devices.online("d1")
     plan1 = job.view.wait_plan(1)
     assert plan1.model_digest is not None
+    # Killed at the run's first model (sent in the codec's int8 values): resumed, it republishes that very frame,
+    # so what devices hold keeps the hash the plan and the next delta name.
+    job.view.wait_until("the round-1 checkpoint", lambda: (tmp_path / "ckpt" / CHECKPOINT_FILE).exists() or None)
+    first.kill()
+    (full1,) = frames.of(t.model, 1)
+    assert peek_header(full1).codec == "int8+zstd:1" and model_hash(full1) == plan1.model_hash
+    first = job.start(*flags, "--resume")
+    job.view.wait_until("the round-1 model republished", lambda: len(frames.of(t.model, 1)) >= 2 or None)
+    assert set(frames.of(t.model, 1)) == {full1}
     job.devices.send("d1", job.frame(1, "d1", 0.01))
     plan2 = job.view.wait_plan(2)
     first.kill()
-    (full1,), (full2,), (delta2,) = frames.of(t.model, 1), frames.of(t.model, 2), frames.of(t.delta, 2)
+    (full2,), (delta2,) = frames.of(t.model, 2), frames.of(t.delta, 2)
     assert model_hash(full2) == plan2.model_hash and peek_header(delta2).base_model_hash == plan1.model_hash
     held = apply_delta_frame(delta2, held=decode_frame(full1).arrays, held_hash=plan1.model_hash, job=t.job, round=2,
                              run_id=plan2.run_id, digest=plan2.model_digest or "")  # fmt: skip

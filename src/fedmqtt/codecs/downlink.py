@@ -12,12 +12,18 @@ delta frame, then :func:`apply_delta` (one float32 addition per entry, in the sa
 same bits. :func:`arrays_digest` names those bits; the plan carries it (``Plan.model_digest``) and a device
 that applied a delta checks it before training. The retained full model is ``x_hat`` itself, encoded
 losslessly (float32), so a device that lacks the base (a late joiner) holds exactly the same model.
+
+The first model of a run is the exception: no delta leads to it, so its frame itself defines ``x_hat`` (both
+sides decode it, :meth:`DownlinkTracker.start`) and it can go out in the codec's own float16 or int8 values
+(:func:`first_model_codec`): round 1 then costs a quarter of float32 with int8, not a whole float32 model to
+every device. What that rounding dropped stays in ``x - x_hat`` and goes out with the next deltas.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +39,7 @@ __all__ = [
     "apply_model_part_frame",
     "arrays_digest",
     "encode_model_part",
+    "first_model_codec",
     "frozen_digest",
     "full_model_codec",
     "sends_deltas",
@@ -53,6 +60,21 @@ def full_model_codec(codec: CodecSpec) -> CodecSpec:
     if not sends_deltas(codec):
         return codec
     return CodecSpec(zstd_level=codec.zstd_level)
+
+
+def first_model_codec(codec: CodecSpec, *, whole_model_tracked: bool = True) -> CodecSpec:
+    """The codec of a run's first model (sent whole; no delta leads to it) on a downlink that sends deltas: the
+    codec's float16 or int8 values (its per-channel scales, deterministic rounding, no top-k), else float32.
+
+    Float32 when the values are 1-bit signs (a sign per weight is no model) and when ``whole_model_tracked`` is
+    false: a ``--trainable`` job's deltas never carry its frozen tensors, so the first model is the only time
+    they are sent and they must arrive exact."""
+    lossless = full_model_codec(codec)
+    if not sends_deltas(codec) or not whole_model_tracked:
+        return lossless
+    if codec.values not in (ValueEncoding.FLOAT16, ValueEncoding.INT8):
+        return lossless
+    return CodecSpec(values=codec.values, per_channel=codec.per_channel, zstd_level=codec.zstd_level)
 
 
 def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
@@ -208,6 +230,20 @@ def apply_model_part_frame(
     return result
 
 
+def _first_model_frame(
+    codec: CodecSpec, model: Mapping[str, np.ndarray], *, whole_model_tracked: bool, **frame_fields: Any
+) -> tuple[bytes, ModelArrays]:
+    """The first model's global-model frame and what a device decodes from it."""
+    frame = encode_frame(
+        model,
+        kind=FrameKind.GLOBAL_MODEL,
+        codec=first_model_codec(codec, whole_model_tracked=whole_model_tracked),
+        **frame_fields,
+    )
+    numel = sum(int(np.size(v)) for v in model.values())
+    return frame, decode_frame(frame, max_body_bytes=max(DEFAULT_MAX_BODY_BYTES, 10 * numel)).arrays
+
+
 class DownlinkTracker:
     """The coordinator's side: ``x_hat`` (the model devices hold) and the delta frames that move it towards ``x``.
 
@@ -225,6 +261,28 @@ class DownlinkTracker:
         if tensors is not None and (not tensors or not set(tensors) <= set(self.held)):
             raise ValueError("the delta's tensors must be some of the tracked model's")
         self.tensors: tuple[str, ...] = tuple(k for k in self.held if tensors is None or k in set(tensors))
+        self.whole = tensors is None
+
+    @classmethod
+    def start(
+        cls,
+        codec: CodecSpec,
+        model: Mapping[str, np.ndarray],
+        tensors: Sequence[str] | None = None,
+        **frame_fields: Any,
+    ) -> tuple[DownlinkTracker, bytes]:
+        """A run's first model: its global-model frame in :func:`first_model_codec` and the tracker whose
+        ``x_hat`` is what a device decodes from that very frame (``model`` itself when the codec is lossless).
+        ``frame_fields``: the frame's ``job``, ``round``, ``sender``, ``model_name`` and ``run_id``."""
+        frame, held = _first_model_frame(codec, model, whole_model_tracked=tensors is None, **frame_fields)
+        return cls(codec, held, tensors), frame
+
+    def first_frame_again(self, model: Mapping[str, np.ndarray], **frame_fields: Any) -> bytes | None:
+        """After a restart at a run's first model ``model``: the frame :meth:`start` sent (its encoding is
+        deterministic), so the model hash the plan names and the next delta's base stay those devices hold. None
+        when that frame would not decode to ``x_hat`` (a tracker begun from a model sent losslessly)."""
+        frame, held = _first_model_frame(self.codec, model, whole_model_tracked=self.whole, **frame_fields)
+        return frame if arrays_digest(held) == arrays_digest(self.held) else None
 
     def residual(self, target: Mapping[str, np.ndarray]) -> ModelArrays:
         """``target - x_hat`` over the delta's tensors: what the devices still lack."""

@@ -1196,51 +1196,48 @@ class CoordinatorService:
         that lack the base. ``advance=False`` (a resume) republishes the checkpointed x_hat and delta as they were."""
         codec = self.config.downlink_codec
         held: A.ModelArrays = self.global_arrays
+        first_frame: bytes | None = None
         if self._sends_deltas:
             tracker = self._downlink
             if tracker is None:
-                # The first model goes out whole; no delta leads to it (a stale one of an earlier run is cleared).
-                tracker = self._downlink = DownlinkTracker(codec, self.global_arrays, self.trained)
+                # The first model goes out whole, in the codec's values (x_hat is what its frame decodes to); no
+                # delta leads to it (a stale one of an earlier run is cleared).
+                tracker, first_frame = DownlinkTracker.start(
+                    codec, self.global_arrays, self.trained, **self._model_frame_fields()
+                )
+                self._downlink = tracker
                 self.delta_frame = b""
                 self._publish(self.topics.delta, b"", retain=True)
+            elif not advance and not self.delta_frame:
+                # Resumed at the run's first model: the very frame it went out in, or the devices that hold it would
+                # find the next delta on another base.
+                first_frame = tracker.first_frame_again(self.global_arrays, **self._model_frame_fields())
             elif advance:
                 self.delta_frame = tracker.delta_frame(
-                    self.global_arrays,
-                    job=self.config.job,
-                    round=self.model_round,
-                    sender=COORDINATOR_ID,
-                    base_model_hash=self.model_hash,
-                    model_name=self.config.model,
-                    run_id=self.run_id,
+                    self.global_arrays, base_model_hash=self.model_hash, **self._model_frame_fields()
                 )
             held = tracker.held
         elif self._sends_parts:
             assert self.trained is not None
-            self.delta_frame = encode_model_part(
-                held,
-                self.trained,
-                codec=codec,
-                job=self.config.job,
-                round=self.model_round,
-                sender=COORDINATOR_ID,
-                model_name=self.config.model,
-                run_id=self.run_id,
-            )
-        self.model_frame = encode_frame(
-            held,
-            kind=FrameKind.GLOBAL_MODEL,
-            job=self.config.job,
-            round=self.model_round,
-            sender=COORDINATOR_ID,
-            codec=full_model_codec(codec),
-            model_name=self.config.model,
-            run_id=self.run_id,
+            self.delta_frame = encode_model_part(held, self.trained, codec=codec, **self._model_frame_fields())
+        self.model_frame = first_frame or encode_frame(
+            held, kind=FrameKind.GLOBAL_MODEL, codec=full_model_codec(codec), **self._model_frame_fields()
         )
         self.model_hash = model_hash(self.model_frame)
         self.model_digest = arrays_digest(held) if self._downlink is not None or self._sends_parts else None
         self._publish(self.topics.model, self.model_frame, retain=True)
         if self.delta_frame:
             self._publish(self.topics.delta, self.delta_frame, retain=True)
+
+    def _model_frame_fields(self) -> dict[str, Any]:
+        """The header fields of the model (and delta) frames of ``model_round``."""
+        return {
+            "job": self.config.job,
+            "round": self.model_round,
+            "sender": COORDINATOR_ID,
+            "model_name": self.config.model,
+            "run_id": self.run_id,
+        }
 
     def _count_accepted(self, size: int, header: FrameHeader) -> None:
         """An accepted update (here, or held by an aggregator): its DP clip bit, its bytes up and down."""
