@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -409,7 +410,14 @@ def start_device_with_a_last_will(broker_url: str, topics: Topics, device: str) 
     return process
 
 
-def closed_port_url() -> str:
-    from fedmqtt.broker.net import find_free_port
+_REFUSING_SOCKETS: list[socket.socket] = []
 
-    return f"mqtt://127.0.0.1:{find_free_port()}"  # nothing listens there
+
+def closed_port_url() -> str:
+    """A loopback URL that refuses connections for the rest of the test session. A socket bound there that never
+    listens keeps the port: a port that was merely free once went to another test's broker while a coordinator
+    was still retrying it, and the coordinator met that broker instead of a refusal."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # no SO_REUSEADDR: nobody else may bind the port
+    sock.bind(("127.0.0.1", 0))
+    _REFUSING_SOCKETS.append(sock)
+    return f"mqtt://127.0.0.1:{sock.getsockname()[1]}"
