@@ -661,11 +661,10 @@ class CoordinatorService:
         reason = self.machine.end_reason or "the job had ended"
         log.warning("checkpoint %s: the job already ended (%s); nothing to resume", self.files.checkpoint_path, reason)
         if self.machine.phase is Phase.FINISHED:
-            self._event(EventType.JOB_FINISHED, detail=f"already finished: {reason}")
-            self._finish(0)
+            self._finish(0, EventType.JOB_FINISHED, f"already finished: {reason}")
         else:
-            self._event(EventType.JOB_STOPPED, detail=f"already stopped: {reason}")
-            self._finish(EXIT_CODES[self.machine.end_cause or M.StopCause.EXTERNAL])
+            cause = self.machine.end_cause or M.StopCause.EXTERNAL
+            self._finish(EXIT_CODES[cause], EventType.JOB_STOPPED, f"already stopped: {reason}")
 
     # ------------------------------------------------------------------------------------ inbound
 
@@ -920,11 +919,14 @@ class CoordinatorService:
                 case M.RoundFailed():
                     self._round_failed(action)
                 case M.JobFinished():
-                    self._event(EventType.JOB_FINISHED, detail=action.reason)
-                    self._finish(0)
+                    self._finish(0, EventType.JOB_FINISHED, action.reason)
                 case M.JobStopped():
-                    self._event(EventType.JOB_STOPPED, detail=action.reason)
-                    self._finish(self._exit_code(action.cause), evaluations=not action.cause.resumable)
+                    self._finish(
+                        self._exit_code(action.cause),
+                        EventType.JOB_STOPPED,
+                        action.reason,
+                        evaluations=not action.cause.resumable,
+                    )
                 case M.DeviceOnline():
                     self._presence_batch.add(action.device, online=True)
                 case M.DeviceOffline():
@@ -993,10 +995,12 @@ class CoordinatorService:
             self.privacy.record_empty_draw()
             self._publish_privacy()
 
-    def _finish(self, code: int, *, evaluations: bool = True) -> None:
-        # The job ends once every evaluation is attached, so the last summary carries its accuracy. A pause
-        # (signal) does not wait: --resume evaluates the checkpoint's model again.
+    def _finish(self, code: int, event: EventType, reason: str, *, evaluations: bool = True) -> None:
+        # The job ends once every evaluation is attached, so the last summary carries its accuracy and the end
+        # event follows the last round_evaluated. A pause (signal) does not wait: --resume evaluates the
+        # checkpoint's model again.
         self._collect_evaluations(wait=evaluations)
+        self._event(event, detail=reason)
         if code == 0:  # finished, or stopped by a rule of the job (target accuracy, privacy budget)
             self._release()
         self._maybe_publish_status(force=True)
