@@ -69,11 +69,9 @@ def first_model_codec(codec: CodecSpec, *, whole_model_tracked: bool = True) -> 
     Float32 when the values are 1-bit signs (a sign per weight is no model) and when ``whole_model_tracked`` is
     false: a ``--trainable`` job's deltas never carry its frozen tensors, so the first model is the only time
     they are sent and they must arrive exact."""
-    lossless = full_model_codec(codec)
-    if not sends_deltas(codec) or not whole_model_tracked:
-        return lossless
-    if codec.values not in (ValueEncoding.FLOAT16, ValueEncoding.INT8):
-        return lossless
+    lossy_values = codec.values in (ValueEncoding.FLOAT16, ValueEncoding.INT8)
+    if not (whole_model_tracked and lossy_values):
+        return full_model_codec(codec)
     return CodecSpec(values=codec.values, per_channel=codec.per_channel, zstd_level=codec.zstd_level)
 
 
@@ -240,8 +238,14 @@ def _first_model_frame(
         codec=first_model_codec(codec, whole_model_tracked=whole_model_tracked),
         **frame_fields,
     )
+    return frame, _decode_sent(frame, model)
+
+
+def _decode_sent(frame: bytes, model: Mapping[str, np.ndarray]) -> ModelArrays:
+    """Decode a frame the coordinator itself just encoded for ``model``, as a device will: the body bound is the
+    model's own size, which may exceed the default bound for untrusted frames."""
     numel = sum(int(np.size(v)) for v in model.values())
-    return frame, decode_frame(frame, max_body_bytes=max(DEFAULT_MAX_BODY_BYTES, 10 * numel)).arrays
+    return decode_frame(frame, max_body_bytes=max(DEFAULT_MAX_BODY_BYTES, 10 * numel)).arrays
 
 
 class DownlinkTracker:
@@ -317,9 +321,7 @@ class DownlinkTracker:
             rng=rng,
         )
         # Decode what was sent, as a device does: x_hat then holds the very bits the devices will.
-        numel = sum(int(v.size) for v in self.held.values())
-        decoded = decode_frame(frame, max_body_bytes=max(DEFAULT_MAX_BODY_BYTES, 10 * numel))
-        self.held = apply_delta(self.held, decoded.arrays)
+        self.held = apply_delta(self.held, _decode_sent(frame, self.held))
         return frame
 
     def state_dict(self) -> dict[str, object]:
