@@ -65,9 +65,9 @@ def write_jpegs(directory: Path, images: np.ndarray, *, size: int = 64, rgb: boo
     return paths
 
 
-def float_classes(model_file: Path, count: int) -> np.ndarray:
-    """The classes the float32 model of ``model_file`` gives the first ``count`` MNIST test images (the training
-    pipeline's own loading and normalisation)."""
+def float_probabilities(model_file: Path, count: int) -> np.ndarray:
+    """The float32 model of ``model_file``'s class probabilities (count × classes) for the first ``count`` MNIST
+    test images (the training pipeline's own loading and normalisation)."""
     from fedmqtt.model_file import check_model, load_model_file
     from fedmqtt.models import set_arrays
 
@@ -76,4 +76,26 @@ def float_classes(model_file: Path, count: int) -> np.ndarray:
     set_arrays(net, check_model(held, held.model, path=model_file))
     test = load_dataset("mnist", SHARED_DATA, train=False)
     with torch.inference_mode():
-        return net(test.images[:count]).argmax(dim=1).numpy()
+        return torch.softmax(net(test.images[:count]), dim=1).numpy()
+
+
+def float_classes(model_file: Path, count: int) -> np.ndarray:
+    """The classes the float32 model of ``model_file`` gives the first ``count`` MNIST test images."""
+    return float_probabilities(model_file, count).argmax(axis=1)
+
+
+INT8_AGREEMENT = 0.95  # int8 classes equal the float model's on at least this share of the images, and
+NEAR_TIE = 0.25  # where they differ, the float model itself hardly preferred its class: p(its) - p(int8's) below this
+
+
+def assert_int8_faithful(int8_classes: np.ndarray, float_probs: np.ndarray, what: object) -> None:
+    """int8 is a faithful copy of the float model: it may change a class only where the float model was near a tie
+    between the two (rounding moves logits a little; a briefly trained model has a few such images, and which of
+    them flip varies from run to run), and it agrees on nearly all images."""
+    float_classes_ = float_probs.argmax(axis=1)
+    rows = np.arange(len(int8_classes))
+    gaps = float_probs[rows, float_classes_] - float_probs[rows, int8_classes]
+    flipped = np.flatnonzero(int8_classes != float_classes_)
+    agreement = 1.0 - len(flipped) / len(int8_classes)
+    assert agreement >= INT8_AGREEMENT, (what, agreement, gaps[flipped].round(3).tolist())
+    assert (gaps[flipped] < NEAR_TIE).all(), (what, "int8 changed a confident class", gaps[flipped].round(3).tolist())

@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA, ProcessGroup, fedmqtt_argv, subprocess_env
-from exported import float_classes, mnist_test_pixels, write_pngs
+from exported import assert_int8_faithful, float_probabilities, mnist_test_pixels, write_pngs
 from fedmqtt.export import load_source
 from fedmqtt.model_file import load_model_file
 
 MNIST = SHARED_DATA / "mnist"
 IMAGES = 150
-INT8_AGREEMENT = 0.98
 PARALLEL = 2  # fedmqtt commands run at once (export, predict)
 
 
@@ -92,12 +91,12 @@ def test_pretrain_then_head_only_job_then_export_each_format_then_predict(
          *(["--no-eval"] if out == state else ["--eval-data", str(MNIST), "--eval-samples", "500"])]
         for fmt, int8, out in formats
     ])  # fmt: skip
-    expected = float_classes(state, IMAGES)
+    probabilities = float_probabilities(state, IMAGES)
+    expected = probabilities.argmax(axis=1)
     predictions = _fedmqtt_each([["predict", "--model", str(out), "--json", *pngs] for _, _, out in formats])
     for (fmt, int8, _), done in zip(formats, predictions, strict=True):
         classes = np.array([p["class"] for p in json.loads(done.stdout)["predictions"]])
-        agreement = float((classes == expected).mean())
         if int8:
-            assert agreement >= INT8_AGREEMENT, (fmt, agreement)
+            assert_int8_faithful(classes, probabilities, fmt)
         else:
-            assert agreement == 1.0, (fmt, agreement)
+            assert (classes == expected).all(), fmt
