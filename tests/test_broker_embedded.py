@@ -7,19 +7,21 @@ import itertools
 import os
 import socket
 import threading
+import time
 import uuid
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import MqttClientFactory, raw_oversize_publish_is_dropped
+from conftest import MqttClientFactory, raw_oversize_publish_is_dropped, unique_client_id
 from fedmqtt.broker.embedded import EmbeddedBroker, PacketFramer, amqtt_config
 from fedmqtt.broker.errors import BrokerError, BrokerStartError
 from fedmqtt.broker.net import find_free_port, mqtt_probe
 from fedmqtt.mqtt import ClientSettings, MqttConnection, PayloadTooLarge, SubscriptionRefused
 from fedmqtt.topics import Topics
-from inbox import Inbox
+from inbox import Inbox, wait_until
 
 
 def open_fds() -> set[tuple[str, str]]:
@@ -184,3 +186,95 @@ def test_refused_subscriptions_raise(mqtt_client: MqttClientFactory) -> None:
             refused_at_connect.connect()
         assert not refused_at_connect.is_connected
         connection.close()
+
+
+# --- amqtt defects mended by fedmqtt's subclass ------------------------------------------------------------------
+
+
+def _raw_client(url: str, client_id: str, *, clean_session: bool = True) -> Any:
+    """A bare paho client (no fedmqtt helper: no reconnects, no strict routing) that records what reaches it."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+                         protocol=mqtt.MQTTv311)  # fmt: skip
+    client.user_data_set({"topics": [], "failures": []})
+    client.on_message = lambda c, data, message: data["topics"].append(message.topic)
+    client.on_disconnect = lambda c, data, flags, reason, props: reason.is_failure and data["failures"].append(reason)
+    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+    client.connect(host, int(port))
+    client.loop_start()
+    return client
+
+
+def _close(client: Any) -> None:
+    client.disconnect()
+    client.loop_stop()
+
+
+def test_a_connecting_client_gets_no_retained_message_of_another_sessions_filter(
+    embedded_broker: EmbeddedBroker, topic_prefix: str
+) -> None:
+    """amqtt 0.12 sent every connecting client the retained messages matching *every* session's filters (another
+    job's models, say); a client now gets retained messages only for filters it holds."""
+    url = embedded_broker.url
+    holder = _raw_client(url, unique_client_id("holder"))
+    holder.subscribe(f"{topic_prefix}/secret/#", 1)
+    publisher = _raw_client(url, unique_client_id("pub"))
+    publisher.publish(f"{topic_prefix}/secret/model", b"not yours", qos=1, retain=True).wait_for_publish(5)
+    publisher.publish(f"{topic_prefix}/mine", b"yours", qos=1, retain=True).wait_for_publish(5)
+    assert wait_until(lambda: holder.user_data_get()["topics"] == [f"{topic_prefix}/secret/model"])
+
+    newcomer = _raw_client(url, unique_client_id("new"))
+    newcomer.subscribe(f"{topic_prefix}/mine", 1)
+    # The broker sends connect-time messages before it reads the SUBSCRIBE, so anything leaked comes first.
+    assert wait_until(lambda: len(newcomer.user_data_get()["topics"]) >= 1)
+    time.sleep(0.2)
+    assert newcomer.user_data_get()["topics"] == [f"{topic_prefix}/mine"]
+    for client in (holder, publisher, newcomer):
+        _close(client)
+
+
+def test_reconnects_survive_other_clients_subscribing_meanwhile(
+    embedded_broker: EmbeddedBroker, topic_prefix: str
+) -> None:
+    """A persistent session reconnecting walks amqtt's subscription table (its retained messages) while another
+    client adds and removes filters; amqtt 0.12 ended such connections ("dictionary changed size during
+    iteration") in about one reconnect of eight here. Each reconnect must now stay up and get its messages."""
+    url, kept = embedded_broker.url, 40
+    publisher = _raw_client(url, unique_client_id("pub"))
+    for i in range(kept):
+        publisher.publish(f"{topic_prefix}/kept/{i}", b"x" * 20_000, qos=1, retain=True).wait_for_publish(5)
+    stop = threading.Event()
+
+    def churn() -> None:
+        churner = _raw_client(url, unique_client_id("churn"))
+        for n in itertools.count():
+            if stop.is_set():
+                break
+            churner.subscribe(f"{topic_prefix}/new/{n}", 0)
+            if n % 50 == 49:
+                churner.unsubscribe([f"{topic_prefix}/new/{k}" for k in range(n - 49, n + 1)])
+            time.sleep(0.0005)
+        _close(churner)
+
+    churning = threading.Thread(target=churn)
+    churning.start()
+    client_id = unique_client_id("persistent")
+    try:
+        for attempt in range(20):
+            client = _raw_client(url, client_id, clean_session=False)
+            if attempt == 0:
+                client.subscribe(f"{topic_prefix}/kept/#", 1)
+            data: dict[str, list[Any]] = client.user_data_get()
+
+            def all_or_failed(data: dict[str, list[Any]] = data) -> bool:
+                return len(data["topics"]) >= kept or bool(data["failures"])
+
+            received = wait_until(all_or_failed)
+            _close(client)
+            assert data["failures"] == [] and received, (attempt, data["failures"], len(data["topics"]))
+    finally:
+        stop.set()
+        churning.join()
+        _close(publisher)
+        _close(_raw_client(url, client_id))  # a clean session ends the persistent one on the shared broker

@@ -3,9 +3,12 @@
 It needs no system package, only the ``broker`` extra (``pip install 'fedmqtt[broker]'``), which makes it the
 default for ``make demo`` and a laptop. Its limits (see docs/broker.md for measured figures): MQTT 3.1.1 only
 (clients must use protocol "3.1.1" or "auto"), several times slower than Mosquitto for large payloads, no
-authentication or ACL in fedmqtt's set-up (use Mosquitto for that), and on connect it sends a client the retained
-messages matching *any* session's filters, so clients must route strictly by their own subscriptions
-(:class:`fedmqtt.mqtt.MqttConnection` does).
+authentication or ACL in fedmqtt's set-up (use Mosquitto for that).
+
+Two amqtt 0.12 defects are mended here (:class:`_LimitedBroker`): on every connect amqtt sent the client the
+retained messages matching *every* session's filters (another job's models included), and it iterated its
+subscription table across awaits, so a client subscribing to a new filter while another connected ended that
+connection ("dictionary changed size during iteration"; seen in a CI run as a lost connection).
 
 amqtt has no packet-size limit of its own; :class:`PacketFramer` adds one by following the MQTT framing of the
 bytes the broker reads, and the connection whose next packet is announced larger than the limit is closed before
@@ -20,7 +23,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import ItemsView, Iterator, Mapping
 from types import FrameType
 from typing import Any
 
@@ -110,10 +113,34 @@ class _PacketSizeLimiter(StreamReaderAdapter):
         return data
 
 
+class SnapshotSubscriptions(dict[str, list[tuple[Session, int]]]):
+    """amqtt's subscription table (filter → sessions), iterated over a copy.
+
+    amqtt walks the table with awaits inside the loop (retained messages on connect, broadcasts to offline
+    sessions); another client's SUBSCRIBE or DISCONNECT adds or deletes a filter meanwhile, and a live dict
+    iterator raises. A copy sees the table as it was when the walk began, which is what each walk needs."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+    def items(self) -> ItemsView[str, list[tuple[Session, int]]]:  # type: ignore[override]
+        return dict(super().items()).items()
+
+
 class _LimitedBroker(Broker):
     def __init__(self, config: dict[str, Any], max_packet_size: int, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(config, loop=loop)
         self._max_packet_size = max_packet_size
+        self._subscriptions = SnapshotSubscriptions()
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        # amqtt calls this on each connect for every filter of every session, and after a SUBSCRIBE even when it
+        # refused the filter: only a filter this session holds may bring it retained messages.
+        topic_filter = subscription[0]
+        if any(held.client_id == session.client_id for held, _ in self._subscriptions.get(topic_filter, ())):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
