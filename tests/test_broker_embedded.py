@@ -6,6 +6,7 @@ import gc
 import itertools
 import os
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -197,8 +198,13 @@ def _raw_client(url: str, client_id: str, *, clean_session: bool = True) -> Any:
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                          protocol=mqtt.MQTTv311)  # fmt: skip
-    client.user_data_set({"topics": [], "failures": []})
-    client.on_message = lambda c, data, message: data["topics"].append(message.topic)
+    client.user_data_set({"topics": [], "payloads": [], "failures": []})
+
+    def on_message(client: Any, data: dict[str, list[Any]], message: Any) -> None:
+        data["topics"].append(message.topic)
+        data["payloads"].append(message.payload)
+
+    client.on_message = on_message
     client.on_disconnect = lambda c, data, flags, reason, props: reason.is_failure and data["failures"].append(reason)
     host, port = url.removeprefix("mqtt://").rsplit(":", 1)
     client.connect(host, int(port))
@@ -278,3 +284,51 @@ def test_reconnects_survive_other_clients_subscribing_meanwhile(
         churning.join()
         _close(publisher)
         _close(_raw_client(url, client_id))  # a clean session ends the persistent one on the shared broker
+
+
+def _raw_connect(client_id: str, will_topic: str, will: bytes, *, clean_session: bool) -> bytes:
+    """An MQTT 3.1.1 CONNECT with a QoS 1 will, built by hand so it can share one write with what follows."""
+
+    def field(data: bytes) -> bytes:
+        return struct.pack("!H", len(data)) + data
+
+    flags = (0x02 if clean_session else 0) | 0x04 | 0x08  # clean session, will flag, will QoS 1
+    body = field(b"MQTT") + bytes([4, flags]) + struct.pack("!H", 60)
+    body += field(client_id.encode()) + field(will_topic.encode()) + field(will)
+    return bytes([0x10, len(body)]) + body
+
+
+DISCONNECT = b"\xe0\x00"
+
+
+def test_a_clean_disconnect_right_after_connect_publishes_no_will(broker_url: str, topic_prefix: str) -> None:
+    """amqtt 0.12 dropped a DISCONNECT read before its message loop began waiting (here: while a persistent
+    session's retained messages go out) and published the will of a client that ended cleanly: 20 of 20 here.
+    An abrupt end still publishes it. Both brokers."""
+    wills = _raw_client(broker_url, unique_client_id("watch"))
+    wills.subscribe(f"{topic_prefix}/will", 1)
+    publisher = _raw_client(broker_url, unique_client_id("pub"))
+    for i in range(5):
+        publisher.publish(f"{topic_prefix}/kept/{i}", b"x" * 1000, qos=1, retain=True).wait_for_publish(5)
+    client_id = unique_client_id("quick")
+    holder = _raw_client(broker_url, client_id, clean_session=False)  # the session holds a filter with retained
+    holder.subscribe(f"{topic_prefix}/kept/#", 1)
+    assert wait_until(lambda: len(holder.user_data_get()["topics"]) == 5)
+    _close(holder)
+    host, port = broker_url.removeprefix("mqtt://").rsplit(":", 1)
+    for _ in range(10):
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
+            connect = _raw_connect(client_id, f"{topic_prefix}/will", b"ended", clean_session=False)
+            raw.sendall(connect + DISCONNECT)
+            while raw.recv(65536):  # everything the broker sends until it closes: no reset loses the DISCONNECT
+                pass
+    with socket.create_connection((host, int(port)), timeout=5) as raw:  # an abrupt end: no DISCONNECT
+        raw.sendall(_raw_connect(unique_client_id("abrupt"), f"{topic_prefix}/will", b"abrupt", clean_session=True))
+        assert raw.recv(4)[:1] == b"\x20"  # CONNACK
+    assert wait_until(lambda: wills.user_data_get()["topics"] != [])
+    time.sleep(0.3)
+    payloads = wills.user_data_get()["payloads"]
+    assert payloads == [b"abrupt"], payloads
+    _close(_raw_client(broker_url, client_id))  # a clean session ends the persistent one
+    for client in (wills, publisher):
+        _close(client)
