@@ -9,9 +9,9 @@ It wraps paho-mqtt 2.x (``CallbackAPIVersion.VERSION2``) and adds what fedmqtt r
   in the PUBACK (an ACL refusal is 0x87 "Not authorized") into :class:`PublishRefused`. MQTT 3.1.1 has no such
   signal: a broker drops a refused publish silently and the client sees success;
 * strict routing: a message reaches ``on_message`` only if its topic matches one of the connection's *current*
-  subscriptions. Brokers do send other messages (amqtt sends a connecting client the retained messages of every
-  session's filters; a persistent session keeps subscriptions an earlier process made), so those are dropped and
-  counted in ``ignored_messages``;
+  subscriptions. Brokers do send other messages (a persistent session keeps subscriptions an earlier process
+  made; plain amqtt 0.12 sends a connecting client the retained messages of every session's filters), so those
+  are dropped and counted in ``ignored_messages``;
 * a process-wide guard on the number of live connections that run their own network thread (paho's loop uses
   ``select()``, which cannot watch file descriptors above 1023) and a refusal to publish packets larger than the broker accepts (Mosquitto disconnects
   a client that sends one, and paho would resend it after every reconnect, forever).
