@@ -9,7 +9,9 @@ an epoll selector (:class:`selectors.DefaultSelector`): one descriptor per clien
 
 What paho's own thread does and this loop does too:
 
-* keepalive: ``loop_misc()`` for every client at least once a second (PINGREQ, and a dead broker detected);
+* keepalive: ``loop_misc()`` for every client at least once a second, and four times per keepalive of the client
+  with the shortest one (PINGREQ, and a dead broker detected): a broker allows 1.5 keepalives of silence, and a
+  PINGREQ is due one keepalive after the last packet, so it may be late by at most half a keepalive;
 * reconnects with paho's backoff (``reconnect_delay_set``: min delay, doubled per failure up to the max, reset by a
   successful CONNACK), in this thread, a bounded number per pass so that the clients still connected keep moving
   bytes while a thousand others reconnect;
@@ -49,9 +51,10 @@ from fedmqtt.mqtt.errors import MqttError, TooManyClients
 
 logger = logging.getLogger("fedmqtt.mqtt.netloop")
 
-#: How often every client's ``loop_misc()`` (keepalive) runs, in seconds. paho's own loop runs it at least once a
-#: second; a keepalive is whole seconds.
+#: How often every client's ``loop_misc()`` (keepalive) runs at most, in seconds (paho's own loop: once a second),
+#: and the share of the shortest keepalive it runs at least (a PINGREQ may be this late; brokers allow half one).
 MISC_INTERVAL = 1.0
+MISC_PER_KEEPALIVE = 0.25
 
 #: Reconnect attempts one pass of the loop makes at most before it serves the sockets again.
 RECONNECTS_PER_PASS = 32
@@ -284,8 +287,7 @@ class NetworkLoop:
             self._flush_dirty()
             now = time.monotonic()
             if now >= next_misc:
-                next_misc = now + MISC_INTERVAL
-                self._misc_all()
+                next_misc = now + self._misc_all()
             self._reconnect_due(now)
 
     def _drain_wake(self) -> None:
@@ -363,16 +365,21 @@ class NetworkLoop:
                 events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
                 self._selector.modify(sock, events, client)
 
-    def _misc_all(self) -> None:
+    def _misc_all(self) -> float:
+        """``loop_misc()`` for every client; returns the seconds until the next time (see MISC_PER_KEEPALIVE)."""
         with self._lock:
             clients = list(self._entries)
+        interval = MISC_INTERVAL
         for client in clients:
+            if client.keepalive > 0:
+                interval = min(interval, client.keepalive * MISC_PER_KEEPALIVE)
             if client.socket() is not None:
                 try:
                     client.loop_misc()
                 except Exception:
                     self._fail(client, "checking its keepalive")
             self._sync(client)  # also catches a write that a race left unwatched
+        return interval
 
     def _next_reconnect(self) -> float | None:
         with self._lock:
