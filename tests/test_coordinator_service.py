@@ -54,6 +54,8 @@ from harness import (
     with_nan,
 )
 
+pytestmark = pytest.mark.service
+
 
 def test_the_hand_made_frames_are_what_the_tests_claim() -> None:
     from fedmqtt.codecs import FrameError, ManifestMismatch, NonFiniteValues

@@ -36,7 +36,7 @@ from harness import (
     with_header_field,
 )
 
-pytestmark = pytest.mark.mosquitto
+pytestmark = [pytest.mark.mosquitto, pytest.mark.service]
 
 F32_MAX = float(np.finfo(np.float32).max)
 R = RefusalReason
