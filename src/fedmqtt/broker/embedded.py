@@ -135,8 +135,8 @@ class _CleanDisconnectHandler(BrokerProtocolHandler):
 
     amqtt hands a received DISCONNECT to a future that it then drops; if the broker's message loop had not begun
     waiting yet (a client that disconnects right after connecting, or while its retained messages go out), it
-    found no future, took the end for an abnormal one and published the client's will (one clean disconnect in
-    thirty on an idle machine, most of them with retained messages to send)."""
+    found no future, took the end for an abnormal one and published the client's will (every time, in the test
+    that sends CONNECT and DISCONNECT together while a persistent session's retained messages go out)."""
 
     _disconnect_packet: DisconnectPacket | None = None
 
